@@ -1,0 +1,165 @@
+"""Tokenise (prompt, target) pairs into teacher-forced batches for causal and seq2seq models.
+
+Target tokens are found the way EasyEdit does it — tokenise ``prompt + " " + target`` and take
+the tokens after the prompt's — so tokenisers that merge across the boundary or add a prefix
+space (SentencePiece) still give the target as the model would see it in running text; when the
+joint tokenisation does not start with the prompt's tokens, the target is tokenised on its own.
+
+Causal models see ``prompt + target[:-1]`` and target token *j* is predicted at position
+``len(prompt) - 1 + j``; seq2seq models get the prompt on the encoder side and
+``[decoder_start] + target[:-1]`` on the decoder side.  Sequences are right-padded, which keeps
+every real token's position id the same as in an unpadded forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PairBatch", "encode_pairs", "target_text"]
+
+
+def target_text(target: str) -> str:
+    """The target as it follows a prompt: with one leading space (ROME / EasyEdit convention)."""
+    return target if target.startswith(" ") else " " + target
+
+
+@dataclass
+class PairBatch:
+    """A tokenised batch of (prompt, target) pairs.
+
+    Attributes:
+        input_ids, attention_mask: ``[N, L]`` model input (encoder input for seq2seq).
+        decoder_input_ids, decoder_attention_mask: ``[N, T]`` decoder input (seq2seq only).
+        target_ids, target_mask: ``[N, T]`` target tokens (right-padded) and their mask.
+        positions: ``[N, T]`` index, in the sequence whose logits the LM head sees (the input for
+            causal models, the decoder input for seq2seq), of the logit that predicts each target
+            token.  Padded entries point at position 0 and are masked out.
+        prompt_lengths: ``[N]`` number of prompt tokens (causal: last prompt token at length - 1).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    target_ids: torch.Tensor
+    target_mask: torch.Tensor
+    positions: torch.Tensor
+    prompt_lengths: torch.Tensor
+    decoder_input_ids: torch.Tensor | None = None
+    decoder_attention_mask: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> PairBatch:
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return PairBatch(**moved)
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.decoder_input_ids is not None:
+            inputs["decoder_input_ids"] = self.decoder_input_ids
+            inputs["decoder_attention_mask"] = self.decoder_attention_mask
+        return inputs
+
+    def gather_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) indices of all real target tokens, row-major."""
+        rows = torch.arange(len(self), device=self.positions.device).unsqueeze(1).expand_as(self.positions)
+        return rows[self.target_mask], self.positions[self.target_mask]
+
+
+def _split_targets(tokenizer, prompts: Sequence[str], targets: Sequence[str]) -> tuple[list, list]:
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    joint_ids = tokenizer([p + target_text(t) for p, t in zip(prompts, targets)], add_special_tokens=True)[
+        "input_ids"
+    ]
+    target_ids: list[list[int]] = []
+    alone_needed = []
+    for i, (p, j) in enumerate(zip(prompt_ids, joint_ids)):
+        # drop special tokens the tokenizer appends at the end (e.g. </s>) from the joint encoding
+        while len(j) > len(p) and j[-1] in tokenizer.all_special_ids:
+            j = j[:-1]
+        if len(j) > len(p) and j[: len(p)] == p:
+            target_ids.append(j[len(p):])
+        else:
+            target_ids.append([])
+            alone_needed.append(i)
+    if alone_needed:
+        alone = tokenizer([target_text(targets[i]) for i in alone_needed], add_special_tokens=False)["input_ids"]
+        for i, ids in zip(alone_needed, alone):
+            target_ids[i] = ids
+    for i, ids in enumerate(target_ids):
+        if not ids:
+            raise ValueError(f"target {targets[i]!r} (pair {i}) tokenises to nothing")
+    return prompt_ids, target_ids
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+def encode_pairs(
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    seq2seq: bool = False,
+    decoder_start_token_id: int | None = None,
+    max_prompt_tokens: int | None = None,
+) -> PairBatch:
+    """Tokenise ``(prompt, target)`` pairs for teacher-forced scoring or training.
+
+    ``max_prompt_tokens`` keeps the *last* tokens of over-long prompts (the answer follows them).
+    """
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        raise ValueError("encode_pairs needs at least one pair")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if seq2seq:
+        prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+        target_ids = tokenizer([t.strip() for t in targets], add_special_tokens=False)["input_ids"]
+        if max_prompt_tokens:
+            prompt_ids = [p[-max_prompt_tokens:] for p in prompt_ids]
+        start = decoder_start_token_id if decoder_start_token_id is not None else pad_id
+        input_ids, attention = _pad(prompt_ids, pad_id)
+        dec_rows = [[start] + t[:-1] for t in target_ids]
+        dec_ids, dec_mask = _pad(dec_rows, pad_id)
+        tgt, tmask = _pad(target_ids, pad_id)
+        positions = torch.arange(tgt.shape[1]).unsqueeze(0).expand_as(tgt).clone()
+        positions[~tmask] = 0
+        return PairBatch(
+            input_ids=input_ids,
+            attention_mask=attention.long(),
+            target_ids=tgt,
+            target_mask=tmask,
+            positions=positions,
+            prompt_lengths=torch.tensor([len(p) for p in prompt_ids]),
+            decoder_input_ids=dec_ids,
+            decoder_attention_mask=dec_mask.long(),
+        )
+
+    prompt_ids, target_ids = _split_targets(tokenizer, prompts, targets)
+    if max_prompt_tokens:
+        prompt_ids = [p[-max_prompt_tokens:] for p in prompt_ids]
+    rows = [p + t[:-1] for p, t in zip(prompt_ids, target_ids)]
+    input_ids, attention = _pad(rows, pad_id)
+    tgt, tmask = _pad(target_ids, pad_id)
+    lengths = torch.tensor([len(p) for p in prompt_ids])
+    positions = lengths.unsqueeze(1) - 1 + torch.arange(tgt.shape[1]).unsqueeze(0)
+    positions = torch.where(tmask, positions, torch.zeros_like(positions))
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=attention.long(),
+        target_ids=tgt,
+        target_mask=tmask,
+        positions=positions,
+        prompt_lengths=lengths,
+    )

@@ -1,0 +1,466 @@
+"""Read the knowledge-editing datasets into validated :class:`EditRecord` lists.
+
+One function per source schema (Hydra configs call them directly through ``_target_``):
+
+* :func:`load_counterfact_rome` — ROME's CounterFact (``requested_rewrite`` with a ``{}`` template),
+  including the EasyEdit portability variants (``portability``, ``alternative_subject``,
+  ``distracting_neighborhood_prompts``).
+* :func:`load_counterfact_easyedit` — EasyEdit's flat CounterFact (``counterfact-{train,val}.json``).
+* :func:`load_zsre_mend` — MEND's zsRE (``src``/``alt``/``answers``/``loc``) and its portability
+  variants (``portability``, ``alter_subject_question``, ``inverse question``).
+* :func:`load_knowedit` / :func:`load_wikibio` — KnowEdit (ZsRE, WikiData_counterfact,
+  WikiData_recent) and KnowEdit's WikiBio.
+
+Conventions shared by all loaders:
+
+* Every string taken from the source is stripped of surrounding whitespace (the releases carry
+  stray leading/trailing spaces on targets, subjects and questions); an empty string is an error.
+* A malformed record raises :class:`RecordError` naming the file, the record index and the dotted
+  field (``requested_rewrite.target_new.str``, ``locality.Relation_Specificity[0].ground_truth``).
+* ``limit``/``offset`` select records ``[offset, offset + limit)`` by position in the file, before
+  validation; ``EditRecord.index`` is always the position in the file.
+* ``extra['subject_in_prompt']`` tells whether ``subject`` occurs verbatim in ``prompt`` (locate-
+  then-edit methods need it to); a record where it does not is kept, not rejected.
+* Source fields a loader does not map are copied into ``extra`` unchanged.
+
+zsRE specifics, following EasyEdit's ``ZsreDataset``: records whose ``alt`` is empty are not edits
+and are skipped (with a warning); the NQ locality question is kept verbatim, ``"nq question: "``
+prefix included, exactly as EasyEdit (and ROME's zsRE evaluation) feed it to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from editlab.data.records import EditRecord, Probe, RecordError
+
+__all__ = [
+    "resolve_data_dir",
+    "load_counterfact_rome",
+    "load_counterfact_easyedit",
+    "load_zsre_mend",
+    "load_knowedit",
+    "load_wikibio",
+]
+
+log = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "EDITLAB_DATA_DIR"
+# The repository root is the parent of the ``editlab`` package directory.
+_REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+_DOWNLOAD_HINT = "python -m editlab.data.download --data-dir <dir>"
+
+
+def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
+    """The data directory: ``data_dir``, else ``$EDITLAB_DATA_DIR``, else ``<repo>/../shared/data``
+    when it exists, else ``./data``.  Raises ``FileNotFoundError`` when the chosen one is missing."""
+    env = os.environ.get(DATA_DIR_ENV, "")
+    if data_dir is not None and str(data_dir) != "":
+        chosen, how = Path(data_dir), "the data_dir argument"
+    elif env:
+        chosen, how = Path(env), f"${DATA_DIR_ENV}"
+    else:
+        shared = _REPO_ROOT.parent / "shared" / "data"
+        if shared.is_dir():
+            chosen, how = shared, "the default <repo>/../shared/data"
+        else:
+            chosen, how = Path("data"), f"the default ./data (no {shared})"
+    chosen = chosen.expanduser().resolve()
+    if not chosen.is_dir():
+        raise FileNotFoundError(
+            f"data directory {chosen} (from {how}) does not exist. Pass data_dir, set ${DATA_DIR_ENV}, "
+            f"or fetch the official releases with `{_DOWNLOAD_HINT}`.")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+class _Skip(Exception):
+    """Raised by a parser for a record that is deliberately left out (the reason is logged)."""
+
+
+class _Fields:
+    """Validating access to one JSON object of a record; errors carry the dotted field path."""
+
+    def __init__(self, source: str, index: int, data: Mapping[str, Any], prefix: str = "",
+                 notes: list[str] | None = None) -> None:
+        self.source = source
+        self.index = index
+        self.data = data
+        self.prefix = prefix
+        self.notes: list[str] = [] if notes is None else notes
+
+    def path(self, name: str) -> str:
+        return f"{self.prefix}{name}"
+
+    def fail(self, name: str, problem: str) -> NoReturn:
+        raise RecordError(self.source, self.index, self.path(name), problem)
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def required(self, name: str) -> Any:
+        if name not in self.data:
+            self.fail(name, "missing")
+        value = self.data[name]
+        if value is None:
+            self.fail(name, "is null")
+        return value
+
+    def _string(self, name: str, value: Any) -> str:
+        if not isinstance(value, str):
+            self.fail(name, f"must be a string, got {type(value).__name__} {value!r:.80}")
+        text = value.strip()
+        if not text:
+            self.fail(name, "must be a non-empty string")
+        return text
+
+    def text(self, name: str) -> str:
+        return self._string(name, self.required(name))
+
+    def opt_text(self, name: str) -> str | None:
+        return self.text(name) if self.has(name) else None
+
+    def texts(self, name: str) -> tuple[str, ...]:
+        value = self.required(name)
+        if isinstance(value, str):  # a single string where a list is expected is a schema error
+            self.fail(name, "must be a list of strings, got a string")
+        if not isinstance(value, list):
+            self.fail(name, f"must be a list of strings, got {type(value).__name__}")
+        return tuple(self._string(f"{name}[{i}]", item) for i, item in enumerate(value))
+
+    def text_or_texts(self, name: str) -> tuple[str, ...]:
+        """A string or a list of strings (KnowEdit writes both)."""
+        value = self.required(name)
+        return (self._string(name, value),) if isinstance(value, str) else self.texts(name)
+
+    def ident(self, name: str) -> int | str:
+        value = self.required(name)
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            self.fail(name, f"must be an integer or a string, got {type(value).__name__}")
+        return self._string(name, value) if isinstance(value, str) else value
+
+    def child(self, name: str) -> _Fields:
+        value = self.required(name)
+        if not isinstance(value, Mapping):
+            self.fail(name, f"must be an object, got {type(value).__name__}")
+        return _Fields(self.source, self.index, value, f"{self.path(name)}.", self.notes)
+
+    def opt_child(self, name: str) -> _Fields | None:
+        return self.child(name) if self.has(name) else None
+
+    def answers(self, name: str) -> tuple[str, ...]:
+        """A string, a list of strings or a list of alias lists, flattened in order, duplicates dropped."""
+        flat: list[str] = []
+
+        def walk(value: Any, where: str) -> None:
+            if isinstance(value, list):
+                if not value:
+                    self.fail(where, "must not be an empty list")
+                for i, item in enumerate(value):
+                    walk(item, f"{where}[{i}]")
+            else:
+                text = self._string(where, value)
+                if text not in flat:
+                    flat.append(text)
+
+        walk(self.required(name), name)
+        return tuple(flat)
+
+    def leftovers(self, known: set[str]) -> dict[str, Any]:
+        return {k: v for k, v in self.data.items() if k not in known}
+
+
+def _answer_probe(fields: _Fields, prompt_key: str, answer_key: str, group: str) -> list[Probe]:
+    """Probes from ``{prompt_key: str | [str], answer_key: answers}``: target = first answer."""
+    prompts = fields.text_or_texts(prompt_key)
+    target, *aliases = fields.answers(answer_key)
+    return [Probe(prompt, target, group, tuple(aliases)) for prompt in prompts]
+
+
+def _probe_groups(rec: _Fields, name: str) -> tuple[Probe, ...]:
+    """KnowEdit ``{group: [{prompt, ground_truth}, ...]}``; the group name is the key."""
+    groups = rec.opt_child(name)
+    if groups is None:
+        return ()
+    probes: list[Probe] = []
+    for group, items in groups.data.items():
+        if not isinstance(items, list):
+            groups.fail(group, f"must be a list of {{prompt, ground_truth}} objects, "
+                               f"got {type(items).__name__}")
+        for i, item in enumerate(items):
+            if not isinstance(item, Mapping):
+                groups.fail(f"{group}[{i}]", f"must be an object, got {type(item).__name__}")
+            probe_fields = _Fields(rec.source, rec.index, item, f"{groups.path(group)}[{i}].", rec.notes)
+            probes.extend(_answer_probe(probe_fields, "prompt", "ground_truth", group))
+    return tuple(probes)
+
+
+def _resolve_path(path: str | Path, data_dir: str | Path | None) -> Path:
+    file = Path(path).expanduser()
+    if not file.is_absolute():
+        file = resolve_data_dir(data_dir) / file
+    if not file.is_file():
+        raise FileNotFoundError(f"data file {file} does not exist (fetch official releases with "
+                                f"`{_DOWNLOAD_HINT}`)")
+    return file
+
+
+Parser = Callable[[_Fields], EditRecord]
+
+
+def _load(path: str | Path, limit: int | None, offset: int, data_dir: str | Path | None,
+          parse: Parser) -> list[EditRecord]:
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    file = _resolve_path(path, data_dir)
+    source = str(file)
+    try:
+        with file.open(encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise RecordError(source, None, "<file>", f"invalid JSON: {err}") from err
+    except UnicodeDecodeError as err:
+        raise RecordError(source, None, "<file>", f"not UTF-8 text: {err}") from err
+    if not isinstance(raw, list):
+        raise RecordError(source, None, "<file>",
+                          f"top level must be a JSON list of records, got {type(raw).__name__}")
+    stop = len(raw) if limit is None else min(len(raw), offset + limit)
+    records: list[EditRecord] = []
+    notes: dict[str, list[int]] = defaultdict(list)
+    for i in range(offset, stop):
+        item = raw[i]
+        if not isinstance(item, Mapping):
+            raise RecordError(source, i, "<record>", f"must be a JSON object, got {type(item).__name__}")
+        fields = _Fields(source, i, item)
+        try:
+            records.append(parse(fields))
+        except _Skip as skip:
+            notes[f"skipped: {skip}"].append(i)
+        for note in fields.notes:
+            notes[note].append(i)
+    for note, indices in notes.items():
+        shown = ", ".join(map(str, indices[:10])) + (", ..." if len(indices) > 10 else "")
+        log.warning("%s: %d record(s) %s (indices %s)", source, len(indices), note, shown)
+    log.debug("loaded %d records from %s", len(records), source)
+    return records
+
+
+def _subject_in_prompt(subject: str, prompt: str) -> bool:
+    return subject in prompt
+
+
+# --------------------------------------------------------------------------------------------
+# ROME CounterFact
+# --------------------------------------------------------------------------------------------
+
+_ROME_KNOWN = {"case_id", "pararel_idx", "requested_rewrite", "paraphrase_prompts", "neighborhood_prompts",
+               "attribute_prompts", "generation_prompts", "portability", "alternative_subject",
+               "distracting_neighborhood_prompts"}
+
+
+def _parse_counterfact_rome(rec: _Fields) -> EditRecord:
+    rewrite = rec.child("requested_rewrite")
+    template = rewrite.text("prompt")
+    if template.count("{}") != 1:
+        rewrite.fail("prompt", f"template must contain exactly one '{{}}' for the subject: {template!r}")
+    subject = rewrite.text("subject")
+    target_new = rewrite.child("target_new")
+    target_true = rewrite.child("target_true")
+    new, true = target_new.text("str"), target_true.text("str")
+    prompt = template.replace("{}", subject)
+    neighborhood = rec.texts("neighborhood_prompts")
+
+    locality = [Probe(p, true, "neighborhood") for p in neighborhood]
+    if rec.has("distracting_neighborhood_prompts"):
+        locality += [Probe(p, true, "distracting_neighborhood")
+                     for p in rec.texts("distracting_neighborhood_prompts")]
+    portability: list[Probe] = []
+    extra: dict[str, Any] = {"prompt_template": template, "subject_in_prompt": True}
+    port = rec.opt_child("portability")
+    if port is not None:
+        portability.append(Probe(port.text("New Question"), port.text("New Answer"), "one_hop"))
+        extra["recalled_relation"] = port.opt_text("Recalled Relation")
+    alternative = rec.opt_text("alternative_subject")
+    if alternative is not None:
+        portability.append(Probe(template.replace("{}", alternative), new, "subject_aliasing"))
+        extra["alternative_subject"] = alternative
+    extra["relation_id"] = rewrite.opt_text("relation_id")
+    extra["target_new_id"] = target_new.opt_text("id")
+    extra["target_true_id"] = target_true.opt_text("id")
+    if rec.has("pararel_idx"):
+        extra["pararel_idx"] = rec.ident("pararel_idx")
+    extra.update(rec.leftovers(_ROME_KNOWN))
+    return EditRecord(
+        record_id=rec.ident("case_id"), prompt=prompt, subject=subject, target_new=new, target_true=true,
+        rephrase_prompts=rec.texts("paraphrase_prompts"), locality=tuple(locality),
+        portability=tuple(portability), neighborhood_prompts=neighborhood,
+        attribute_prompts=rec.texts("attribute_prompts"), generation_prompts=rec.texts("generation_prompts"),
+        source=rec.source, index=rec.index, extra=extra)
+
+
+def load_counterfact_rome(path: str | Path, limit: int | None = None, offset: int = 0, *,
+                          data_dir: str | Path | None = None) -> list[EditRecord]:
+    """ROME CounterFact (``counterfact.json``, EasyEdit's portability / subject-replace /
+    distracting-neighbour variants).
+
+    ``prompt`` is the ``requested_rewrite.prompt`` template filled with the subject; locality
+    probes are the neighbourhood prompts (group ``neighborhood``) and, when present, the
+    distracting ones (``distracting_neighborhood``), all scored against ``target_true``;
+    portability probes come from ``portability`` (``one_hop``) and ``alternative_subject``
+    (``subject_aliasing``: the template filled with the alias, scored against ``target_new``).
+    """
+    return _load(path, limit, offset, data_dir, _parse_counterfact_rome)
+
+
+# --------------------------------------------------------------------------------------------
+# EasyEdit CounterFact
+# --------------------------------------------------------------------------------------------
+
+_EASYEDIT_KNOWN = {"case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+                   "locality_prompt", "locality_ground_truth"}
+
+
+def _parse_counterfact_easyedit(rec: _Fields) -> EditRecord:
+    prompt, subject = rec.text("prompt"), rec.text("subject")
+    true = rec.text("ground_truth")
+    loc_prompt, loc_true = rec.text("locality_prompt"), rec.text("locality_ground_truth")
+    extra: dict[str, Any] = {"subject_in_prompt": _subject_in_prompt(subject, prompt)}
+    extra.update(rec.leftovers(_EASYEDIT_KNOWN))
+    return EditRecord(
+        record_id=rec.ident("case_id"), prompt=prompt, subject=subject, target_new=rec.text("target_new"),
+        target_true=true, rephrase_prompts=(rec.text("rephrase_prompt"),),
+        locality=(Probe(loc_prompt, loc_true, "neighborhood"),),
+        # The probability-comparison neighbourhood score needs the neighbour to share target_true.
+        neighborhood_prompts=(loc_prompt,) if loc_true == true else (),
+        source=rec.source, index=rec.index, extra=extra)
+
+
+def load_counterfact_easyedit(path: str | Path, limit: int | None = None, offset: int = 0, *,
+                              data_dir: str | Path | None = None) -> list[EditRecord]:
+    """EasyEdit CounterFact (``counterfact-{train,val}.json``): one rephrase and one locality probe.
+
+    ``neighborhood_prompts`` holds the locality prompt only when its answer equals
+    ``ground_truth``, the condition under which CounterFact's neighbourhood score is defined.
+    """
+    return _load(path, limit, offset, data_dir, _parse_counterfact_easyedit)
+
+
+# --------------------------------------------------------------------------------------------
+# MEND zsRE
+# --------------------------------------------------------------------------------------------
+
+_ZSRE_KNOWN = {"subject", "src", "pred", "rephrase", "alt", "answers", "loc", "loc_ans", "cond",
+               "portability", "alternative_subject", "alter_subject_question", "inverse question"}
+
+
+def _parse_zsre_mend(rec: _Fields) -> EditRecord:
+    alt = rec.required("alt")
+    if isinstance(alt, str) and not alt.strip():
+        raise _Skip("with an empty 'alt' (no edit requested; EasyEdit skips them too)")
+    target_new = rec.text("alt")
+    prompt, subject = rec.text("src"), rec.text("subject")
+    answers = rec.texts("answers")
+    if not answers:
+        rec.fail("answers", "must not be an empty list")
+    locality: tuple[Probe, ...] = ()
+    if rec.has("loc"):
+        locality = (Probe(rec.text("loc"), rec.text("loc_ans"), "nq"),)
+    portability: list[Probe] = []
+    extra: dict[str, Any] = {"answers": answers, "subject_in_prompt": _subject_in_prompt(subject, prompt)}
+    port = rec.opt_child("portability")
+    if port is not None:
+        portability.append(Probe(port.text("New Question"), port.text("New Answer"), "one_hop"))
+        extra["recalled_relation"] = port.opt_text("Recalled Relation")
+    if rec.has("alter_subject_question"):
+        portability.append(Probe(rec.text("alter_subject_question"), target_new, "subject_aliasing"))
+    if rec.has("inverse question"):
+        portability.append(Probe(rec.text("inverse question"), subject, "inverse_relation"))
+    for key in ("pred", "cond", "alternative_subject"):
+        if rec.has(key):
+            extra[key] = rec.text(key)
+    extra.update(rec.leftovers(_ZSRE_KNOWN))
+    return EditRecord(
+        record_id=rec.index, prompt=prompt, subject=subject, target_new=target_new, target_true=answers[0],
+        rephrase_prompts=(rec.text("rephrase"),), locality=locality, portability=tuple(portability),
+        source=rec.source, index=rec.index, extra=extra)
+
+
+def load_zsre_mend(path: str | Path, limit: int | None = None, offset: int = 0, *,
+                   data_dir: str | Path | None = None) -> list[EditRecord]:
+    """MEND zsRE (``zsre_mend_{train,eval}.json`` and EasyEdit's portability variants).
+
+    ``target_true`` is ``answers[0]`` (all answers in ``extra['answers']``); the NQ question is
+    the locality probe (group ``nq``, ``"nq question: "`` prefix kept, as EasyEdit does);
+    portability groups: ``one_hop``, ``subject_aliasing`` (answer ``alt``) and
+    ``inverse_relation`` (answer: the subject).  Records with an empty ``alt`` are skipped.
+    """
+    return _load(path, limit, offset, data_dir, _parse_zsre_mend)
+
+
+# --------------------------------------------------------------------------------------------
+# KnowEdit
+# --------------------------------------------------------------------------------------------
+
+_KNOWEDIT_KNOWN = {"subject", "prompt", "target_new", "ground_truth", "rephrase_prompt", "locality",
+                   "portability"}
+
+
+def _parse_knowedit(rec: _Fields) -> EditRecord:
+    prompt, subject = rec.text("prompt"), rec.text("subject")
+    extra: dict[str, Any] = {"subject_in_prompt": _subject_in_prompt(subject, prompt)}
+    target_true: str | None = None
+    raw_truth = rec.data.get("ground_truth")
+    if isinstance(raw_truth, str) and not raw_truth.strip():
+        rec.notes.append("with an empty 'ground_truth' (read as no true target)")
+    elif raw_truth is not None:
+        answers = rec.answers("ground_truth")
+        target_true = answers[0]
+        extra["answers"] = answers
+    rephrase = rec.text_or_texts("rephrase_prompt") if rec.has("rephrase_prompt") else ()
+    extra.update(rec.leftovers(_KNOWEDIT_KNOWN))
+    return EditRecord(
+        record_id=rec.index, prompt=prompt, subject=subject, target_new=rec.text("target_new"),
+        target_true=target_true, rephrase_prompts=rephrase, locality=_probe_groups(rec, "locality"),
+        portability=_probe_groups(rec, "portability"), source=rec.source, index=rec.index, extra=extra)
+
+
+def load_knowedit(path: str | Path, limit: int | None = None, offset: int = 0, *,
+                  data_dir: str | Path | None = None) -> list[EditRecord]:
+    """KnowEdit (ZsRE, WikiData_counterfact, WikiData_recent).
+
+    ``ground_truth`` may be a string, a list, or absent (new knowledge: ``target_true`` None);
+    probe answers may be a string, a list or a list of alias lists: the first string is the
+    target, the rest become ``aliases``.  Each probe's group is its key (``Relation_Specificity``,
+    ``Forgetfulness``, ``Reasoning``, ``Subject_Aliasing``, ``Logical_Generalization``).
+    """
+    return _load(path, limit, offset, data_dir, _parse_knowedit)
+
+
+_WIKIBIO_KNOWN = {"text", "labels", "concept", "locality"}
+
+
+def _parse_wikibio(rec: _Fields) -> EditRecord:
+    prompt, subject = rec.text("text"), rec.text("concept")
+    extra: dict[str, Any] = {"subject_in_prompt": _subject_in_prompt(subject, prompt)}
+    extra.update(rec.leftovers(_WIKIBIO_KNOWN))
+    return EditRecord(
+        record_id=rec.index, prompt=prompt, subject=subject, target_new=rec.text("labels"),
+        locality=_probe_groups(rec, "locality"), source=rec.source, index=rec.index, extra=extra)
+
+
+def load_wikibio(path: str | Path, limit: int | None = None, offset: int = 0, *,
+                 data_dir: str | Path | None = None) -> list[EditRecord]:
+    """KnowEdit WikiBio (``wikibio-{train,test}-all.json``): ``text`` → prompt, ``labels`` →
+    target_new (a continuation sentence), ``concept`` → subject; no true target."""
+    return _load(path, limit, offset, data_dir, _parse_wikibio)

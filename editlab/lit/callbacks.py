@@ -1,0 +1,66 @@
+"""Run any non-trained editor inside the Lightning edit loop, as a ``Callback``.
+
+:class:`EditorCallback` wraps an :class:`~editlab.methods.base.Editor`: before each test batch it
+computes the batch's edit and applies it through the module's
+:class:`~editlab.methods.base.WeightEditSession`; after the batch it restores the weights
+(single or batch editing), or lets the edits accumulate (``sequential=True``) until the end of the
+run.  Whatever happens — an exception, an interrupted run — the model is restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+
+from editlab.methods.base import EditError, Editor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EditorCallback"]
+
+
+class EditorCallback(L.Callback):
+    """Apply ``editor`` to each test batch of an :class:`~editlab.lit.edit_eval.EditEvalModule`.
+
+    Args:
+        editor: the non-trained editor.
+        sequential: keep each batch's edit applied while later batches are edited (lifelong
+            editing); pre-edit scores are still taken on the original weights.
+        skip_failed: when the editor raises :class:`EditError` for a batch, log it, mark the
+            batch's records as failed and go on (the model is unchanged); otherwise re-raise.
+    """
+
+    def __init__(self, editor: Editor, sequential: bool = False, skip_failed: bool = False) -> None:
+        self.editor = editor
+        self.sequential = sequential
+        self.skip_failed = skip_failed
+
+    def on_test_batch_start(
+        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        start = time.perf_counter()
+        try:
+            deltas = self.editor.compute_deltas(pl_module.model, pl_module.tokenizer, list(batch))
+            pl_module.session.apply(deltas)
+        except EditError as err:
+            if not self.skip_failed:
+                raise
+            log.warning("edit of batch %d failed and was skipped: %s", batch_idx, err)
+            pl_module.record_failure(batch_idx, str(err))
+            return
+        pl_module.record_edit(batch_idx, time.perf_counter() - start)
+
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self.sequential:
+            pl_module.session.restore()
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        pl_module.session.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
+        pl_module.session.restore()

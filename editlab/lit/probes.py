@@ -1,0 +1,96 @@
+"""Which (prompt, target) sequences score a batch of records, and which metric reads which.
+
+Every metric of a batch is computed from one set of teacher-forced sequences, each scored once
+per stage (pre / post): identical pairs are shared, so a CounterFact neighbourhood prompt with
+the true answer serves both the locality metrics and the neighbourhood probability comparison.
+
+Accuracy families (teacher-forced token accuracy, EasyEdit):
+  ``reliability``   edit prompt → target_new
+  ``generalization`` rephrase prompts → target_new
+  ``portability``   portability probes → their answers
+  ``locality``      locality probes → their answers (agreement with pre-edit predictions, and
+                    accuracy against the ground truth)
+Probability-comparison families (CounterFact, Meng et al. 2022), pairs scored by mean token NLL:
+  ``efficacy``      edit prompt: P(target_new) > P(target_true)
+  ``paraphrase``    rephrase prompts: P(target_new) > P(target_true)
+  ``neighborhood``  neighbourhood prompts: P(target_true) > P(target_new)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from editlab.data.records import EditRecord
+
+__all__ = ["ProbePlan", "build_plan", "ACCURACY_FAMILIES", "COMPARISON_FAMILIES"]
+
+ACCURACY_FAMILIES = ("reliability", "generalization", "portability", "locality")
+COMPARISON_FAMILIES = ("efficacy", "paraphrase", "neighborhood")
+
+
+@dataclass
+class ProbePlan:
+    """Unique sequences to score plus, per family, which sequences (and records) it reads.
+
+    ``accuracy[family] = (seq, rec)``; ``comparison[family] = (seq_preferred, seq_other, rec)``.
+    """
+
+    prompts: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    accuracy: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    comparison: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    num_records: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbePlan:
+    """The plan for ``records``; ``comparison=False`` leaves out the probability-comparison pairs."""
+    plan = ProbePlan(num_records=len(records))
+    index: dict[tuple[str, str], int] = {}
+
+    def seq(prompt: str, target: str) -> int:
+        key = (prompt, target)
+        if key not in index:
+            index[key] = len(plan.prompts)
+            plan.prompts.append(prompt)
+            plan.targets.append(target)
+        return index[key]
+
+    acc: dict[str, tuple[list[int], list[int]]] = {f: ([], []) for f in ACCURACY_FAMILIES}
+    cmp: dict[str, tuple[list[int], list[int], list[int]]] = {f: ([], [], []) for f in COMPARISON_FAMILIES}
+
+    def add_acc(family: str, r: int, prompt: str, target: str) -> None:
+        acc[family][0].append(seq(prompt, target))
+        acc[family][1].append(r)
+
+    def add_cmp(family: str, r: int, prompt: str, preferred: str, other: str) -> None:
+        cmp[family][0].append(seq(prompt, preferred))
+        cmp[family][1].append(seq(prompt, other))
+        cmp[family][2].append(r)
+
+    for r, rec in enumerate(records):
+        add_acc("reliability", r, rec.prompt, rec.target_new)
+        for p in rec.rephrase_prompts:
+            add_acc("generalization", r, p, rec.target_new)
+        for probe in rec.portability:
+            add_acc("portability", r, probe.prompt, probe.target)
+        for probe in rec.locality:
+            add_acc("locality", r, probe.prompt, probe.target)
+        if comparison and rec.has_true_target and rec.target_true.strip() != rec.target_new.strip():
+            add_cmp("efficacy", r, rec.prompt, rec.target_new, rec.target_true)
+            for p in rec.rephrase_prompts:
+                add_cmp("paraphrase", r, p, rec.target_new, rec.target_true)
+            for p in rec.neighborhood_prompts:
+                add_cmp("neighborhood", r, p, rec.target_true, rec.target_new)
+
+    def t(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
+
+    plan.accuracy = {f: (t(s), t(r)) for f, (s, r) in acc.items() if s}
+    plan.comparison = {f: (t(a), t(b), t(r)) for f, (a, b, r) in cmp.items() if a}
+    return plan

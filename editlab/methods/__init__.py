@@ -1,0 +1,1 @@
+"""Editors: one method per module, one class per method (constructor kwargs = hyperparameters)."""

@@ -1,0 +1,268 @@
+"""Teacher-forced scoring that computes only the logits it scores.
+
+One forward per chunk of (prompt, target) sequences runs the network up to the LM head (the
+vocabulary projection itself is skipped by stopping the forward at the head's input), gathers the
+hidden states at the positions that predict target tokens, and projects just those.  With a
+262k-token vocabulary (Gemma-3) this is the difference between megabytes and gigabytes.
+
+:func:`lm_logits_at` is the shared primitive; editors that optimise a target likelihood use it
+too, so training objectives and metrics read logits the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from editlab.data.collate import PairBatch, encode_pairs
+from editlab.models.arch import arch_for, get_module
+from editlab.tracing import CallRecorder
+
+__all__ = [
+    "ProbeScores", "ScoreCache", "head_logits", "head_nll", "lm_logits_at", "score_pairs", "greedy_generate",
+]
+
+
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Project hidden states (already final-normed, as the LM head receives them) to logits,
+    applying the model's final logit soft-capping when its config has one (Gemma-2/3)."""
+    head = get_module(model, arch_for(model).lm_head)
+    if isinstance(head, nn.Linear) and hidden.dim() == 2:
+        # (W h^T)^T reads the [V, d] weight row-major: several times faster than F.linear's
+        # h W^T for the few rows scored here (the weight is streamed, not packed).
+        logits = (head.weight @ hidden.t()).t()
+        if head.bias is not None:
+            logits = logits + head.bias
+        logits = logits.float()
+    else:
+        logits = head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+class _FusedHeadNLL(torch.autograd.Function):
+    """``-log softmax(cap(W h + b))[y]`` per row, with its gradient w.r.t. ``h``, in ONE pass over W.
+
+    The vocabulary is processed in chunks with an online log-sum-exp; the gradient
+    ``E_p[f(z) w] - f(z_y) w_y`` (``f`` = derivative of the soft-cap, 1 without one) is accumulated
+    in the same pass while each chunk of W is still in cache.  Optimising a target likelihood
+    on CPU is bound by streaming weights from memory; an LM head read once instead of twice
+    (forward, then backward) is the largest single saving for small models with big vocabularies.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, cap, chunk):
+        h = hidden.detach().float()
+        m = torch.full((h.shape[0],), -float("inf"), device=h.device)
+        s = torch.zeros(h.shape[0], device=h.device)
+        u = torch.zeros_like(h)
+        for lo in range(0, weight.shape[0], chunk):
+            w = weight[lo: lo + chunk].float()
+            z = (w @ h.t()).t()
+            if bias is not None:
+                z = z + bias[lo: lo + chunk].float()
+            if cap:
+                z = torch.tanh(z / cap) * cap
+            new_m = torch.maximum(m, z.max(dim=1).values)
+            scale = torch.exp(m - new_m)
+            e = torch.exp(z - new_m.unsqueeze(1))
+            s = s * scale + e.sum(dim=1)
+            if cap:
+                e = e * (1 - (z / cap) ** 2)
+            u = u * scale.unsqueeze(1) + e @ w
+            m = new_m
+        w_y = weight[targets].float()
+        z_y = (h * w_y).sum(dim=1)
+        if bias is not None:
+            z_y = z_y + bias[targets].float()
+        f_y = torch.ones_like(z_y)
+        if cap:
+            z_y = torch.tanh(z_y / cap) * cap
+            f_y = 1 - (z_y / cap) ** 2
+        ctx.save_for_backward(u / s.unsqueeze(1) - f_y.unsqueeze(1) * w_y)
+        return m + torch.log(s) - z_y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_out.unsqueeze(1) * grad_h, None, None, None, None, None
+
+
+def head_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Per-row negative log-likelihood of ``targets`` under the LM head applied to ``hidden``
+    (``[M, d]`` → ``[M]``), differentiable w.r.t. ``hidden``; equal to
+    ``-log_softmax(head_logits(model, hidden))[targets]`` but reading the head's weight once."""
+    head = get_module(model, arch_for(model).lm_head)
+    if not isinstance(head, nn.Linear) or hidden.dim() != 2:
+        logp = torch.log_softmax(head_logits(model, hidden), dim=-1)
+        return -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    cap = getattr(model.config, "final_logit_softcapping", None) or None
+    return _FusedHeadNLL.apply(hidden, head.weight, head.bias, targets, cap, chunk)
+
+
+def lm_head_input(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """The tensor the LM head would receive for ``batch`` (``[N, L, d]``), without computing logits."""
+    with CallRecorder(model, [], stop_at=arch_for(model).lm_head) as rec:
+        model(**batch.model_inputs(), use_cache=False)
+    if rec.stopped_input is None:
+        raise RuntimeError("the forward pass never reached the LM head")
+    return rec.stopped_input
+
+
+def lm_logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
+    """Logits (float32) at every real target position of ``batch``, row-major: ``[M, V]``."""
+    hidden = lm_head_input(model, batch)
+    rows, pos = batch.gather_index()
+    return head_logits(model, hidden[rows, pos])
+
+
+@dataclass
+class ProbeScores:
+    """Per-sequence teacher-forced results.
+
+    ``nll``: mean negative log-likelihood of the target tokens (ROME's per-token mean);
+    ``pred``/``target``/``mask``: ``[N, T]`` argmax tokens, target tokens, real-token mask.
+    """
+
+    nll: torch.Tensor
+    pred: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device | str) -> ProbeScores:
+        return ProbeScores(self.nll.to(device), self.pred.to(device), self.target.to(device), self.mask.to(device))
+
+
+@torch.no_grad()
+def _score_batch(model: nn.Module, batch: PairBatch) -> ProbeScores:
+    logits = lm_logits_at(model, batch)
+    logp = torch.log_softmax(logits, dim=-1)
+    targets = batch.target_ids[batch.target_mask]
+    token_nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    pred_flat = logits.argmax(dim=-1)
+    pred = torch.zeros_like(batch.target_ids)
+    pred[batch.target_mask] = pred_flat
+    nll_tok = torch.zeros(batch.target_ids.shape, dtype=torch.float32, device=logits.device)
+    nll_tok[batch.target_mask] = token_nll
+    counts = batch.target_mask.sum(dim=1).clamp(min=1)
+    return ProbeScores(nll_tok.sum(dim=1) / counts, pred, batch.target_ids, batch.target_mask)
+
+
+def score_pairs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    chunk_size: int = 64,
+    max_prompt_tokens: int | None = None,
+) -> ProbeScores:
+    """Teacher-forced scores of ``targets`` after ``prompts``, in chunks of ``chunk_size`` sequences.
+
+    Sequences are sorted by length before chunking so each chunk pads little.
+    """
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    start = getattr(model.config, "decoder_start_token_id", None)
+    device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    parts: list[tuple[list[int], ProbeScores]] = []
+    width = 0
+    for lo in range(0, len(order), chunk_size):
+        idx = order[lo: lo + chunk_size]
+        batch = encode_pairs(
+            tokenizer,
+            [prompts[i] for i in idx],
+            [targets[i] for i in idx],
+            seq2seq=seq2seq,
+            decoder_start_token_id=start,
+            max_prompt_tokens=max_prompt_tokens,
+        ).to(device)
+        scores = _score_batch(model, batch)
+        width = max(width, scores.pred.shape[1])
+        parts.append((idx, scores))
+    n = len(prompts)
+    nll = torch.empty(n, device=device)
+    pred = torch.zeros((n, width), dtype=torch.long, device=device)
+    target = torch.zeros((n, width), dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.bool, device=device)
+    for idx, s in parts:
+        rows = torch.tensor(idx, device=device)
+        t = s.pred.shape[1]
+        nll[rows] = s.nll
+        pred[rows, :t] = s.pred
+        target[rows, :t] = s.target
+        mask[rows, :t] = s.mask
+    return ProbeScores(nll, pred, target, mask)
+
+
+class ScoreCache:
+    """Scores of (prompt, target) pairs on one fixed model state, computed once.
+
+    The edit loop keeps one for the unedited model: pre-edit scores of every record are computed
+    in large batches up front (identical pairs shared across records) and read back per batch.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], tuple[float, torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, pair: tuple[str, str]) -> bool:
+        return pair in self._rows
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def scores(self, model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
+               **kwargs) -> ProbeScores:
+        """Scores of the pairs, computing (in one batched call) only those not cached yet."""
+        pairs = list(zip(prompts, targets))
+        missing = list(dict.fromkeys(p for p in pairs if p not in self._rows))
+        if missing:
+            new = score_pairs(model, tokenizer, [p for p, _ in missing], [t for _, t in missing], **kwargs)
+            for i, pair in enumerate(missing):
+                n = int(new.mask[i].sum())
+                self._rows[pair] = (float(new.nll[i]), new.pred[i, :n].cpu(), new.target[i, :n].cpu())
+        rows = [self._rows[p] for p in pairs]
+        width = max(len(r[1]) for r in rows)
+        nll = torch.tensor([r[0] for r in rows])
+        pred = torch.zeros((len(rows), width), dtype=torch.long)
+        target = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (_, p, t) in enumerate(rows):
+            pred[i, : len(p)] = p
+            target[i, : len(t)] = t
+            mask[i, : len(p)] = True
+        return ProbeScores(nll, pred, target, mask)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50, chunk_size: int = 16
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded, KV cache), decoded without the prompt."""
+    device = next(model.parameters()).device
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outputs: list[str] = []
+    try:
+        for lo in range(0, len(prompts), chunk_size):
+            enc = tokenizer(list(prompts[lo: lo + chunk_size]), return_tensors="pt", padding=True).to(device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
+            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+    return outputs

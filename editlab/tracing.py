@@ -1,0 +1,261 @@
+"""Context managers that look into, or change, a forward pass — and always clean up after.
+
+* :class:`Trace` — capture (or rewrite) the inputs/outputs of several named modules during a
+  forward; captured tensors come back in a dict keyed by module path.
+* :class:`StopForward` — raised from a hook to end a forward early once the last module of
+  interest has run (``stop=True``); :class:`Trace` swallows it on exit.
+* :class:`CallRecorder` — record the full call (positional and keyword arguments) each named module
+  received, so that part of a network can be replayed later (see :func:`replay_layers`).
+
+Every hook is registered inside ``__enter__`` and removed in ``__exit__``, exceptions included.
+The design follows the idea of ROME's ``nethook`` (module-path keyed tracing) with hooks that
+take and return dicts instead of mutable attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from editlab.models.arch import get_module
+
+__all__ = ["StopForward", "Trace", "CallRecorder", "LayerCall", "replay_layers", "first_tensor"]
+
+# edit_output(path, output) -> new output ; edit_input(path, args) -> new args (tuple)
+OutputEditor = Callable[[str, Any], Any]
+InputEditor = Callable[[str, tuple], tuple]
+
+
+class StopForward(Exception):
+    """Raised by a hook to stop a forward pass early; caught by :class:`Trace`."""
+
+
+def first_tensor(value: Any) -> torch.Tensor:
+    """The hidden-state tensor of a module output (plain tensor, or first element of a tuple)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    hidden = getattr(value, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden
+    raise TypeError(f"cannot find a tensor in module output of type {type(value).__name__}")
+
+
+def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(value, torch.Tensor):
+        return tensor
+    if isinstance(value, tuple):
+        return (tensor,) + tuple(value[1:])
+    if isinstance(value, list):
+        return [tensor] + list(value[1:])
+    raise TypeError(f"cannot replace the tensor in module output of type {type(value).__name__}")
+
+
+class Trace:
+    """Capture and/or edit the inputs and outputs of named modules for the duration of a block.
+
+    Args:
+        model: the root module.
+        paths: dotted module paths.
+        retain_input / retain_output: keep the first input tensor / the output tensor of each path
+            in ``self.inputs`` / ``self.outputs`` (dicts keyed by path).
+        detach: detach retained tensors (default) — set False to backpropagate through them.
+        clone: clone retained tensors (needed when a later in-place op would change them).
+        edit_output: ``f(path, output) -> output`` applied to each module's output.
+        edit_input: ``f(path, first_input_tensor) -> tensor`` applied to each module's first input.
+        stop: raise :class:`StopForward` after the last of ``paths`` (in execution order) has run,
+            so the rest of the network is skipped.
+
+    Example::
+
+        with Trace(model, ["model.layers.3.mlp.down_proj"], retain_input=True, stop=True) as tr:
+            model(**batch)
+        keys = tr.inputs["model.layers.3.mlp.down_proj"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        paths: Iterable[str],
+        *,
+        retain_input: bool = False,
+        retain_output: bool = False,
+        detach: bool = True,
+        clone: bool = False,
+        edit_output: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        edit_input: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+        stop: bool = False,
+    ) -> None:
+        self.model = model
+        self.paths = list(dict.fromkeys(paths))
+        if not self.paths:
+            raise ValueError("Trace needs at least one module path")
+        self.retain_input = retain_input
+        self.retain_output = retain_output
+        self.detach = detach
+        self.clone = clone
+        self.edit_output = edit_output
+        self.edit_input = edit_input
+        self.stop = stop
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._pending: set[str] = set()
+
+    def _keep(self, t: torch.Tensor) -> torch.Tensor:
+        if self.detach:
+            t = t.detach()
+        if self.clone:
+            t = t.clone()
+        return t
+
+    def _make_pre_hook(self, path: str):
+        def hook(module, args):
+            if not args or not isinstance(args[0], torch.Tensor):
+                return None
+            x = args[0]
+            if self.edit_input is not None:
+                x = self.edit_input(path, x)
+            if self.retain_input:
+                self.inputs[path] = self._keep(x)
+            if self.edit_input is not None:
+                return (x,) + tuple(args[1:])
+            return None
+
+        return hook
+
+    def _make_hook(self, path: str):
+        def hook(module, args, output):
+            if self.edit_output is not None:
+                new = self.edit_output(path, first_tensor(output))
+                output = _replace_first(output, new)
+            if self.retain_output:
+                self.outputs[path] = self._keep(first_tensor(output))
+            self._pending.discard(path)
+            if self.stop and not self._pending:
+                raise StopForward()
+            return output if self.edit_output is not None else None
+
+        return hook
+
+    def __enter__(self) -> Trace:
+        self._pending = set(self.paths)
+        try:
+            for path in self.paths:
+                module = get_module(self.model, path)
+                if self.retain_input or self.edit_input is not None:
+                    self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(path)))
+                if self.retain_output or self.edit_output is not None or self.stop:
+                    self._handles.append(module.register_forward_hook(self._make_hook(path)))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class LayerCall:
+    """The positional and keyword arguments one module was called with."""
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, args: tuple, kwargs: dict[str, Any]):
+        self.args = args
+        self.kwargs = kwargs
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        if self.args:
+            return self.args[0]
+        return self.kwargs["hidden_states"]
+
+    def with_hidden(self, hidden: torch.Tensor) -> tuple[tuple, dict[str, Any]]:
+        if self.args:
+            return (hidden,) + tuple(self.args[1:]), self.kwargs
+        kwargs = dict(self.kwargs)
+        kwargs["hidden_states"] = hidden
+        return (), kwargs
+
+
+class CallRecorder:
+    """Record each named module's call arguments (args + kwargs) during a forward.
+
+    ``stop_at`` names a module at whose *input* the forward is stopped (e.g. the LM head, so the
+    vocabulary projection is never computed); the input it would have received is kept in
+    ``self.stopped_input``.
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str], stop_at: str | None = None):
+        self.model = model
+        self.paths = list(paths)
+        self.stop_at = stop_at
+        self.calls: dict[str, LayerCall] = {}
+        self.stopped_input: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def __enter__(self) -> CallRecorder:
+        try:
+            for path in self.paths:
+                module = get_module(self.model, path)
+
+                def hook(module, args, kwargs, _path=path):
+                    self.calls[_path] = LayerCall(tuple(args), dict(kwargs))
+
+                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if self.stop_at is not None:
+
+                def stop_hook(module, args):
+                    self.stopped_input = args[0]
+                    raise StopForward()
+
+                self._handles.append(get_module(self.model, self.stop_at).register_forward_pre_hook(stop_hook))
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+def replay_layers(
+    model: nn.Module,
+    layer_paths: list[str],
+    calls: Mapping[str, LayerCall],
+    hidden: torch.Tensor,
+    overrides: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """Run a contiguous run of blocks again from ``hidden``, with the recorded call arguments.
+
+    ``overrides`` maps a block path to ``{parameter name relative to the block: tensor}``; those
+    blocks run through :func:`torch.func.functional_call`, so gradients flow to the override
+    tensors and the model's own parameters are never written.
+    """
+    overrides = overrides or {}
+    for path in layer_paths:
+        block = get_module(model, path)
+        args, kwargs = calls[path].with_hidden(hidden)
+        if path in overrides:
+            out = torch.func.functional_call(block, dict(overrides[path]), args, kwargs, strict=False)
+        else:
+            out = block(*args, **kwargs)
+        hidden = first_tensor(out)
+    return hidden

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models (no download) and schema-true records written by us."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from editlab.data.records import EditRecord, Probe
+from editlab.models.tiny import tiny_model
+
+CAUSAL_TYPES = ("gpt2", "gptj", "llama", "gemma3_text")
+ALL_TYPES = CAUSAL_TYPES + ("t5",)
+
+_CACHE: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(model_type)`` → a cached ModelBundle (treat it as read-only or restore it)."""
+
+    def get(model_type: str = "gpt2"):
+        if model_type not in _CACHE:
+            _CACHE[model_type] = tiny_model(model_type, seed=0)
+        return _CACHE[model_type]
+
+    return get
+
+
+def make_records() -> list[EditRecord]:
+    return [
+        EditRecord(
+            record_id=0,
+            prompt="The capital of France is",
+            subject="France",
+            target_new="Rome",
+            target_true="Paris",
+            rephrase_prompts=("The French capital city is",),
+            locality=(Probe("The capital of Italy is", "Rome", "neighborhood"),),
+            portability=(Probe("The language spoken in the capital of France is", "Italian", "one_hop"),),
+            neighborhood_prompts=("The capital of Italy is", "The largest city of France is"),
+            generation_prompts=("France is a country where",),
+        ),
+        EditRecord(
+            record_id=1,
+            prompt="The mother tongue of Danielle Darrieux is",
+            subject="Danielle Darrieux",
+            target_new="English",
+            target_true="French",
+            rephrase_prompts=("Danielle Darrieux speaks the language", "The native language of Danielle Darrieux is"),
+            locality=(Probe("The mother tongue of Léon Blum is", "French", "neighborhood"),),
+            neighborhood_prompts=("The mother tongue of Léon Blum is",),
+        ),
+        EditRecord(
+            record_id=2,
+            prompt="Toko Yasuda plays the",
+            subject="Toko Yasuda",
+            target_new="piano",
+            target_true=None,
+            locality=(Probe("The company that makes the iPhone is", "Apple", "other"),),
+        ),
+    ]
+
+
+@pytest.fixture
+def records() -> list[EditRecord]:
+    return make_records()
+
+
+def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), f"{k} changed"

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from editlab.data.collate import encode_pairs
+
+
+def test_causal_positions_predict_targets(tiny):
+    tok = tiny("gpt2").tokenizer
+    prompts = ["The capital of France is", "Paris is"]
+    targets = ["Paris", "the capital of France"]
+    b = encode_pairs(tok, prompts, targets)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        p_ids = tok(p)["input_ids"]
+        t_ids = tok(p + " " + t)["input_ids"][len(p_ids):]
+        n = len(t_ids)
+        assert b.target_ids[i, :n].tolist() == t_ids and b.target_mask[i].sum() == n
+        assert b.prompt_lengths[i] == len(p_ids)
+        # position of target token j is prompt_len - 1 + j, and the next input token is target j
+        for j in range(n):
+            pos = int(b.positions[i, j])
+            assert pos == len(p_ids) - 1 + j
+            if j < n - 1:
+                assert int(b.input_ids[i, pos + 1]) == t_ids[j]
+        assert int(b.attention_mask[i].sum()) == len(p_ids) + n - 1
+
+
+def test_seq2seq_layout(tiny):
+    b5 = tiny("t5")
+    b = encode_pairs(b5.tokenizer, ["question one", "q2"], ["answer", "a longer answer"], seq2seq=True,
+                     decoder_start_token_id=b5.model.config.decoder_start_token_id)
+    assert b.decoder_input_ids is not None
+    assert torch.equal(b.decoder_input_ids[:, 0], torch.full((2,), b5.model.config.decoder_start_token_id))
+    n = int(b.target_mask[1].sum())
+    assert b.decoder_input_ids[1, 1:n].tolist() == b.target_ids[1, : n - 1].tolist()
+    assert b.positions[1, :n].tolist() == list(range(n))
+
+
+def test_errors(tiny):
+    tok = tiny("gpt2").tokenizer
+    with pytest.raises(ValueError, match="prompts"):
+        encode_pairs(tok, ["a"], ["b", "c"])
+    with pytest.raises(ValueError):
+        encode_pairs(tok, [], [])

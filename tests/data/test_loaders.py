@@ -1,0 +1,513 @@
+"""Tests for the dataset loaders (own schema-true fixtures) and the release downloader."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from editlab.data import download, loaders
+from editlab.data.loaders import (
+    load_counterfact_easyedit,
+    load_counterfact_rome,
+    load_knowedit,
+    load_wikibio,
+    load_zsre_mend,
+    resolve_data_dir,
+)
+from editlab.data.records import EditRecord, Probe, RecordError
+
+Loader = Callable[..., list[EditRecord]]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixture writers: small records in each source schema, invented for the tests
+# --------------------------------------------------------------------------------------------
+
+def write_json(path: Path, payload: Any) -> Path:
+    path.write_text(json.dumps(payload), encoding="utf-8")
+    return path
+
+
+def rome_record(case_id: int = 7, **variants: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "case_id": case_id,
+        "pararel_idx": 100 + case_id,
+        "requested_rewrite": {
+            "prompt": "The capital of {} is",
+            "relation_id": "P36",
+            "target_new": {"str": " Lyon", "id": "Q456"},  # leading space: real-data quirk
+            "target_true": {"str": "Paris ", "id": "Q90"},
+            "subject": "Freedonia",
+        },
+        "paraphrase_prompts": ["Some text. Freedonia has its capital at", "Freedonia's capital city is"],
+        "neighborhood_prompts": ["The capital of Sylvania is", "Marsovia's capital is"],
+        "attribute_prompts": ["Grand Fenwick's capital is"],
+        "generation_prompts": ["Freedonia is known for", "People in Freedonia"],
+    }
+    record.update(variants)
+    return record
+
+
+def easyedit_record(case_id: int, loc_truth: str) -> dict[str, Any]:
+    return {
+        "case_id": case_id, "prompt": "Ada Quill plays the", "target_new": "violin", "subject": "Ada Quill",
+        "ground_truth": "piano", "rephrase_prompt": "Ada Quill is a virtuoso on the",
+        "locality_prompt": "Ben Stroke plays the", "locality_ground_truth": loc_truth,
+    }
+
+
+def zsre_record(**variants: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "subject": "Zeta Fornacis", "src": "Which constellation is Zeta Fornacis in?", "pred": "Fornax",
+        "rephrase": "In which constellation is Zeta Fornacis?", "alt": "Lyra",
+        "answers": ["Fornax", "Fornax constellation"],
+        "loc": "nq question: who wrote the song of the rolling river", "loc_ans": "Jane Doe",
+        "cond": "Fornax >> Lyra || Which constellation is Zeta Fornacis in?",
+    }
+    record.update(variants)
+    return record
+
+
+def knowedit_records() -> list[dict[str, Any]]:
+    return [
+        {   # KnowEdit-ZsRE style: list ground truths, rephrase, probes with list answers
+            "subject": "Mila Borg", "target_new": "alto", "prompt": "What voice type is Mila Borg?",
+            "ground_truth": ["soprano", "coloratura"], "rephrase_prompt": "Mila Borg sings as which voice?",
+            "cond": "soprano >> alto || What voice type is Mila Borg?",
+            "locality": {"Relation_Specificity": [
+                {"prompt": "The citizenship of Mila Borg is", "ground_truth": ["Norway"]}]},
+            "portability": {"Reasoning": [{"prompt": "The range of Mila Borg as an alto is",
+                                           "ground_truth": " F3 to D5"}]},
+        },
+        {   # WikiData_counterfact style: string ground truths, two groups each
+            "subject": "Port Elm", "prompt": "Port Elm is located in the country of", "target_new": "Chile",
+            "ground_truth": "Peru",
+            "portability": {"Subject_Aliasing": [{"prompt": "Elm Harbour is located in the country of",
+                                                  "ground_truth": "Chile"}],
+                            "Logical_Generalization": [{"prompt": "Chile contains",
+                                                        "ground_truth": "Port Elm"}]},
+            "locality": {"Relation_Specificity": [{"prompt": "Port Elm was founded by",
+                                                   "ground_truth": "Ana Ruiz"}],
+                         "Forgetfulness": [{"prompt": "Port Elm, not in Chile, is in",
+                                            "ground_truth": "Peru"}]},
+        },
+        {   # WikiData_recent style: no ground_truth, alias lists (one answer with aliases, two answers)
+            "subject": "Tomas Vey", "prompt": "The team Tomas Vey plays for is", "target_new": "Red Owls",
+            "portability": {},
+            "locality": {"Relation_Specificity": [
+                {"prompt": "The country of Tomas Vey is",
+                 "ground_truth": [["Soviet Union", "USSR", "Soviet Union"]]},
+                {"prompt": "The siblings of Tomas Vey are",
+                 "ground_truth": [["Ina Vey"], ["Oskar Vey", "O. Vey"]]}]},
+        },
+    ]
+
+
+def wikibio_records() -> list[dict[str, Any]]:
+    return [
+        {"text": "This is a Wikipedia passage about ada quill. Ada Quill (born 1901) was a composer. ",
+         "labels": "She studied in Vienna.", "concept": "ada quill",
+         "locality": {"Relation_Specificity": [{"prompt": "The occupation of ada quill is",
+                                                "ground_truth": ["composer"]}]}},
+        {"text": "This is a Wikipedia passage about ben stroke. Ben Stroke was a rower.",
+         "labels": "He won two medals.", "concept": "ben stroke", "locality": {}},
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Field mapping
+# --------------------------------------------------------------------------------------------
+
+def test_counterfact_rome_maps_fields(tmp_path: Path) -> None:
+    portability = {"Recalled Relation": "(Lyon, river, Rhone)", "New Question": "Which river flows through "
+                   "the capital of Freedonia?", "New Answer": "Rhone"}
+    distracting = ["The capital of Freedonia is Lyon. The capital of Sylvania is",
+                   "The capital of Freedonia is Lyon. Marsovia's capital is"]
+    path = write_json(tmp_path / "cf.json", [
+        rome_record(7, portability=portability),
+        rome_record(8, alternative_subject="Free Land"),
+        rome_record(9, distracting_neighborhood_prompts=distracting,
+                    unrelated_relation={"relation_id": "P31", "object": "country", "question": "Q?"}),
+    ])
+    first, second, third = load_counterfact_rome(path)
+
+    assert first.record_id == 7 and first.source == str(path) and first.index == 0
+    assert first.prompt == "The capital of Freedonia is"
+    assert first.subject == "Freedonia"
+    assert (first.target_new, first.target_true) == ("Lyon", "Paris")
+    assert first.rephrase_prompts == ("Some text. Freedonia has its capital at",
+                                      "Freedonia's capital city is")
+    assert first.neighborhood_prompts == ("The capital of Sylvania is", "Marsovia's capital is")
+    assert first.attribute_prompts == ("Grand Fenwick's capital is",)
+    assert first.generation_prompts == ("Freedonia is known for", "People in Freedonia")
+    assert first.locality == (Probe("The capital of Sylvania is", "Paris", "neighborhood"),
+                              Probe("Marsovia's capital is", "Paris", "neighborhood"))
+    assert first.portability == (Probe(portability["New Question"], "Rhone", "one_hop"),)
+    assert first.extra["relation_id"] == "P36" and first.extra["pararel_idx"] == 107
+    assert first.extra["target_new_id"] == "Q456" and first.extra["target_true_id"] == "Q90"
+    assert first.extra["recalled_relation"] == "(Lyon, river, Rhone)"
+    assert first.extra["prompt_template"] == "The capital of {} is"
+
+    assert second.portability == (Probe("The capital of Free Land is", "Lyon", "subject_aliasing"),)
+    assert second.extra["alternative_subject"] == "Free Land"
+
+    assert [p.group for p in third.locality] == ["neighborhood"] * 2 + ["distracting_neighborhood"] * 2
+    assert third.locality[2:] == tuple(Probe(p, "Paris", "distracting_neighborhood") for p in distracting)
+    assert third.extra["unrelated_relation"]["object"] == "country"  # unmapped fields kept in extra
+
+
+def test_counterfact_easyedit_maps_fields(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "cf-train.json", [easyedit_record(2, "piano"), easyedit_record(3, "cello")])
+    same, other = load_counterfact_easyedit(path)
+    assert same.record_id == 2 and same.prompt == "Ada Quill plays the" and same.subject == "Ada Quill"
+    assert (same.target_new, same.target_true) == ("violin", "piano")
+    assert same.rephrase_prompts == ("Ada Quill is a virtuoso on the",)
+    assert same.locality == (Probe("Ben Stroke plays the", "piano", "neighborhood"),)
+    assert same.neighborhood_prompts == ("Ben Stroke plays the",)  # neighbour shares target_true
+    assert other.locality == (Probe("Ben Stroke plays the", "cello", "neighborhood"),)
+    assert other.neighborhood_prompts == ()
+    assert same.extra["subject_in_prompt"] is True
+
+
+def test_zsre_mend_maps_fields(tmp_path: Path) -> None:
+    port = {"Recalled Relation": "(Lyra, contains, Vega)", "New Question": "Which bright star shares "
+            "a constellation with Zeta Fornacis?", "New Answer": "Vega"}
+    path = write_json(tmp_path / "zsre.json", [
+        zsre_record(portability=port),
+        zsre_record(alternative_subject="ZF", alter_subject_question=" Which constellation is ZF in?"),
+        zsre_record(**{"inverse question": "Which star in Lyra is this?"}),
+        zsre_record(subject="Zeta Phoenicis", alt=" Vela "),
+    ])
+    recs = load_zsre_mend(path)
+    first = recs[0]
+    assert first.record_id == 0 and first.index == 0
+    assert first.prompt == "Which constellation is Zeta Fornacis in?"
+    assert (first.target_new, first.target_true) == ("Lyra", "Fornax")
+    assert first.extra["answers"] == ("Fornax", "Fornax constellation")
+    assert first.rephrase_prompts == ("In which constellation is Zeta Fornacis?",)
+    # The "nq question: " prefix is kept, as EasyEdit's ZsreDataset does.
+    nq = "nq question: who wrote the song of the rolling river"
+    assert first.locality == (Probe(nq, "Jane Doe", "nq"),)
+    assert first.portability == (Probe(port["New Question"], "Vega", "one_hop"),)
+    assert first.extra["pred"] == "Fornax" and first.extra["cond"].startswith("Fornax >> Lyra")
+    assert first.extra["recalled_relation"] == "(Lyra, contains, Vega)"
+    assert recs[1].portability == (Probe("Which constellation is ZF in?", "Lyra", "subject_aliasing"),)
+    assert recs[1].extra["alternative_subject"] == "ZF"
+    assert recs[2].portability == (Probe("Which star in Lyra is this?", "Zeta Fornacis", "inverse_relation"),)
+    assert all(r.extra["subject_in_prompt"] for r in recs[:3])
+    assert recs[3].extra["subject_in_prompt"] is False and recs[3].target_new == "Vela"
+    assert recs[3].record_id == 3
+
+
+def test_zsre_mend_without_loc_and_empty_alt_skipped(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    no_loc = zsre_record()
+    del no_loc["loc"], no_loc["loc_ans"]
+    path = write_json(tmp_path / "zsre.json", [zsre_record(alt=""), no_loc])
+    with caplog.at_level(logging.WARNING, logger="editlab.data.loaders"):
+        recs = load_zsre_mend(path)
+    assert len(recs) == 1 and recs[0].index == 1 and recs[0].record_id == 1
+    assert recs[0].locality == ()
+    assert "empty 'alt'" in caplog.text and "indices 0" in caplog.text
+
+
+def test_knowedit_maps_fields(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "knowedit.json", knowedit_records())
+    zsre, wiki_cf, recent = load_knowedit(path)
+
+    assert zsre.record_id == 0 and zsre.prompt == "What voice type is Mila Borg?"
+    assert (zsre.target_new, zsre.target_true) == ("alto", "soprano")
+    assert zsre.extra["answers"] == ("soprano", "coloratura") and zsre.extra["cond"].startswith("soprano")
+    assert zsre.rephrase_prompts == ("Mila Borg sings as which voice?",)
+    assert zsre.locality == (Probe("The citizenship of Mila Borg is", "Norway", "Relation_Specificity"),)
+    assert zsre.portability == (Probe("The range of Mila Borg as an alto is", "F3 to D5", "Reasoning"),)
+
+    assert wiki_cf.target_true == "Peru" and wiki_cf.rephrase_prompts == ()
+    assert {p.group for p in wiki_cf.portability} == {"Subject_Aliasing", "Logical_Generalization"}
+    assert {p.group for p in wiki_cf.locality} == {"Relation_Specificity", "Forgetfulness"}
+    alias = Probe("Elm Harbour is located in the country of", "Chile", "Subject_Aliasing")
+    assert alias in wiki_cf.portability
+
+    assert recent.target_true is None and not recent.has_true_target and recent.portability == ()
+    country, siblings = recent.locality
+    assert country == Probe("The country of Tomas Vey is", "Soviet Union", "Relation_Specificity", ("USSR",))
+    assert siblings.target == "Ina Vey" and siblings.aliases == ("Oskar Vey", "O. Vey")
+
+
+def test_knowedit_empty_ground_truth_is_no_true_target(tmp_path: Path) -> None:
+    record = knowedit_records()[1]
+    record["ground_truth"] = ""
+    (rec,) = load_knowedit(write_json(tmp_path / "k.json", [record]))
+    assert rec.target_true is None
+
+
+def test_wikibio_maps_fields(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "wikibio.json", wikibio_records())
+    first, second = load_wikibio(path)
+    assert first.prompt.startswith("This is a Wikipedia passage about ada quill.")
+    assert not first.prompt.endswith(" ")
+    assert (first.subject, first.target_new) == ("ada quill", "She studied in Vienna.")
+    assert first.target_true is None
+    assert first.locality == (Probe("The occupation of ada quill is", "composer", "Relation_Specificity"),)
+    assert second.locality == () and second.extra["subject_in_prompt"] is True
+
+
+# --------------------------------------------------------------------------------------------
+# Malformed input
+# --------------------------------------------------------------------------------------------
+
+MALFORMED = [
+    # (loader, good record, dotted field, bad value (... = missing), expected field in the message)
+    (load_counterfact_rome, rome_record(), "requested_rewrite.target_new.str", ...,
+     "requested_rewrite.target_new.str"),
+    (load_counterfact_rome, rome_record(), "requested_rewrite.target_true.str", 5,
+     "requested_rewrite.target_true.str"),
+    (load_counterfact_rome, rome_record(), "requested_rewrite.subject", "  ", "requested_rewrite.subject"),
+    (load_counterfact_rome, rome_record(), "requested_rewrite.prompt", "The capital of Freedonia is",
+     "requested_rewrite.prompt"),
+    (load_counterfact_rome, rome_record(), "paraphrase_prompts", "not a list", "paraphrase_prompts"),
+    (load_counterfact_rome, rome_record(), "neighborhood_prompts", ["ok", ""], "neighborhood_prompts[1]"),
+    (load_counterfact_rome, rome_record(portability={"New Question": "q?", "New Answer": "a"}),
+     "portability.New Answer", ..., "portability.New Answer"),
+    (load_counterfact_rome, rome_record(), "case_id", [1], "case_id"),
+    (load_counterfact_easyedit, easyedit_record(1, "piano"), "ground_truth", ..., "ground_truth"),
+    (load_counterfact_easyedit, easyedit_record(1, "piano"), "rephrase_prompt", ["a"], "rephrase_prompt"),
+    (load_zsre_mend, zsre_record(), "src", "", "src"),
+    (load_zsre_mend, zsre_record(), "answers", [], "answers"),
+    (load_zsre_mend, zsre_record(), "answers", "Fornax", "answers"),
+    (load_zsre_mend, zsre_record(), "alt", None, "alt"),
+    (load_zsre_mend, zsre_record(), "loc_ans", ..., "loc_ans"),
+    (load_knowedit, knowedit_records()[0], "target_new", ..., "target_new"),
+    (load_knowedit, knowedit_records()[0], "locality.Relation_Specificity", {"prompt": "p"},
+     "locality.Relation_Specificity"),
+    (load_knowedit, knowedit_records()[2], "locality.Relation_Specificity.1.ground_truth", [[]],
+     "locality.Relation_Specificity[1].ground_truth[0]"),
+    (load_knowedit, knowedit_records()[1], "portability.Subject_Aliasing.0.prompt", "",
+     "portability.Subject_Aliasing[0].prompt"),
+    (load_wikibio, wikibio_records()[0], "labels", 3, "labels"),
+]
+
+
+def _set_path(record: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """A deep copy of ``record`` with the dotted field (numeric parts index lists) set to ``value``;
+    ``...`` deletes it."""
+    out = copy.deepcopy(record)
+    *parents, last = dotted.split(".")
+    node: Any = out
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if isinstance(node, list):
+        node[int(last)] = value
+    elif value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return out
+
+
+@pytest.mark.parametrize("loader, good, dotted, value, field", MALFORMED,
+                         ids=[f"{m[0].__name__}-{m[4]}" for m in MALFORMED])
+def test_malformed_record_names_file_index_and_field(tmp_path: Path, loader: Loader, good: dict[str, Any],
+                                                     dotted: str, value: Any, field: str) -> None:
+    path = write_json(tmp_path / "broken_file.json", [good, _set_path(good, dotted, value)])
+    with pytest.raises(RecordError) as info:
+        loader(path)
+    message = str(info.value)
+    assert "broken_file.json" in message and "record 1" in message and f"'{field}'" in message
+    assert info.value.index == 1 and info.value.field == field and info.value.source == str(path)
+    assert len(loader(path, limit=1)) == 1  # only the selected records are validated
+
+
+@pytest.mark.parametrize("content, field, expect", [
+    ("{not json", "<file>", "invalid JSON"),
+    ('{"a": 1}', "<file>", "JSON list"),
+    ("[1]", "<record>", "record 0"),
+])
+def test_bad_file_names_the_file(tmp_path: Path, content: str, field: str, expect: str) -> None:
+    path = tmp_path / "bad_file.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(RecordError) as info:
+        load_zsre_mend(path)
+    assert "bad_file.json" in str(info.value) and expect in str(info.value) and info.value.field == field
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_knowedit(tmp_path / "nope.json")
+
+
+# --------------------------------------------------------------------------------------------
+# limit / offset, relative paths
+# --------------------------------------------------------------------------------------------
+
+def test_limit_and_offset(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "cf.json", [easyedit_record(i, "piano") for i in range(5)])
+    assert [r.record_id for r in load_counterfact_easyedit(path, limit=2)] == [0, 1]
+    assert [r.record_id for r in load_counterfact_easyedit(path, limit=2, offset=3)] == [3, 4]
+    assert [r.index for r in load_counterfact_easyedit(path, offset=4)] == [4]
+    assert load_counterfact_easyedit(path, limit=0) == []
+    assert load_counterfact_easyedit(path, offset=10) == []
+    with pytest.raises(ValueError, match="offset"):
+        load_counterfact_easyedit(path, offset=-1)
+    with pytest.raises(ValueError, match="limit"):
+        load_counterfact_easyedit(path, limit=-1)
+
+
+def test_relative_path_resolves_against_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "kb").mkdir()
+    write_json(tmp_path / "kb" / "wikibio.json", wikibio_records())
+    recs = load_wikibio("kb/wikibio.json", data_dir=tmp_path)
+    assert len(recs) == 2 and recs[0].source == str((tmp_path / "kb" / "wikibio.json").resolve())
+
+
+# --------------------------------------------------------------------------------------------
+# resolve_data_dir
+# --------------------------------------------------------------------------------------------
+
+def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    arg_dir, env_dir, repo = tmp_path / "arg", tmp_path / "env", tmp_path / "work" / "repo"
+    shared = tmp_path / "work" / "shared" / "data"
+    for d in (arg_dir, env_dir, repo, shared):
+        d.mkdir(parents=True)
+    monkeypatch.setattr(loaders, "_REPO_ROOT", repo)
+    monkeypatch.setenv("EDITLAB_DATA_DIR", str(env_dir))
+    assert resolve_data_dir(arg_dir) == arg_dir.resolve()
+    assert resolve_data_dir(str(arg_dir)) == arg_dir.resolve()
+    assert resolve_data_dir() == env_dir.resolve()
+    monkeypatch.delenv("EDITLAB_DATA_DIR")
+    assert resolve_data_dir() == shared.resolve()
+    shared.rmdir()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert resolve_data_dir() == (tmp_path / "data").resolve()
+
+
+def test_resolve_data_dir_missing_names_download_command(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = tmp_path / "absent"
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_data_dir(missing)
+    assert str(missing) in str(info.value)
+    assert "python -m editlab.data.download --data-dir" in str(info.value)
+    monkeypatch.setenv("EDITLAB_DATA_DIR", str(missing))
+    with pytest.raises(FileNotFoundError, match="EDITLAB_DATA_DIR"):
+        resolve_data_dir()
+
+
+# --------------------------------------------------------------------------------------------
+# download: verification without the network (file:// URLs)
+# --------------------------------------------------------------------------------------------
+
+def _release(tmp_path: Path, payload: bytes, **overrides: Any) -> download.Release:
+    src = tmp_path / "upstream.json"
+    src.write_bytes(payload)
+    fields = {"name": "demo", "url": src.as_uri(), "dest": "sub/demo.json", "size": len(payload),
+              "sha256": hashlib.sha256(payload).hexdigest()}
+    fields.update(overrides)
+    return download.Release(**fields)
+
+
+def test_download_verifies_and_renames(tmp_path: Path) -> None:
+    release = _release(tmp_path, b'[{"a": 1}]')
+    out = tmp_path / "out"
+    dest = download.fetch(release, out)
+    assert dest == out / "sub" / "demo.json" and dest.read_bytes() == b'[{"a": 1}]'
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["demo.json"]
+    assert download.fetch(release, out) == dest  # present and verified: kept
+
+
+@pytest.mark.parametrize("override", [{"sha256": "0" * 64}, {"size": 3}])
+def test_download_mismatch_raises_and_leaves_nothing(tmp_path: Path, override: dict[str, Any]) -> None:
+    release = _release(tmp_path, b"payload", **override)
+    out = tmp_path / "out"
+    with pytest.raises(download.DownloadError):
+        download.fetch(release, out)
+    assert list((out / "sub").iterdir()) == []
+
+
+def test_download_cli(tmp_path: Path) -> None:
+    good = _release(tmp_path, b"[]")
+    bad = download.Release("broken", good.url, "broken.json", sha256="f" * 64)
+    out = tmp_path / "out"
+    assert download.main(["--data-dir", str(out), "--only", "demo"], releases=(good, bad)) == 0
+    assert (out / "sub" / "demo.json").exists() and not (out / "broken.json").exists()
+    assert download.main(["--data-dir", str(out)], releases=(good, bad)) == 1
+    with pytest.raises(SystemExit):
+        download.main(["--data-dir", str(out), "--only", "unknown"], releases=(good, bad))
+
+
+def test_download_table_is_well_formed() -> None:
+    names = [r.name for r in download.RELEASES]
+    assert len(names) == len(set(names)) and "counterfact" in names
+    counterfact = next(r for r in download.RELEASES if r.name == "counterfact")
+    assert counterfact.size == 45_108_470 and counterfact.url.startswith("https://rome.baulab.info/")
+    assert all(not Path(r.dest).is_absolute() for r in download.RELEASES)
+
+
+# --------------------------------------------------------------------------------------------
+# Real data share (skipped when absent)
+# --------------------------------------------------------------------------------------------
+
+# (file, loader, records in the README, records the loader keeps)
+REAL_FILES = [
+    ("counterfact/counterfact-train.json", load_counterfact_easyedit, 10_000, 10_000),
+    ("counterfact/counterfact-val.json", load_counterfact_easyedit, 1_919, 1_919),
+    ("counterfact/counterfact_portability_gpt4.json", load_counterfact_rome, 530, 530),
+    ("counterfact/counterfact_subject_replace.json", load_counterfact_rome, 104, 104),
+    ("counterfact/counterfact_distracting_neighbor.json", load_counterfact_rome, 422, 422),
+    # two records have an empty 'alt' (no edit); they are skipped as EasyEdit does
+    ("zsre/zsre_mend_train-1k.json", load_zsre_mend, 1_000, 998),
+    ("zsre/zsre_mend_eval_portability_gpt4.json", load_zsre_mend, 489, 489),
+    ("zsre/zsre_subject_replace.json", load_zsre_mend, 138, 138),
+    ("zsre/zsre_inverse_relation.json", load_zsre_mend, 187, 187),
+    ("knowedit/ZsRE-test-all.json", load_knowedit, 614, 614),
+    ("knowedit/wiki_counterfact-train_cf.json", load_knowedit, 1_427, 1_427),
+    ("knowedit/wiki_recent-recent_train.json", load_knowedit, 570, 570),
+    ("knowedit/wikibio-train-all.json", load_wikibio, 464, 464),
+    ("knowedit/wikibio-test-all.json", load_wikibio, 306, 306),
+]
+
+
+def _real_file(relative: str) -> Path:
+    try:
+        data_dir = resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("data share not available")
+    path = data_dir / relative
+    if not path.is_file():
+        pytest.skip(f"{relative} not in the data share")
+    return path
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("relative, loader, in_readme, kept", REAL_FILES, ids=[f[0] for f in REAL_FILES])
+def test_real_file_loads_completely(relative: str, loader: Loader, in_readme: int, kept: int) -> None:
+    path = _real_file(relative)
+    with path.open(encoding="utf-8") as handle:
+        assert len(json.load(handle)) == in_readme
+    records = loader(relative)
+    assert len(records) == kept
+    assert all(r.source == str(path) for r in records)
+    assert [r.index for r in records] == sorted({r.index for r in records})
+    for r in records:
+        assert r.prompt == r.prompt.strip() and r.target_new == r.target_new.strip()
+        assert r.target_true is None or r.target_true == r.target_true.strip()
+
+
+@pytest.mark.data
+def test_real_data_quirks() -> None:
+    inverse = load_zsre_mend(_real_file("zsre/zsre_inverse_relation.json"))
+    assert sum(not r.extra["subject_in_prompt"] for r in inverse) == 1
+    distracting = load_counterfact_rome(_real_file("counterfact/counterfact_distracting_neighbor.json"))
+    assert all(sum(p.group == "distracting_neighborhood" for p in r.locality) == len(r.neighborhood_prompts)
+               for r in distracting)
+    recent = load_knowedit(_real_file("knowedit/wiki_recent-recent_train.json"))
+    assert all(r.target_true is None for r in recent)
+    assert any(p.aliases for r in recent for p in r.locality)

@@ -1,0 +1,94 @@
+"""Every experiment composes; the Hydra entry point runs end to end on a tiny model."""
+
+import json
+from pathlib import Path
+
+import hydra
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+
+from editlab.methods.base import Editor
+from editlab.train import run
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def _compose(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+def test_there_are_experiments():
+    assert "ft_smollm2_counterfact" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    method, model, data = experiment.split("_")[:3]
+    assert cfg.method._target_.endswith(".FTL") if method == "ft" else True
+    editor = hydra.utils.instantiate(cfg.method)
+    assert isinstance(editor, Editor)
+    assert hydra.utils.get_method(cfg.model._target_)
+    assert hydra.utils.get_method(cfg.data.test._target_)
+    assert cfg.trainer.inference_mode is False
+
+
+@pytest.mark.parametrize("group,name", [(g.name, p.stem) for g in CONFIGS.iterdir() if g.is_dir()
+                                        and g.name in ("model", "data", "method", "trainer", "logger")
+                                        for p in g.glob("*.yaml")])
+def test_group_options_compose(group, name):
+    cfg = _compose([f"{group}={name}"])
+    node = cfg.get(group)
+    if group in ("model", "data", "method", "trainer"):
+        assert hydra.utils.get_method(node._target_)
+
+
+def _write_fixture(path: Path) -> None:
+    records = [
+        {
+            "case_id": i,
+            "requested_rewrite": {
+                "prompt": "The mother tongue of {} is",
+                "relation_id": "P103",
+                "target_new": {"str": "English", "id": "Q1860"},
+                "target_true": {"str": "French", "id": "Q150"},
+                "subject": subject,
+            },
+            "paraphrase_prompts": [f"{subject} is a native speaker of"],
+            "neighborhood_prompts": ["The mother tongue of Léon Blum is"],
+            "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
+            "generation_prompts": [f"{subject}'s mother tongue is"],
+        }
+        for i, subject in enumerate(["Danielle Darrieux", "Thomas Joannes Stieltjes"])
+    ]
+    path.write_text(json.dumps(records))
+
+
+def test_entry_point_runs_end_to_end(tmp_path):
+    _write_fixture(tmp_path / "cf.json")
+    cfg = _compose([
+        "experiment=ft_smollm2_counterfact",
+        "model=tiny_llama",
+        f"paths.data_dir={tmp_path}",
+        "data.test.path=cf.json",
+        "method.layers=[1]",
+        "method.lr=0.05",
+        "logger=csv",
+        "callbacks=none",
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    OmegaConf.resolve(cfg.paths)
+    summary = run(cfg)
+    out = tmp_path / "out"
+    assert (out / "summary.json").exists() and (out / "summary.csv").exists()
+    assert len((out / "records.jsonl").read_text().splitlines()) == 2
+    assert "post/reliability" in summary and "post/neighborhood_score" in summary
+    metrics_csv = out / "csv" / "metrics.csv"
+    assert metrics_csv.exists() and "post/reliability" in metrics_csv.read_text()

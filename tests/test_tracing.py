@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from editlab.models.arch import arch_for, get_module
+from editlab.tracing import CallRecorder, StopForward, Trace, replay_layers
+
+from conftest import CAUSAL_TYPES
+
+
+def _inputs(bundle, text="The capital of France is Paris"):
+    return bundle.tokenizer([text, "A short one"], return_tensors="pt", padding=True)
+
+
+def _no_hooks(model):
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_TYPES)
+def test_trace_captures_inputs_and_outputs(tiny, model_type):
+    b = tiny(model_type)
+    arch = arch_for(b.model)
+    mlp_out = arch.module_path(b.model, "mlp_out", 1)
+    block = arch.layer_path(1)
+    seen = {}
+    mod = get_module(b.model, mlp_out)
+    h = mod.register_forward_hook(lambda m, a, o: seen.update(inp=a[0].clone(), out=o.clone()))
+    try:
+        with torch.no_grad():
+            b.model(**_inputs(b))
+    finally:
+        h.remove()
+    with torch.no_grad(), Trace(b.model, [mlp_out, block], retain_input=True, retain_output=True) as tr:
+        b.model(**_inputs(b))
+    assert torch.equal(tr.inputs[mlp_out], seen["inp"])
+    assert torch.equal(tr.outputs[mlp_out], seen["out"])
+    assert tr.outputs[block].shape[-1] == b.model.config.hidden_size if hasattr(b.model.config, "hidden_size") else True
+    _no_hooks(b.model)
+
+
+def test_trace_edit_output_changes_logits(tiny):
+    b = tiny("gpt2")
+    arch = arch_for(b.model)
+    path = arch.module_path(b.model, "mlp_out", 0)
+    with torch.no_grad():
+        base = b.model(**_inputs(b)).logits
+        with Trace(b.model, [path], edit_output=lambda p, x: x * 0 + 1.0):
+            edited = b.model(**_inputs(b)).logits
+        again = b.model(**_inputs(b)).logits
+    assert not torch.allclose(base, edited)
+    assert torch.equal(base, again)
+    _no_hooks(b.model)
+
+
+def test_stop_forward_skips_the_rest(tiny):
+    b = tiny("llama")
+    arch = arch_for(b.model)
+    first, last = arch.layer_path(0), arch.layer_path(arch.num_layers(b.model) - 1)
+    calls = []
+    h = get_module(b.model, last).register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with torch.no_grad(), Trace(b.model, [first], retain_output=True, stop=True) as tr:
+            b.model(**_inputs(b))
+    finally:
+        h.remove()
+    assert first in tr.outputs and calls == []
+    _no_hooks(b.model)
+
+
+def test_hooks_removed_after_exception(tiny):
+    b = tiny("gpt2")
+    path = arch_for(b.model).module_path(b.model, "mlp_out", 0)
+
+    def boom(p, x):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError):
+        with Trace(b.model, [path], edit_output=boom):
+            b.model(**_inputs(b))
+    _no_hooks(b.model)
+    with pytest.raises(StopForward):  # outside a Trace nothing swallows it
+        raise StopForward()
+
+
+@pytest.mark.parametrize("model_type", CAUSAL_TYPES)
+def test_replay_reproduces_the_forward(tiny, model_type):
+    b = tiny(model_type)
+    arch = arch_for(b.model)
+    n = arch.num_layers(b.model)
+    upper = [arch.layer_path(i) for i in range(1, n)]
+    inputs = _inputs(b)
+    with torch.no_grad():
+        with CallRecorder(b.model, upper, stop_at=arch.lm_head) as rec:
+            b.model(**inputs, use_cache=False)
+        final = get_module(b.model, arch.final_norm)
+        replayed = final(replay_layers(b.model, upper, rec.calls, rec.calls[upper[0]].hidden))
+    assert torch.allclose(replayed, rec.stopped_input, atol=1e-6)
+    _no_hooks(b.model)
