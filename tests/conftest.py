@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from editlab.data.records import EditRecord, Probe
-from editlab.models.tiny import tiny_model
+from editlab.models.tiny import TINY_MODEL_TYPES, tiny_model
 
-CAUSAL_TYPES = ("gpt2", "gptj", "llama", "gemma3_text")
-ALL_TYPES = CAUSAL_TYPES + ("t5",)
+# every architecture of the table (editlab/models/arch.py) has a tiny model
+ALL_TYPES = TINY_MODEL_TYPES
+CAUSAL_TYPES = tuple(t for t in TINY_MODEL_TYPES if t != "t5")
 
 _CACHE: dict[str, object] = {}
 

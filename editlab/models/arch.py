@@ -9,6 +9,10 @@ module path of a particular architecture.  (Compare peft's per-architecture cons
 Paths inside a block are relative to the block.  A role may list several candidate paths when
 variants of one ``model_type`` differ (T5 v1.0 ``wi`` vs T5 v1.1 gated ``wi_0``/``wi_1``); the
 first one present in the model wins.
+
+Every entry is exercised by a tiny random model of that type in the tests (``editlab.models.tiny``);
+add a tiny config with each new entry.  Multimodal wrappers (e.g. Gemma-3 4B+, whose text model sits
+in ``model.language_model``) need their own entry.
 """
 
 from __future__ import annotations
@@ -80,9 +84,17 @@ class ArchSpec:
         paths = getattr(self, name)
         return (paths,) if isinstance(paths, str) else paths
 
+    def has_role(self, model: nn.Module, role: str, layer: int = 0, encoder: bool = False) -> bool:
+        """Whether block ``layer`` has a module for ``role`` (e.g. ``mlp_gate`` in gated MLPs only)."""
+        try:
+            self.module_path(model, role, layer, encoder)
+        except UnknownArchitecture:
+            return False
+        return True
+
     def module_path(self, model: nn.Module, role: str, layer: int, encoder: bool = False) -> str:
         """Full dotted path of ``role`` (``mlp_in``, ``mlp_out``, ``attn_out``, ``mlp_gate``,
-        ``residual``) in block ``layer`` of ``model``."""
+        ``residual``) in block ``layer`` of ``model``; :class:`UnknownArchitecture` when absent."""
         base = self.layer_path(layer, encoder)
         if role == "residual":
             return base if not self.residual else f"{base}.{self.residual}"
@@ -155,16 +167,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gemma2": _LLAMA_LIKE,
     # Gemma-3 text-only checkpoints (270M, 1B) load as Gemma3ForCausalLM with model_type gemma3_text.
     "gemma3_text": _LLAMA_LIKE,
-    # Multimodal Gemma-3 (4B+) wraps the text model in model.language_model.
-    "gemma3": ArchSpec(
-        layers="model.language_model.layers",
-        mlp_in=("mlp.up_proj",),
-        mlp_gate=("mlp.gate_proj",),
-        mlp_out=("mlp.down_proj",),
-        attn_out=("self_attn.o_proj",),
-        embeddings="model.language_model.embed_tokens",
-        final_norm="model.language_model.norm",
-    ),
     "t5": ArchSpec(
         layers="decoder.block",
         # decoder block: layer.0 self-attention, layer.1 cross-attention, layer.2 feed-forward

@@ -21,10 +21,18 @@ from transformers import (
     GPTJForCausalLM,
     GPTNeoXConfig,
     GPTNeoXForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -63,7 +71,7 @@ The river flows through the city. The sea is to the south of the country, and th
 to the north. The population of the city is about two million people.
 """
 
-TINY_MODEL_TYPES = ("gpt2", "gptj", "gpt_neox", "llama", "gemma3_text", "t5")
+TINY_MODEL_TYPES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "t5")
 
 # model_type -> (config class, model class, config kwargs).  Vocabulary and special ids are
 # filled in from the tokenizer by tiny_model().
@@ -99,6 +107,58 @@ TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dic
             "intermediate_size": 64,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        },
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        },
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 128,
+        },
+    ),
+    "gemma": (
+        GemmaConfig,
+        GemmaForCausalLM,
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "max_position_embeddings": 128,
+        },
+    ),
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 1,
+            "head_dim": 8,
+            "query_pre_attn_scalar": 8,
+            "sliding_window": 16,
             "max_position_embeddings": 128,
         },
     ),

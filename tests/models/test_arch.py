@@ -38,8 +38,6 @@ def test_top_level_paths_resolve(bundle) -> None:
     assert isinstance(embeddings, nn.Embedding)
     assert embeddings.num_embeddings >= len(bundle.tokenizer)
     assert isinstance(get_module(model, spec.final_norm), nn.Module)
-    if bundle.model_type == "gpt_neox" and spec.lm_head == "embed_out":
-        pytest.xfail("arch.py: transformers 5 renamed GPTNeoXForCausalLM.embed_out to lm_head")
     lm_head = get_module(model, spec.lm_head)
     assert lm_head is model.get_output_embeddings()
     assert spec.is_encoder_decoder == bundle.is_encoder_decoder
@@ -58,7 +56,9 @@ def test_block_roles_resolve_in_every_layer(bundle) -> None:
         attn_out = get_module(model, paths["attn_out"])
         assert spec.weight_out_in(attn_out).shape[0] == hidden
         assert spec.module_path(model, "residual", layer) == spec.layer_path(layer)
-        gated = bundle.model_type in ("llama", "gemma3_text") or getattr(model.config, "is_gated_act", False)
+        gated = bundle.model_type in ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text") or getattr(
+            model.config, "is_gated_act", False)
+        assert spec.has_role(model, "mlp_gate", layer) == bool(gated)
         if gated:
             gate = get_module(model, spec.module_path(model, "mlp_gate", layer))
             assert tuple(spec.weight_out_in(gate).shape) == (inter, hidden)
