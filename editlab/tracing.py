@@ -24,10 +24,6 @@ from editlab.models.arch import get_module
 
 __all__ = ["StopForward", "Trace", "CallRecorder", "LayerCall", "replay_layers", "first_tensor"]
 
-# edit_output(path, output) -> new output ; edit_input(path, args) -> new args (tuple)
-OutputEditor = Callable[[str, Any], Any]
-InputEditor = Callable[[str, tuple], tuple]
-
 
 class StopForward(Exception):
     """Raised by a hook to stop a forward pass early; caught by :class:`Trace`."""
@@ -55,7 +51,35 @@ def _replace_first(value: Any, tensor: torch.Tensor) -> Any:
     raise TypeError(f"cannot replace the tensor in module output of type {type(value).__name__}")
 
 
-class Trace:
+class _Hooks:
+    """Owns a set of hook handles: registered in ``__enter__`` (via ``_register``), removed in
+    ``__exit__`` whatever happens; a :class:`StopForward` raised inside the block is swallowed."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _register(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._register()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.close()
+        return exc_type is not None and issubclass(exc_type, StopForward)
+
+
+class Trace(_Hooks):
     """Capture and/or edit the inputs and outputs of named modules for the duration of a block.
 
     Args:
@@ -90,6 +114,7 @@ class Trace:
         edit_input: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
         stop: bool = False,
     ) -> None:
+        super().__init__()
         self.model = model
         self.paths = list(dict.fromkeys(paths))
         if not self.paths:
@@ -103,7 +128,6 @@ class Trace:
         self.stop = stop
         self.inputs: dict[str, torch.Tensor] = {}
         self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._pending: set[str] = set()
 
     def _keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -142,28 +166,17 @@ class Trace:
 
         return hook
 
-    def __enter__(self) -> Trace:
+    def _register(self) -> None:
         self._pending = set(self.paths)
-        try:
-            for path in self.paths:
-                module = get_module(self.model, path)
-                if self.retain_input or self.edit_input is not None:
-                    self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(path)))
-                if self.retain_output or self.edit_output is not None or self.stop:
-                    self._handles.append(module.register_forward_hook(self._make_hook(path)))
-        except BaseException:
-            self.close()
-            raise
-        return self
+        for path in self.paths:
+            module = get_module(self.model, path)
+            if self.retain_input or self.edit_input is not None:
+                self._handles.append(module.register_forward_pre_hook(self._make_pre_hook(path)))
+            if self.retain_output or self.edit_output is not None or self.stop:
+                self._handles.append(module.register_forward_hook(self._make_hook(path)))
 
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self.close()
-        return exc_type is not None and issubclass(exc_type, StopForward)
+    def __enter__(self) -> Trace:
+        return super().__enter__()
 
 
 class LayerCall:
@@ -189,7 +202,7 @@ class LayerCall:
         return (), kwargs
 
 
-class CallRecorder:
+class CallRecorder(_Hooks):
     """Record each named module's call arguments (args + kwargs) during a forward.
 
     ``stop_at`` names a module at whose *input* the forward is stopped (e.g. the LM head, so the
@@ -198,42 +211,31 @@ class CallRecorder:
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], stop_at: str | None = None):
+        super().__init__()
         self.model = model
         self.paths = list(paths)
         self.stop_at = stop_at
         self.calls: dict[str, LayerCall] = {}
         self.stopped_input: torch.Tensor | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _register(self) -> None:
+        for path in self.paths:
+            module = get_module(self.model, path)
+
+            def hook(module, args, kwargs, _path=path):
+                self.calls[_path] = LayerCall(tuple(args), dict(kwargs))
+
+            self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.stop_at is not None:
+
+            def stop_hook(module, args):
+                self.stopped_input = args[0]
+                raise StopForward()
+
+            self._handles.append(get_module(self.model, self.stop_at).register_forward_pre_hook(stop_hook))
 
     def __enter__(self) -> CallRecorder:
-        try:
-            for path in self.paths:
-                module = get_module(self.model, path)
-
-                def hook(module, args, kwargs, _path=path):
-                    self.calls[_path] = LayerCall(tuple(args), dict(kwargs))
-
-                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            if self.stop_at is not None:
-
-                def stop_hook(module, args):
-                    self.stopped_input = args[0]
-                    raise StopForward()
-
-                self._handles.append(get_module(self.model, self.stop_at).register_forward_pre_hook(stop_hook))
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self.close()
-        return exc_type is not None and issubclass(exc_type, StopForward)
+        return super().__enter__()
 
 
 def replay_layers(

@@ -49,7 +49,10 @@ def test_group_options_compose(group, name):
         assert hydra.utils.get_method(node._target_)
 
 
-def _write_fixture(path: Path) -> None:
+SUBJECTS = ["Danielle Darrieux", "Thomas Joannes Stieltjes", "Victor Hugo", "Léon Blum", "Colette"]
+
+
+def _write_fixture(path: Path, n: int = 2) -> None:
     records = [
         {
             "case_id": i,
@@ -65,7 +68,7 @@ def _write_fixture(path: Path) -> None:
             "attribute_prompts": ["J. R. R. Tolkien is a native speaker of"],
             "generation_prompts": [f"{subject}'s mother tongue is"],
         }
-        for i, subject in enumerate(["Danielle Darrieux", "Thomas Joannes Stieltjes"])
+        for i, subject in enumerate(SUBJECTS[:n])
     ]
     path.write_text(json.dumps(records))
 
@@ -79,7 +82,7 @@ def test_entry_point_runs_end_to_end(tmp_path):
         "data.test.path=cf.json",
         "method.layers=[1]",
         "method.lr=0.05",
-        "logger=csv",
+        "logger=many",  # CSV + wandb (offline)
         "callbacks=none",
     ])
     with open_dict(cfg):
@@ -92,3 +95,4 @@ def test_entry_point_runs_end_to_end(tmp_path):
     assert "post/reliability" in summary and "post/neighborhood_score" in summary
     metrics_csv = out / "csv" / "metrics.csv"
     assert metrics_csv.exists() and "post/reliability" in metrics_csv.read_text()
+    assert list((out / "wandb").glob("offline-run-*")), "wandb wrote an offline run"

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
@@ -32,6 +33,22 @@ class RecordDataset(Dataset):
 
     def __getitem__(self, i: int) -> EditRecord:
         return self.records[i]
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Rank ``r`` of ``w`` gets records ``r, r + w, r + 2w, ...``: every record exactly once.
+
+    PyTorch's DistributedSampler pads the last round with repeated records so all ranks get the
+    same count; repeated records would be scored twice and bias an evaluation.  The edit loop
+    needs no equal counts (metrics are reduced by sum), so nothing is repeated here."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(self.rank, len(dataset), self.num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 def collate_records(items: list[EditRecord]) -> list[EditRecord]:
@@ -138,7 +155,12 @@ class EditDataModule(L.LightningDataModule):
         )
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+        loader = self._loader("test")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # each record is evaluated exactly once across ranks (no padding duplicates)
+            loader = DataLoader(loader.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+                                sampler=UnpaddedDistributedSampler(loader.dataset), collate_fn=loader.collate_fn)
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.shuffle_train)

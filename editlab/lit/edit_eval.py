@@ -269,10 +269,12 @@ class EditEvalModule(L.LightningModule):
         for name, values in self._timings.items():
             if values:
                 summary[f"time/{name}_seconds_median"] = float(statistics.median(values))
-        summary["edits/failed"] = float(len(self._failed))
+        failed = torch.tensor(float(len(self._failed)), device=self.device)
+        summary["edits/failed"] = float(self.trainer.strategy.reduce(failed, reduce_op="sum"))
         self.summary = summary
         if summary:
-            self.log_dict(summary, rank_zero_only=True)
+            # metric values are already reduced over ranks (torchmetrics); timings are averaged
+            self.log_dict(summary, sync_dist=True)
         self._write_files()
 
     # ---------------------------------------------------------------- output

@@ -73,6 +73,17 @@ to the north. The population of the city is about two million people.
 
 TINY_MODEL_TYPES = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "t5")
 
+# Llama-style decoders (grouped-query attention, gated MLP) share one small shape.
+_DECODER: dict[str, Any] = {
+    "num_hidden_layers": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+_GEMMA: dict[str, Any] = {**_DECODER, "num_key_value_heads": 1, "head_dim": 8}
+
 # model_type -> (config class, model class, config kwargs).  Vocabulary and special ids are
 # filled in from the tokenizer by tiny_model().
 TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dict[str, Any]]] = {
@@ -98,84 +109,19 @@ TINY_CONFIGS: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel], dic
             "rotary_pct": 0.5,
         },
     ),
-    "llama": (
-        LlamaConfig,
-        LlamaForCausalLM,
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 128,
-        },
-    ),
-    "mistral": (
-        MistralConfig,
-        MistralForCausalLM,
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 128,
-        },
-    ),
-    "qwen2": (
-        Qwen2Config,
-        Qwen2ForCausalLM,
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 128,
-        },
-    ),
-    "gemma": (
-        GemmaConfig,
-        GemmaForCausalLM,
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 8,
-            "max_position_embeddings": 128,
-        },
-    ),
-    "gemma2": (
-        Gemma2Config,
-        Gemma2ForCausalLM,
-        {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 8,
-            "query_pre_attn_scalar": 8,
-            "sliding_window": 16,
-            "max_position_embeddings": 128,
-        },
-    ),
+    "llama": (LlamaConfig, LlamaForCausalLM, _DECODER),
+    "mistral": (MistralConfig, MistralForCausalLM, _DECODER),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, _DECODER),
+    "gemma": (GemmaConfig, GemmaForCausalLM, _GEMMA),
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {**_GEMMA, "query_pre_attn_scalar": 8, "sliding_window": 16}),
     "gemma3_text": (
         Gemma3TextConfig,
         Gemma3ForCausalLM,
         {
-            "num_hidden_layers": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 8,
+            **_GEMMA,
             "query_pre_attn_scalar": 8,
             "sliding_window": 16,
             "layer_types": ["sliding_attention", "full_attention"],
-            "max_position_embeddings": 128,
         },
     ),
     "t5": (
