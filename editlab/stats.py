@@ -1,0 +1,525 @@
+"""Second-moment statistics of MLP keys over a text corpus, cached on disk.
+
+ROME and MEMIT (Meng et al. 2022, 2023) precondition their rank-one / least-squares updates with
+the uncentred second moment ``C = E[k kᵀ]`` of the keys ``k`` — the inputs of an MLP output
+projection — over a large text corpus.  The statistic follows ``rome/layer_stats.py`` and
+``util/runningstats.SecondMoment`` of kmeng01/rome (defaults there: Wikipedia, 100,000 documents,
+float32); the way it is gathered differs:
+
+* **Packing.**  ROME truncates and pads each document.  Here documents are tokenized without
+  special tokens, joined with the tokenizer's EOS token in between (when it has one) and cut into
+  rows of exactly ``max_seq_len`` tokens; rows attend across document boundaries, as in packed
+  pre-training.  Every position is a real token, so ``count`` is the number of corpus tokens
+  (EOS separators included) or ``n_tokens`` when capped.  The final row may be shorter: it runs
+  alone, as a batch of one row.
+* **One stopped forward.**  All requested layers' modules are traced in the same forward, which
+  stops (:class:`~editlab.tracing.Trace` ``stop=True``) right after the highest one has run.
+* **Float64 sums by blocks.**  ``Σ kᵀk`` is accumulated in float64 over the upper block triangle
+  only (a blocked symmetric rank-k update), then mirrored: ~58% of the work of ``k.T @ k`` for
+  d = 1536.
+* **Disk cache.**  One file per (model identity, tokenizer, role, layer, corpus, ``n_tokens``,
+  ``max_seq_len``, dtype); the model identity is ``config._name_or_path`` plus a hash of the
+  embedding and of the first and last blocks' ``mlp_out`` weights.  Layers already cached are
+  loaded; the others are computed together in one pass.  The statistic describes the model it was
+  computed on: the hash does not see in-place edits of other layers (compute it before editing).
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from editlab.models.arch import arch_for, get_module
+from editlab.tracing import Trace
+
+__all__ = [
+    "Corpus",
+    "WikipediaSample",
+    "TextFile",
+    "HFDataset",
+    "SecondMoment",
+    "layer_stats",
+    "pack_rows",
+    "batch_rows",
+    "effective_seq_len",
+    "model_identity",
+    "stats_cache_root",
+]
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+GENSIM_WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_BLOCK = 256  # column block of the symmetric rank-k update
+_HASH_ELEMENTS = 1 << 20  # elements sampled (evenly strided) from each fingerprinted tensor
+
+
+# --------------------------------------------------------------------------------------- corpora
+class Corpus(ABC):
+    """A source of documents: :meth:`texts` yields plain-text documents, :attr:`key` names the
+    content stably (it is part of the cache key: same key ⇔ same documents)."""
+
+    @property
+    @abstractmethod
+    def key(self) -> str: ...
+
+    @abstractmethod
+    def texts(self) -> Iterator[str]: ...
+
+
+_APOSTROPHES = re.compile(r"'{2,}")  # wiki bold / italic quotes left by filter_wiki
+_NOT_PROSE = tuple("=*#:;|!{}")  # headings, lists, definitions, tables
+
+
+def _wiki_paragraphs(clean: str, min_words: int) -> Iterator[str]:
+    """Prose paragraphs (one per line in wikitext) of ``filter_wiki`` output."""
+    for line in clean.splitlines():
+        text = " ".join(_APOSTROPHES.sub("", line).split())
+        if text and not text.startswith(_NOT_PROSE) and len(text.split()) >= min_words:
+            yield text
+
+
+@dataclass(frozen=True)
+class WikipediaSample(Corpus):
+    """The English Wikipedia extract shipped in the ``gensim`` wheel (offline default corpus).
+
+    206 pages of an ``enwiki`` dump (107 articles after redirects); markup is stripped with
+    gensim's ``filter_wiki`` and prose paragraphs of at least ``min_words`` words are kept
+    (5.0k paragraphs, 0.4M words, 0.55M SmolLM2 tokens with the EOS separators).
+    """
+
+    min_words: int = 15
+
+    @property
+    def key(self) -> str:
+        return f"gensim-enwiki-sample-v1-w{self.min_words}"
+
+    @staticmethod
+    def path() -> Path:
+        """The bz2 dump inside the installed gensim (``gensim.test.utils.datapath``, without
+        importing that module, which builds test fixtures on import)."""
+        spec = importlib.util.find_spec("gensim")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("WikipediaSample needs gensim (pip install gensim); or pass TextFile(path)")
+        path = Path(next(iter(spec.submodule_search_locations))) / "test" / "test_data" / GENSIM_WIKI_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the installed gensim; reinstall gensim")
+        return path
+
+    def texts(self) -> Iterator[str]:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+
+        with bz2.open(self.path(), "rb") as handle:
+            for _title, text, _page_id in extract_pages(handle, filter_namespaces=("0",)):
+                if text.lstrip()[:9].upper() == "#REDIRECT":
+                    continue
+                yield from _wiki_paragraphs(filter_wiki(text), self.min_words)
+
+
+@dataclass(frozen=True)
+class TextFile(Corpus):
+    """A local corpus: ``.jsonl`` (one JSON object per line, document in ``field``) or plain text
+    (documents separated by blank lines; the lines of one document are joined with a space)."""
+
+    path: str | os.PathLike[str]
+    field: str = "text"
+
+    @property
+    def is_jsonl(self) -> bool:
+        return Path(self.path).suffix.lower() == ".jsonl"
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        field = f":{self.field}" if self.is_jsonl else ""
+        return f"textfile:{Path(self.path).name}{field}:{digest.hexdigest()[:16]}"
+
+    def texts(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as handle:
+            if self.is_jsonl:
+                for number, line in enumerate(handle, 1):
+                    if not line.strip():
+                        continue
+                    value = json.loads(line).get(self.field)
+                    if not isinstance(value, str):
+                        raise ValueError(f"{self.path}:{number}: no string field {self.field!r}")
+                    if value.strip():
+                        yield value
+                return
+            paragraph: list[str] = []
+            for line in handle:
+                if line.strip():
+                    paragraph.append(line.strip())
+                elif paragraph:
+                    yield " ".join(paragraph)
+                    paragraph = []
+            if paragraph:
+                yield " ".join(paragraph)
+
+
+@dataclass(frozen=True)
+class HFDataset(Corpus):
+    """A Hugging Face dataset (needs ``datasets`` and internet), e.g. ROME's
+    ``HFDataset("wikipedia", "20200501.en")`` or ``HFDataset("wikitext", "wikitext-103-raw-v1")``.
+    Streams by default, so ``n_tokens`` bounds what is downloaded."""
+
+    name: str
+    config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    streaming: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"hf:{self.name}:{self.config}:{self.split}:{self.field}"
+
+    def texts(self) -> Iterator[str]:
+        try:
+            import datasets
+        except ImportError as err:
+            raise ImportError(
+                "HFDataset needs the Hugging Face `datasets` package (pip install datasets) and internet; "
+                "offline, use WikipediaSample() or TextFile(path)"
+            ) from err
+        data = datasets.load_dataset(self.name, self.config, split=self.split, streaming=self.streaming)
+        for record in data:
+            text = record[self.field]
+            if text and text.strip():
+                yield text
+
+
+# ---------------------------------------------------------------------------------------- packing
+def pack_rows(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Iterable[str],
+    max_seq_len: int,
+    n_tokens: int | None = None,
+    docs_per_call: int = 512,
+) -> Iterator[torch.Tensor]:
+    """Tokenize ``texts`` (no special tokens), join them with EOS in between and yield 1-D rows of
+    ``max_seq_len`` token ids; the last row holds the remainder (shorter).  At most ``n_tokens``
+    tokens in all."""
+    if max_seq_len < 1:
+        raise ValueError("max_seq_len must be positive")
+    eos = tokenizer.eos_token_id
+    budget = n_tokens if n_tokens is not None else float("inf")
+    buffer: list[int] = []
+    emitted = 0
+    first = True
+    docs = iter(texts)
+    while emitted < budget:
+        chunk = list(islice(docs, docs_per_call))
+        if not chunk:
+            break
+        for ids in tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]:
+            if not ids:
+                continue
+            if not first and eos is not None:
+                buffer.append(eos)
+            first = False
+            buffer.extend(ids)
+            while len(buffer) >= max_seq_len and emitted < budget:
+                size = int(min(max_seq_len, budget - emitted))
+                yield torch.tensor(buffer[:size], dtype=torch.long)
+                emitted += size
+                del buffer[:max_seq_len]
+            if emitted >= budget:
+                return
+    if buffer and emitted < budget:
+        yield torch.tensor(buffer[: int(min(len(buffer), budget - emitted))], dtype=torch.long)
+
+
+def batch_rows(rows: Iterable[torch.Tensor], rows_per_batch: int) -> Iterator[torch.Tensor]:
+    """Stack rows into ``[B, L]`` batches of up to ``rows_per_batch`` rows of equal length."""
+    group: list[torch.Tensor] = []
+    for row in rows:
+        if group and row.numel() != group[0].numel():
+            yield torch.stack(group)
+            group = []
+        group.append(row)
+        if len(group) == rows_per_batch:
+            yield torch.stack(group)
+            group = []
+    if group:
+        yield torch.stack(group)
+
+
+def effective_seq_len(model: nn.Module, max_seq_len: int) -> int:
+    """``max_seq_len``, clipped to the model's number of positions."""
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit is not None and max_seq_len > int(limit):
+        log.info("max_seq_len %d > the model's %d positions; using %d", max_seq_len, limit, limit)
+        return int(limit)
+    return max_seq_len
+
+
+# ------------------------------------------------------------------------------------ the statistic
+@dataclass
+class SecondMoment:
+    """``mom2 = Σ k kᵀ / count`` (float64, ``[d, d]``) over ``count`` key vectors; ``path``: the
+    cache file."""
+
+    mom2: torch.Tensor
+    count: int
+    path: Path | None = None
+
+
+class _GramSum:
+    """Running ``Σ kᵀk`` in float64 over the upper block triangle (blocked symmetric rank-k update)."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, block: int = _BLOCK) -> None:
+        self.dim = dim
+        self.dtype = dtype
+        self.block = block
+        self.total = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def add(self, keys: torch.Tensor) -> None:
+        k = keys.reshape(-1, self.dim).to(self.dtype)
+        for start in range(0, self.dim, self.block):
+            stop = min(start + self.block, self.dim)
+            target = self.total[start:stop, start:]
+            if self.dtype == torch.float64:
+                target.addmm_(k[:, start:stop].T, k[:, start:])
+            else:
+                target += k[:, start:stop].T @ k[:, start:]
+
+    def full(self) -> torch.Tensor:
+        return torch.triu(self.total) + torch.triu(self.total, 1).T
+
+
+def _gather(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    paths: dict[int, str],
+    corpus: Corpus,
+    *,
+    n_tokens: int | None,
+    seq_len: int,
+    batch_tokens: int,
+    dtype: torch.dtype,
+    progress: bool,
+) -> tuple[dict[int, torch.Tensor], int]:
+    """One pass over the packed corpus: ``{layer: Σ kᵀk}`` and the number of keys."""
+    device = next(model.parameters()).device
+    rows = pack_rows(tokenizer, corpus.texts(), seq_len, n_tokens)
+    batches = batch_rows(rows, max(1, batch_tokens // seq_len))
+    trace_paths = list(paths.values())
+    sums: dict[int, _GramSum] = {}
+    count = 0
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, disable=not progress,
+               desc=f"mom2 layers {sorted(paths)}")
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                ids = ids.to(device)
+                with Trace(model, trace_paths, retain_input=True, stop=True) as trace:
+                    model(input_ids=ids, use_cache=False)
+                for layer, path in paths.items():
+                    keys = trace.inputs.get(path)
+                    if keys is None or keys.numel() // keys.shape[-1] != ids.numel():
+                        raise RuntimeError(f"{path} did not receive one key per token")
+                    if layer not in sums:
+                        sums[layer] = _GramSum(keys.shape[-1], dtype, keys.device)
+                    sums[layer].add(keys)
+                del trace
+                count += ids.numel()
+                bar.update(ids.numel())
+    finally:
+        bar.close()
+        for module, training in modes.items():
+            module.training = training
+    if count == 0:
+        raise ValueError(f"corpus {corpus.key!r} yielded no tokens")
+    return {layer: total.full() for layer, total in sums.items()}, count
+
+
+# ------------------------------------------------------------------------------------------ cache
+def stats_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """``cache_dir``, else ``$EDITLAB_CACHE/stats``, else ``~/.cache/editlab/stats``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("EDITLAB_CACHE")
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "editlab") / "stats"
+
+
+def _tensor_digest(digest: Any, tensor: torch.Tensor) -> None:
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // _HASH_ELEMENTS)
+    sample = flat[::step].contiguous().cpu()
+    digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+    digest.update(sample.view(torch.uint8).numpy().tobytes())
+
+
+def model_identity(model: nn.Module) -> str:
+    """``<name>-<hash>``: ``config._name_or_path`` (last component) and a 12-hex hash of the
+    embedding and the first and last blocks' ``mlp_out`` weights (evenly strided samples)."""
+    spec = arch_for(model)
+    name = str(getattr(model.config, "_name_or_path", "") or model.config.model_type)
+    digest = hashlib.sha256(f"{name}|{model.config.model_type}|".encode())
+    last = spec.num_layers(model) - 1
+    mlp_outs = [spec.module_path(model, "mlp_out", layer) for layer in (0, last)]
+    for path in (spec.embeddings, *mlp_outs):
+        _tensor_digest(digest, get_module(model, path).weight)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name.rstrip("/")).name or name)[:60]
+    return f"{slug}-{digest.hexdigest()[:12]}"
+
+
+_PROBE = "Probe: The Eiffel Tower (Paris) opened in 1889; naïve café, 東京, ελληνικά, x² ≤ 42."
+
+
+def _tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of the vocabulary size, EOS id and the encoding of a fixed multilingual probe."""
+    probe = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    text = json.dumps([type(tokenizer).__name__, len(tokenizer), tokenizer.eos_token_id, probe])
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _cache_file(folder: Path, role: str, layer: int, key: dict[str, Any]) -> Path:
+    corpus = re.sub(r"[^A-Za-z0-9._-]+", "_", key["corpus"])[:40]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return folder / f"{role}-L{layer}-{corpus}-{digest}.pt"
+
+
+def _load(path: Path, key: dict[str, Any]) -> SecondMoment | None:
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        log.warning("unreadable stats cache file %s (%s); recomputing", path, err)
+        return None
+    if saved.get("key") != json.dumps(key, sort_keys=True):
+        log.warning("stats cache file %s holds another statistic; recomputing", path)
+        return None
+    return SecondMoment(mom2=saved["mom2"], count=int(saved["count"]), path=path)
+
+
+def _save(path: Path, stat: SecondMoment, key: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            payload = {"mom2": stat.mom2, "count": stat.count, "key": json.dumps(key, sort_keys=True)}
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------------- API
+def layer_stats(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[int],
+    corpus: Corpus = WikipediaSample(),
+    *,
+    role: str = "mlp_out",
+    n_tokens: int | None = None,
+    max_seq_len: int = 256,
+    batch_tokens: int = 4096,
+    dtype: torch.dtype = torch.float64,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> dict[int, SecondMoment]:
+    """``E[k kᵀ]`` of the inputs ``k`` of module ``role`` in each of ``layers`` (ROME's ``mom2``).
+
+    Args:
+        model, tokenizer: a decoder-only model in the architecture table; never modified.
+        layers: block indices; all missing ones are computed in one forward pass over the corpus,
+            stopped after the highest one.
+        corpus: :class:`WikipediaSample` (offline default), :class:`TextFile` or :class:`HFDataset`.
+        role: the module whose inputs are the keys (``mlp_out``: the MLP key space).
+        n_tokens: cap on the number of key vectors (None: the whole corpus).
+        max_seq_len: packed row length (clipped to the model's positions).
+        batch_tokens: tokens per forward batch (``batch_tokens // max_seq_len`` rows).
+        dtype: precision of ``kᵀk`` per batch: float64 (exact sums) or float32 (ROME's default
+            ``mom2_dtype``; faster); the running sum and ``mom2`` are float64 either way.
+        cache_dir: cache root (default ``$EDITLAB_CACHE/stats`` or ``~/.cache/editlab/stats``).
+        progress: show a tqdm bar of tokens.
+
+    Returns:
+        ``{layer: SecondMoment}`` in the order of ``layers``.
+    """
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
+    if n_tokens is not None and n_tokens < 1:
+        raise ValueError("n_tokens must be positive (or None for the whole corpus)")
+    wanted = list(dict.fromkeys(int(layer) for layer in layers))
+    if not wanted:
+        raise ValueError("layer_stats needs at least one layer")
+    spec = arch_for(model)
+    if spec.is_encoder_decoder:
+        raise ValueError("layer_stats supports decoder-only models")
+    count_layers = spec.num_layers(model)
+    for layer in wanted:
+        if not 0 <= layer < count_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {count_layers} blocks")
+    paths = {layer: spec.module_path(model, role, layer) for layer in wanted}
+    seq_len = effective_seq_len(model, max_seq_len)
+
+    start = time.perf_counter()
+    folder = stats_cache_root(cache_dir) / model_identity(model)
+    base_key: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "model": folder.name,
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "role": role,
+        "corpus": corpus.key,
+        "n_tokens": n_tokens,
+        "max_seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    keys = {layer: {**base_key, "layer": layer, "path": paths[layer]} for layer in wanted}
+    files = {layer: _cache_file(folder, role, layer, keys[layer]) for layer in wanted}
+    result: dict[int, SecondMoment] = {}
+    for layer in wanted:
+        cached = _load(files[layer], keys[layer])
+        if cached is not None:
+            result[layer] = cached
+    missing = [layer for layer in wanted if layer not in result]
+    if result:
+        log.info("layer_stats: layers %s loaded from %s in %.2f s", sorted(result), folder,
+                 time.perf_counter() - start)
+    if missing:
+        begin = time.perf_counter()
+        sums, count = _gather(
+            model, tokenizer, {layer: paths[layer] for layer in missing}, corpus,
+            n_tokens=n_tokens, seq_len=seq_len, batch_tokens=batch_tokens, dtype=dtype, progress=progress,
+        )
+        seconds = time.perf_counter() - begin
+        log.info("layer_stats: layers %s over %d tokens of %s in %.1f s (%.0f tokens/s)",
+                 missing, count, corpus.key, seconds, count / seconds)
+        if n_tokens is not None and count < n_tokens:
+            log.warning("corpus %s has only %d tokens (n_tokens=%d)", corpus.key, count, n_tokens)
+        for layer in missing:
+            stat = SecondMoment(mom2=(sums[layer] / count).cpu(), count=count, path=files[layer])
+            _save(files[layer], stat, keys[layer])
+            result[layer] = stat
+    return {layer: result[layer] for layer in wanted}
