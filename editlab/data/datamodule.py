@@ -146,21 +146,22 @@ class EditDataModule(L.LightningDataModule):
             if self.sources.get(split) is None:
                 raise ValueError(f"no '{split}' split configured in the data module")
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        dataset = self.datasets[split]
+        sampler = None
+        if split == "test" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # each record is evaluated exactly once across ranks (no padding duplicates)
+            sampler = UnpaddedDistributedSampler(dataset)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator or collate_records,
         )
 
     def test_dataloader(self) -> DataLoader:
-        loader = self._loader("test")
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # each record is evaluated exactly once across ranks (no padding duplicates)
-            loader = DataLoader(loader.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
-                                sampler=UnpaddedDistributedSampler(loader.dataset), collate_fn=loader.collate_fn)
-        return loader
+        return self._loader("test")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=self.shuffle_train)
