@@ -27,6 +27,26 @@ def tiny():
     return get
 
 
+_DEEP: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_deep():
+    """``tiny_deep(model_type)`` → a cached 4-block tiny model with larger initial weights
+    (``initializer_range=0.2``: peaked, not uniform, next-token distributions), for editors whose
+    edit at a lower block must reach the answer position through later blocks' attention."""
+
+    def get(model_type: str = "llama"):
+        if model_type not in _DEEP:
+            depth = {"n_layer": 4} if model_type in ("gpt2", "gptj") else {"num_hidden_layers": 4}
+            if model_type == "gemma3_text":
+                depth["layer_types"] = ["sliding_attention", "full_attention"] * 2
+            _DEEP[model_type] = tiny_model(model_type, seed=0, initializer_range=0.2, **depth)
+        return _DEEP[model_type]
+
+    return get
+
+
 def make_records() -> list[EditRecord]:
     return [
         EditRecord(

@@ -30,8 +30,8 @@ def test_there_are_experiments():
 def test_experiment_composes(experiment):
     cfg = _compose([f"experiment={experiment}"])
     assert cfg.experiment_name == experiment
-    method, model, data = experiment.split("_")[:3]
-    assert cfg.method._target_.endswith(".FTL") if method == "ft" else True
+    method = experiment.split("_")[0]
+    assert cfg.method._target_.rsplit(".", 1)[-1].lower().startswith(method)  # ft -> FTL, rome -> ROME
     editor = hydra.utils.instantiate(cfg.method)
     assert isinstance(editor, Editor)
     assert hydra.utils.get_method(cfg.model._target_)
@@ -96,3 +96,36 @@ def test_entry_point_runs_end_to_end(tmp_path):
     metrics_csv = out / "csv" / "metrics.csv"
     assert metrics_csv.exists() and "post/reliability" in metrics_csv.read_text()
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote an offline run"
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    ("rome_smollm2_counterfact", ["method.layers=[0]", "method.r_rome=true", "edit.sequential=true"]),
+    ("memit_smollm2_counterfact", ["method.layers=[0,1]", "data.batch_size=2"]),
+])
+def test_locate_then_edit_experiments_run_end_to_end(tmp_path, monkeypatch, experiment, extra):
+    """ROME/MEMIT inside the Lightning edit loop (which scores under no_grad) on a tiny model."""
+    from editlab.models.tiny import TINY_CORPUS
+
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    _write_fixture(tmp_path / "cf.json")
+    (tmp_path / "corpus.txt").write_text(TINY_CORPUS)
+    cfg = _compose([
+        f"experiment={experiment}",
+        "model=tiny_llama",
+        f"paths.data_dir={tmp_path}",
+        "data.test.path=cf.json",
+        "data.test.limit=2",
+        "method.v_num_grad_steps=3",
+        "method.context_template_length_params=[[5,2]]",
+        "method.mom2_corpus._target_=editlab.stats.TextFile",
+        f"+method.mom2_corpus.path={tmp_path / 'corpus.txt'}",
+        "logger=csv",
+        "callbacks=none",
+        *extra,
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    OmegaConf.resolve(cfg.paths)
+    summary = run(cfg)
+    assert len((tmp_path / "out" / "records.jsonl").read_text().splitlines()) == 2
+    assert "post/efficacy_score" in summary or "post/reliability" in summary

@@ -18,12 +18,39 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PairBatch", "encode_pairs", "target_text"]
+__all__ = ["PairBatch", "encode_pairs", "subject_span", "target_text"]
 
 
 def target_text(target: str) -> str:
     """The target as it follows a prompt: with one leading space (ROME / EasyEdit convention)."""
     return target if target.startswith(" ") else " " + target
+
+
+def subject_span(tokenizer, text: str, subject: str, *, char_start: int | None = None) -> tuple[int, int]:
+    """Token indices ``[start, end)`` of ``subject`` inside ``tokenizer(text)`` (special tokens
+    included, as the model sees it).
+
+    The subject's first occurrence in ``text`` is used unless ``char_start`` gives its character
+    offset.  Tokens are matched by character offsets (a fast tokenizer is required), so a subject
+    whose first or last token merges with the neighbouring text still maps to the tokens that
+    carry it — ROME's "last subject token" is ``end - 1``.
+
+    Raises:
+        ValueError: the subject is empty or does not occur in ``text``.
+    """
+    if not subject:
+        raise ValueError("subject is empty")
+    begin = text.find(subject) if char_start is None else char_start
+    if begin < 0 or text[begin : begin + len(subject)] != subject:
+        raise ValueError(f"subject {subject!r} does not occur in {text!r}")
+    stop = begin + len(subject)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("subject_span needs a fast tokenizer (character offsets)")
+    offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < stop and b > begin]
+    if not inside:
+        raise ValueError(f"subject {subject!r} maps to no token of {text!r}")
+    return inside[0], inside[-1] + 1
 
 
 @dataclass
