@@ -40,7 +40,7 @@ from transformers import Cache, DynamicCache
 
 from editlab.data.collate import encode_pairs, subject_span
 from editlab.data.records import EditRecord
-from editlab.methods.base import EditError
+from editlab.methods.base import EditError, Editor
 from editlab.models.arch import arch_for, get_module
 from editlab.scoring import head_logits, head_nll
 from editlab.stats import Corpus, WikipediaSample, layer_stats, model_identity
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "KeyStatistics",
+    "KeyValueEditor",
     "ValueResult",
     "context_templates",
     "fill",
@@ -83,6 +84,20 @@ def fill(template: str, prompt: str) -> tuple[str, int]:
     """``template`` with its ``{}`` replaced by ``prompt``, and the character offset of the prompt."""
     at = template.index("{}")
     return template[:at] + prompt + template[at + 2 :], at
+
+
+def fill_all(records: Sequence[EditRecord], templates: Sequence[str], *, of_subject: bool = False
+             ) -> tuple[list[str], list[str], list[int]]:
+    """Texts ``template(record.prompt)`` (or ``template(record.subject)``) for every record and
+    template, record-major, with each text's subject and the subject's character offset."""
+    texts, subjects, starts = [], [], []
+    for r in records:
+        for tmpl in templates:
+            text, at = fill(tmpl, r.subject if of_subject else r.prompt)
+            texts.append(text)
+            subjects.append(r.subject)
+            starts.append(at if of_subject else at + r.prompt.index(r.subject))
+    return texts, subjects, starts
 
 
 def lookup_positions(tokenizer, texts: Sequence[str], subjects: Sequence[str], char_starts: Sequence[int],
@@ -219,6 +234,73 @@ class KeyStatistics:
         return torch.cholesky_solve(rhs.double().reshape(chol.shape[0], -1).cpu(), chol).reshape(rhs.shape)
 
 
+# -------------------------------------------------------------------------------- base class
+class KeyValueEditor(Editor):
+    """What ROME and MEMIT share: the value-optimisation hyperparameters, context templates,
+    key statistics and the checks on records and layers."""
+
+    method = "key-value editor"
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        fact_token: str,
+        v_num_grad_steps: int,
+        v_lr: float,
+        v_weight_decay: float,
+        clamp_norm_factor: float,
+        kl_factor: float,
+        kl_prompts: Sequence[str],
+        early_stop_loss: float,
+        context_template_length_params: Sequence[Sequence[int]],
+        template_prompts: Sequence[str],
+        template_seed: int,
+        mom2_corpus: Corpus | None,
+        mom2_n_tokens: int | None,
+        mom2_dtype: str,
+        stats_cache_dir: str | None,
+    ) -> None:
+        if not layers:
+            raise ValueError(f"{self.method} needs at least one layer")
+        if fact_token not in ("subject_last", "subject_first", "last"):
+            raise ValueError(f"fact_token must be subject_last, subject_first or last, not {fact_token!r}")
+        self.layers = sorted(int(x) for x in layers)
+        self.fact_token = fact_token
+        self.v_num_grad_steps = v_num_grad_steps
+        self.v_lr = v_lr
+        self.v_weight_decay = v_weight_decay
+        self.clamp_norm_factor = clamp_norm_factor
+        self.kl_factor = kl_factor
+        self.kl_prompts = tuple(kl_prompts)
+        self.early_stop_loss = early_stop_loss
+        self.context_template_length_params = [tuple(x) for x in context_template_length_params]
+        self.template_prompts = tuple(template_prompts)
+        self.template_seed = template_seed
+        self.stats = KeyStatistics(mom2_corpus, mom2_n_tokens, mom2_dtype, stats_cache_dir)
+        self.last_losses: list[list[float]] = []
+
+    def templates(self, model: nn.Module, tokenizer) -> list[str]:
+        """The context templates (generated once per model and cached)."""
+        return context_templates(model, tokenizer, self.context_template_length_params, self.template_prompts,
+                                 seed=self.template_seed)
+
+    def value_kwargs(self) -> dict:
+        """Keyword arguments of :func:`optimize_values`."""
+        return dict(fact_token=self.fact_token, num_steps=self.v_num_grad_steps, lr=self.v_lr,
+                    weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                    kl_factor=self.kl_factor, kl_prompts=self.kl_prompts, early_stop_loss=self.early_stop_loss)
+
+    def check(self, model: nn.Module, records: Sequence[EditRecord]) -> None:
+        check_records(records, self.method)
+        spec = arch_for(model)
+        if spec.is_encoder_decoder:
+            raise EditError(f"{self.method} supports decoder-only models")
+        n = spec.num_layers(model)
+        for layer in self.layers:
+            if not 0 <= layer < n:
+                raise EditError(f"{self.method} layer {layer} out of range: the model has {n} blocks")
+
+
 # ------------------------------------------------------------------------------------- keys
 @dataclass
 class _Rows:
@@ -263,14 +345,8 @@ def mean_keys(
     spec = arch_for(model)
     device = next(model.parameters()).device
     paths = {layer: spec.module_path(model, "mlp_out", layer) for layer in layers}
-    texts, subjects, starts, owner = [], [], [], []
-    for i, r in enumerate(records):
-        for tmpl in templates:
-            text, at = fill(tmpl, r.prompt)
-            texts.append(text)
-            subjects.append(r.subject)
-            starts.append(at + r.prompt.index(r.subject))
-            owner.append(i)
+    texts, subjects, starts = fill_all(records, templates)
+    owner = [i for i in range(len(records)) for _ in templates]
     lookup = lookup_positions(tokenizer, texts, subjects, starts, fact_token)
     owner_t = torch.tensor(owner)
     first_rows = torch.tensor([i * len(templates) for i in range(len(records))])
@@ -480,22 +556,10 @@ def optimize_values(
     n_kl = len(kl_prompts)
     per_req = n_t + n_kl
     # rewriting rows: template(prompt) + target[:-1], teacher-forced
-    texts, subjects, starts = [], [], []
-    for r in records:
-        for tmpl in templates:
-            text, at = fill(tmpl, r.prompt)
-            texts.append(text)
-            subjects.append(r.subject)
-            starts.append(at + r.prompt.index(r.subject))
+    texts, subjects, starts = fill_all(records, templates)
     pairs = encode_pairs(tokenizer, texts, [r.target_new for r in records for _ in templates])
     rw_lookup = lookup_positions(tokenizer, texts, subjects, starts, fact_token)
-    kl_texts, kl_subjects, kl_starts = [], [], []
-    for r in records:
-        for tmpl in kl_prompts:
-            text, at = fill(tmpl, r.subject)
-            kl_texts.append(text)
-            kl_subjects.append(r.subject)
-            kl_starts.append(at)
+    kl_texts, kl_subjects, kl_starts = fill_all(records, kl_prompts, of_subject=True)
     kl_ids = tokenizer(kl_texts, add_special_tokens=True)["input_ids"]
     kl_lookup = lookup_positions(tokenizer, kl_texts, kl_subjects, kl_starts, fact_token)
 

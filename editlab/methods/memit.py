@@ -33,15 +33,8 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord
-from editlab.methods.base import Deltas, EditError, Editor, WeightEditSession
-from editlab.methods.keyvalue import (
-    DEFAULT_TEMPLATE_PROMPTS,
-    KeyStatistics,
-    check_records,
-    context_templates,
-    mean_keys,
-    optimize_values,
-)
+from editlab.methods.base import Deltas, WeightEditSession
+from editlab.methods.keyvalue import DEFAULT_TEMPLATE_PROMPTS, KeyValueEditor, mean_keys, optimize_values
 from editlab.models.arch import arch_for, get_module
 from editlab.stats import Corpus
 
@@ -67,7 +60,7 @@ def memit_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor,
     return residuals.double() @ adj.T
 
 
-class MEMIT(Editor):
+class MEMIT(KeyValueEditor):
     """Mass-editing memory in a transformer (MEMIT).
 
     Args:
@@ -80,6 +73,8 @@ class MEMIT(Editor):
         v_batch_requests: requests optimised together (memory bound; results do not depend on it).
         mom2_corpus, mom2_n_tokens, mom2_dtype, stats_cache_dir: covariance statistics.
     """
+
+    method = "MEMIT"
 
     def __init__(
         self,
@@ -102,38 +97,13 @@ class MEMIT(Editor):
         mom2_dtype: str = "float32",
         stats_cache_dir: str | None = None,
     ) -> None:
-        if not layers:
-            raise ValueError("MEMIT needs at least one layer")
-        self.layers = sorted(int(x) for x in layers)
-        self.fact_token = fact_token
-        self.v_num_grad_steps = v_num_grad_steps
-        self.v_lr = v_lr
-        self.v_weight_decay = v_weight_decay
-        self.clamp_norm_factor = clamp_norm_factor
-        self.kl_factor = kl_factor
-        self.kl_prompts = tuple(kl_prompts)
-        self.early_stop_loss = early_stop_loss
+        super().__init__(
+            layers, fact_token, v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
+            early_stop_loss, context_template_length_params, template_prompts, template_seed, mom2_corpus,
+            mom2_n_tokens, mom2_dtype, stats_cache_dir,
+        )
         self.mom2_update_weight = mom2_update_weight
-        self.context_template_length_params = [tuple(x) for x in context_template_length_params]
-        self.template_prompts = tuple(template_prompts)
-        self.template_seed = template_seed
         self.v_batch_requests = max(1, int(v_batch_requests))
-        self.stats = KeyStatistics(mom2_corpus, mom2_n_tokens, mom2_dtype, stats_cache_dir)
-        self.last_losses: list[list[float]] = []
-
-    def templates(self, model: nn.Module, tokenizer) -> list[str]:
-        return context_templates(model, tokenizer, self.context_template_length_params, self.template_prompts,
-                                 seed=self.template_seed)
-
-    def _check(self, model: nn.Module, records: Sequence[EditRecord]) -> None:
-        check_records(records, "MEMIT")
-        spec = arch_for(model)
-        if spec.is_encoder_decoder:
-            raise EditError("MEMIT supports decoder-only models")
-        n = spec.num_layers(model)
-        for layer in self.layers:
-            if not 0 <= layer < n:
-                raise EditError(f"MEMIT layer {layer} out of range: the model has {n} blocks")
 
     def target_residuals(self, model: nn.Module, tokenizer, records: Sequence[EditRecord],
                          templates: Sequence[str]) -> torch.Tensor:
@@ -155,7 +125,7 @@ class MEMIT(Editor):
         return torch.cat(zs)
 
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
-        self._check(model, records)
+        self.check(model, records)
         spec = arch_for(model)
         templates = self.templates(model, tokenizer)
         covs = self.stats.mom2(model, tokenizer, self.layers)

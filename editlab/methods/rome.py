@@ -38,15 +38,8 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord
-from editlab.methods.base import Deltas, EditError, Editor, WeightEditSession
-from editlab.methods.keyvalue import (
-    DEFAULT_TEMPLATE_PROMPTS,
-    KeyStatistics,
-    check_records,
-    context_templates,
-    mean_keys,
-    optimize_values,
-)
+from editlab.methods.base import Deltas, EditError, WeightEditSession
+from editlab.methods.keyvalue import DEFAULT_TEMPLATE_PROMPTS, KeyValueEditor, mean_keys, optimize_values
 from editlab.models.arch import arch_for, get_module
 from editlab.stats import Corpus
 
@@ -55,7 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = ["ROME"]
 
 
-class ROME(Editor):
+class ROME(KeyValueEditor):
     """Rank-one model editing (ROME), optionally with the r-ROME key correction.
 
     Args:
@@ -75,6 +68,8 @@ class ROME(Editor):
             (:func:`editlab.stats.layer_stats`; default the offline Wikipedia sample, all tokens,
             float32 as ROME's ``mom2_dtype``).
     """
+
+    method = "ROME"
 
     def __init__(
         self,
@@ -97,38 +92,13 @@ class ROME(Editor):
         mom2_dtype: str = "float32",
         stats_cache_dir: str | None = None,
     ) -> None:
-        if not layers:
-            raise ValueError("ROME needs at least one layer")
-        self.layers = sorted(int(x) for x in layers)
-        self.fact_token = fact_token
-        self.v_num_grad_steps = v_num_grad_steps
-        self.v_lr = v_lr
-        self.v_weight_decay = v_weight_decay
-        self.clamp_norm_factor = clamp_norm_factor
-        self.kl_factor = kl_factor
-        self.kl_prompts = tuple(kl_prompts)
-        self.early_stop_loss = early_stop_loss
+        super().__init__(
+            layers, fact_token, v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
+            early_stop_loss, context_template_length_params, template_prompts, template_seed, mom2_corpus,
+            mom2_n_tokens, mom2_dtype, stats_cache_dir,
+        )
         self.mom2_adjustment = mom2_adjustment
-        self.context_template_length_params = [tuple(x) for x in context_template_length_params]
-        self.template_prompts = tuple(template_prompts)
-        self.template_seed = template_seed
         self.r_rome = r_rome
-        self.stats = KeyStatistics(mom2_corpus, mom2_n_tokens, mom2_dtype, stats_cache_dir)
-        self.last_losses: list[list[float]] = []
-
-    def templates(self, model: nn.Module, tokenizer) -> list[str]:
-        return context_templates(model, tokenizer, self.context_template_length_params, self.template_prompts,
-                                 seed=self.template_seed)
-
-    def _check(self, model: nn.Module, records: Sequence[EditRecord]) -> None:
-        check_records(records, "ROME")
-        spec = arch_for(model)
-        if spec.is_encoder_decoder:
-            raise EditError("ROME supports decoder-only models")
-        n = spec.num_layers(model)
-        for layer in self.layers:
-            if not 0 <= layer < n:
-                raise EditError(f"ROME layer {layer} out of range: the model has {n} blocks")
 
     def rank_one(self, model: nn.Module, tokenizer, record: EditRecord, layer: int,
                  templates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -148,9 +118,7 @@ class ROME(Editor):
         site = spec.module_path(model, "mlp_out", layer)
         res = optimize_values(
             model, tokenizer, [record], templates, site,
-            fact_token=self.fact_token, num_steps=self.v_num_grad_steps, lr=self.v_lr,
-            weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
-            kl_factor=self.kl_factor, kl_prompts=self.kl_prompts, early_stop_loss=self.early_stop_loss,
+            **self.value_kwargs(),
         )
         self.last_losses.append(res.losses[0])
         if self.r_rome:
@@ -167,7 +135,7 @@ class ROME(Editor):
         return u, w, parts
 
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
-        self._check(model, records)
+        self.check(model, records)
         spec = arch_for(model)
         templates = self.templates(model, tokenizer)
         if self.mom2_adjustment:
