@@ -207,9 +207,6 @@ class KeyStatistics:
         self.cache_dir = cache_dir
         self._memo: dict[tuple[str, str, int], torch.Tensor] = {}
 
-    def _key(self, model: nn.Module, role: str, layer: int) -> tuple[str, str, int]:
-        return (model_identity(model), role, layer)
-
     def mom2(self, model: nn.Module, tokenizer, layers: Sequence[int], role: str = "mlp_out") -> dict[int, torch.Tensor]:
         """``{layer: C}`` in float64 (CPU), all missing layers in one pass over the corpus."""
         ident = model_identity(model)
