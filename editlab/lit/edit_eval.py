@@ -10,6 +10,10 @@ Per test batch (a list of :class:`~editlab.data.records.EditRecord`):
 3. the callback restores the weights bit-exactly (``on_test_batch_end``) unless the run is
    sequential, in which case edits accumulate and are undone at the end of the run.
 
+With ``score_after_stream`` every record of the run is scored once more at the end, on the model
+as the whole edit stream left it (stage ``final``).  In a sequential stream ``post/…`` is the score
+right after a record's own edit and ``final/…`` the score after all edits: the gap is forgetting.
+
 Metrics are torchmetrics objects (one ``MetricCollection`` per stage, keys ``pre/…``, ``post/…``);
 results go to ``records.jsonl`` (one line per record: every metric pre and post, edit time),
 ``summary.json`` and ``summary.csv`` in ``output_dir``, and to the configured Lightning loggers.
@@ -42,7 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EditEvalModule", "STAGES"]
 
-STAGES = ("pre", "post")
+STAGES = ("pre", "post", "final")
 
 
 class EditEvalModule(L.LightningModule):
@@ -63,6 +67,9 @@ class EditEvalModule(L.LightningModule):
         probability_comparison: score the CounterFact probability comparisons (efficacy,
             paraphrase, neighbourhood: each needs the true target scored too).  False keeps the
             teacher-forced families only (EasyEdit's set), halving the sequences per record.
+        score_after_stream: at the end of the run, score every successfully edited record again
+            on the model as the edit stream left it (``final/…`` keys; meaningful with sequential
+            editing, where the edits are still applied at that point).
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class EditEvalModule(L.LightningModule):
         output_dir: str | None = None,
         precompute_pre: bool = True,
         probability_comparison: bool = True,
+        score_after_stream: bool = False,
     ) -> None:
         super().__init__()
         self.bundle = model
@@ -89,6 +97,7 @@ class EditEvalModule(L.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.precompute_pre = precompute_pre
         self.probability_comparison = probability_comparison
+        self.score_after_stream = score_after_stream
         self._pre_cache = ScoreCache()
         self._pre_texts: dict[str, str] = {}
         self.session = WeightEditSession(self.model)
@@ -98,6 +107,8 @@ class EditEvalModule(L.LightningModule):
         self._failed: dict[int, str] = {}
         self._timings: dict[str, list[float]] = {"pre": [], "post": [], "edit": []}
         self._rows: list[dict[str, Any]] = []
+        self._stream: list[EditRecord] = []  # successfully edited records, in stream order
+        self._stream_rows: list[int] = []  # their index in self._rows
 
     # ------------------------------------------------------------- callbacks
     def record_edit(self, batch_idx: int, seconds: float) -> None:
@@ -126,6 +137,8 @@ class EditEvalModule(L.LightningModule):
         for metrics in self.stage_metrics.values():
             metrics.reset()
         self._rows.clear()
+        self._stream.clear()
+        self._stream_rows.clear()
         self._edit_seconds.clear()
         self._failed.clear()
         self._pre_cache.clear()
@@ -191,6 +204,8 @@ class EditEvalModule(L.LightningModule):
             self._timings["pre"].append((t1 - t0) / len(records))
         if not failed:
             self._timings["post"].append((t2 - t1) / len(records))
+            self._stream.extend(records)
+            self._stream_rows.extend(range(len(self._rows), len(self._rows) + len(records)))
         if batch_idx in self._edit_seconds:
             self._timings["edit"].append(self._edit_seconds[batch_idx])
 
@@ -219,7 +234,7 @@ class EditEvalModule(L.LightningModule):
             if family == "locality":
                 metrics["locality_acc"].update(scores.pred[s], scores.target[s], scores.mask[s], r, n)
                 keep("locality_acc", F.token_accuracy(scores.pred[s], scores.target[s], scores.mask[s]), rec)
-                if stage == "post":
+                if stage != "pre":
                     metrics["locality"].update(scores.pred[s], pre.pred[s], scores.mask[s], r, n)
                     keep("locality", F.token_agreement(scores.pred[s], pre.pred[s], scores.mask[s]), rec)
                 continue
@@ -262,7 +277,27 @@ class EditEvalModule(L.LightningModule):
                 row[stage] = {k: (None if math.isnan(float(v[i])) else float(v[i])) for k, v in values.items()}
             self._rows.append(row)
 
+    def _score_after_stream(self) -> None:
+        """Score every edited record of the run on the model as it is now (stage ``final``)."""
+        if not self._stream:
+            return
+        start = time.perf_counter()
+        records = list(self._stream)
+        plan = build_plan(records, self.probability_comparison)
+        with torch.no_grad():
+            with self.session.suspended():
+                pre = self._score(plan, self._pre_cache)  # locality: agreement with the unedited model
+            final = self._score(plan)
+            texts = self._fluency(records) if self.fluency else ([], [])
+        values = self._update("final", plan, final, pre, texts)
+        for i, row in enumerate(self._stream_rows):
+            self._rows[row]["final"] = {k: (None if math.isnan(float(v[i])) else float(v[i])) for k, v in values.items()}
+        self._timings["final"] = [(time.perf_counter() - start) / len(records)]
+        log.info("scored %d records after the whole edit stream in %.2fs", len(records), time.perf_counter() - start)
+
     def on_test_epoch_end(self) -> None:
+        if self.score_after_stream:
+            self._score_after_stream()
         summary: dict[str, float] = {}
         for stage in STAGES:
             summary.update(computed(self.stage_metrics[stage]))
@@ -293,29 +328,38 @@ class EditEvalModule(L.LightningModule):
             json.dump(self.summary, fh, indent=2, sort_keys=True)
         with open(self.output_dir / "summary.csv", "w", encoding="utf-8", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["metric", "pre", "post"])
-            for metric, pre, post in summary_rows(self.summary):
-                writer.writerow([metric, "" if pre is None else f"{pre:.6f}", "" if post is None else f"{post:.6f}"])
+            final = any(k.startswith("final/") for k in self.summary)
+            writer.writerow(["metric", "pre", "post"] + (["final"] if final else []))
+            for metric, *values in _stage_rows(self.summary):
+                cells = ["" if v is None else f"{v:.6f}" for v in (values if final else values[:2])]
+                writer.writerow([metric, *cells])
 
 
 def summary_rows(summary: dict[str, float]) -> list[tuple[str, float | None, float | None]]:
-    """``(metric, pre, post)`` rows of a summary, in the order metrics are defined."""
+    """``(metric, pre, post)`` rows of a summary, in the order metrics are defined (the ``final``
+    stage, when present, is read by :func:`format_summary` and the CSV writer separately)."""
+    return [row[:3] for row in _stage_rows(summary)]
+
+
+def _stage_rows(summary: dict[str, float]) -> list[tuple[str, float | None, float | None, float | None]]:
     names: list[str] = []
     for key in summary:
         stage, _, metric = key.partition("/")
         if stage in STAGES and metric not in names:
             names.append(metric)
-    return [(m, summary.get(f"pre/{m}"), summary.get(f"post/{m}")) for m in names]
+    return [(m, summary.get(f"pre/{m}"), summary.get(f"post/{m}"), summary.get(f"final/{m}")) for m in names]
 
 
 def format_summary(summary: dict[str, float]) -> str:
     """A fixed-width table of pre/post metrics followed by timings."""
-    lines = [f"{'metric':<24} {'pre':>8} {'post':>8}", "-" * 42]
-    for metric, pre, post in summary_rows(summary):
+    final = any(k.startswith("final/") for k in summary)
+    width = 51 if final else 42
+    lines = [f"{'metric':<24} {'pre':>8} {'post':>8}" + (f" {'final':>8}" if final else ""), "-" * width]
+    for metric, pre, post, after in _stage_rows(summary):
         fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"  # noqa: E731
-        lines.append(f"{metric:<24} {fmt(pre)} {fmt(post)}")
-    extra = {k: v for k, v in summary.items() if not k.startswith(("pre/", "post/"))}
+        lines.append(f"{metric:<24} {fmt(pre)} {fmt(post)}" + (f" {fmt(after)}" if final else ""))
+    extra = {k: v for k, v in summary.items() if not k.startswith(("pre/", "post/", "final/"))}
     if extra:
-        lines.append("-" * 42)
+        lines.append("-" * width)
         lines.extend(f"{k:<33} {v:8.4f}" for k, v in extra.items())
     return "\n".join(lines)

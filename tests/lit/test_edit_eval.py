@@ -1,4 +1,5 @@
 import json
+import math
 
 import lightning as L
 import pytest
@@ -19,8 +20,9 @@ def _trainer(callbacks):
                      callbacks=callbacks)
 
 
-def _run(bundle, editor, tmp_path, sequential=False, skip_failed=False, batch_size=1):
-    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=True, fluency_max_new_tokens=4)
+def _run(bundle, editor, tmp_path, sequential=False, skip_failed=False, batch_size=1, after_stream=False):
+    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=True, fluency_max_new_tokens=4,
+                            score_after_stream=after_stream)
     cbs = [EditorCallback(editor, sequential=sequential, skip_failed=skip_failed)] if editor else []
     dm = EditDataModule(test=make_records, batch_size=batch_size)
     _trainer(cbs).test(module, datamodule=dm, verbose=False)
@@ -70,6 +72,35 @@ def test_sequential_pre_scores_are_those_of_the_original_model(tiny, tmp_path):
     assert any(a["post"] != b["post"] for a, b in zip(rows_single[1:], rows_seq[1:]))
 
 
+def test_score_after_stream_rescores_every_record_on_the_final_model(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    before = state_copy(bundle.model)
+    ed = FTL(layers=[1], lr=0.05, num_steps=20, objective="teacher_forced")
+    summary, rows = _run(bundle, ed, tmp_path, sequential=True, after_stream=True)
+    assert_state_equal(bundle.model, before)
+    assert all("final" in r for r in rows)
+    given = lambda d: {k: v for k, v in d.items() if v is not None}  # noqa: E731
+    # the last record's edit is the last of the stream: its final scores are its post scores
+    assert given(rows[-1]["final"]) == pytest.approx(given(rows[-1]["post"]))
+    # earlier records are rescored with later edits applied
+    assert any(given(r["final"]) != given(r["post"]) for r in rows[:-1])
+    for key in ("final/reliability", "final/locality", "final/efficacy_score", "final/fluency"):
+        assert key in summary, key
+    assert summary["final/reliability"] == pytest.approx(sum(r["final"]["reliability"] for r in rows) / len(rows))
+    text = format_summary(summary)
+    assert text.splitlines()[0].split() == ["metric", "pre", "post", "final"]
+    assert (tmp_path / "summary.csv").read_text().startswith("metric,pre,post,final")
+
+
+def test_score_after_stream_of_independent_edits_equals_pre(tiny, tmp_path):
+    # non-sequential: every edit was undone, so the final model is the unedited one
+    summary, rows = _run(tiny("llama"), FTL(layers=[1], lr=0.05, num_steps=5), tmp_path, after_stream=True)
+    for r in rows:
+        assert r["final"]["reliability"] == r["pre"]["reliability"]
+        assert r["final"].get("efficacy_magnitude") == r["pre"].get("efficacy_magnitude")
+    assert summary["final/locality"] == 1.0
+
+
 class _Failing(Editor):
     def __init__(self):
         self.calls = 0
@@ -109,3 +140,23 @@ def test_inference_mode_is_refused(tiny):
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, inference_mode=True)
     with pytest.raises(RuntimeError, match="inference_mode"):
         trainer.test(module, datamodule=EditDataModule(test=make_records), verbose=False)
+
+
+def test_stream_windows_report_reads_a_sequential_run(tiny, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "stream_windows.py"
+    spec = importlib.util.spec_from_file_location("stream_windows", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    ed = FTL(layers=[1], lr=0.05, num_steps=20, objective="teacher_forced")
+    summary, rows = _run(tiny("gpt2"), ed, tmp_path, sequential=True, after_stream=True)
+    table = script.window_table(script.load_rows(tmp_path), 2, ("reliability", "locality"))
+    assert [e["records"] for e in table] == ["1-2", "3-3", "all"]
+    assert table[-1]["final/reliability"] == pytest.approx(summary["final/reliability"])
+    assert table[0]["post/reliability"] == pytest.approx((rows[0]["post"]["reliability"] + rows[1]["post"]["reliability"]) / 2)
+    assert math.isnan(table[0]["pre/locality"])  # agreement with itself is not scored pre-edit
+    script.main([str(tmp_path), "--window", "2", "--metrics", "reliability", "--markdown"])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "| records | reliability pre | reliability post | reliability final |"
