@@ -1,0 +1,139 @@
+"""The same computations on a CUDA device as on the CPU (skipped where no GPU is present).
+
+Every editor, the scorer, the layer statistics and causal tracing are run on a CUDA copy of a tiny
+model and compared with the CPU result; editing then restoring on the GPU must be bit-exact.
+TF32 is switched off so the GPU computes in true fp32.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import lightning as L
+import pytest
+import torch
+
+from editlab.causal import noise_std, trace_prompt
+from editlab.data.datamodule import EditDataModule
+from editlab.lit.callbacks import EditorCallback
+from editlab.lit.edit_eval import EditEvalModule
+from editlab.methods.ft import FTL
+from editlab.methods.kn import KN
+from editlab.methods.memit import MEMIT
+from editlab.methods.rome import ROME
+from editlab.models.tiny import TINY_CORPUS
+from editlab.scoring import score_pairs
+from editlab.stats import TextFile, layer_stats
+
+from conftest import assert_state_equal, make_records, state_copy
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_CORPUS, encoding="utf-8")
+    return TextFile(path)
+
+
+def _on_cuda(bundle):
+    return replace(bundle, model=copy.deepcopy(bundle.model).to("cuda"))
+
+
+def _editors(corpus, tmp_path):
+    kv = dict(layers=[1], fact_token="last", v_num_grad_steps=10, v_lr=0.5, v_weight_decay=1e-3,
+              clamp_norm_factor=20.0, context_template_length_params=((5, 2),), template_prompts=("The", "I"),
+              mom2_corpus=corpus, stats_cache_dir=str(tmp_path / "stats"))
+    return {
+        "ft": FTL(layers=[1], lr=0.05, num_steps=10, objective="teacher_forced"),
+        "rome": ROME(**kv),
+        "memit": MEMIT(**dict(kv, layers=[1, 2], mom2_update_weight=10.0)),
+        "kn": KN(steps=4),
+    }
+
+
+@pytest.mark.parametrize("method", ["ft", "rome", "memit", "kn"])
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_editor_on_cuda_matches_cpu_and_restores(tiny_deep, corpus, tmp_path, method, model_type):
+    cpu = tiny_deep(model_type)
+    gpu = _on_cuda(cpu)
+    recs = make_records()[:2] if method == "memit" else make_records()[:1]
+    editor = _editors(corpus, tmp_path)[method]
+    before = state_copy(gpu.model)
+    d_cpu = editor.compute_deltas(cpu.model, cpu.tokenizer, recs)
+    with editor.apply(gpu.model, gpu.tokenizer, recs) as d_gpu:
+        assert set(d_gpu) == set(d_cpu)
+        for name, delta in d_gpu.items():
+            assert delta.device.type == "cuda" or delta.is_cpu  # deltas may be kept on either side
+            torch.testing.assert_close(delta.cpu().float(), d_cpu[name].float(), rtol=2e-3, atol=2e-4 * d_cpu[name].abs().max().item() + 1e-6)
+        s = score_pairs(gpu.model, gpu.tokenizer, [r.prompt for r in recs], [r.target_new for r in recs])
+        assert s.nll.device.type == "cuda" or s.nll.is_cpu
+    assert_state_equal(gpu.model, before)
+    s0 = score_pairs(gpu.model, gpu.tokenizer, [r.prompt for r in recs], [r.target_new for r in recs])
+    assert (s.nll.cpu() < s0.nll.cpu()).all(), "the edit raises the target probability on the GPU too"
+
+
+def test_scoring_on_cuda_matches_cpu(tiny):
+    cpu = tiny("llama")
+    gpu = _on_cuda(cpu)
+    recs = make_records()
+    prompts = [r.prompt for r in recs] + [p for r in recs for p in r.rephrase_prompts]
+    targets = [r.target_new for r in recs] + [r.target_new for r in recs for _ in r.rephrase_prompts]
+    a = score_pairs(cpu.model, cpu.tokenizer, prompts, targets)
+    b = score_pairs(gpu.model, gpu.tokenizer, prompts, targets)
+    torch.testing.assert_close(b.nll.cpu(), a.nll, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_stats_on_cuda_match_cpu(tiny, corpus, tmp_path):
+    cpu = tiny("gpt2")
+    gpu = _on_cuda(cpu)
+    kw = dict(max_seq_len=32, batch_tokens=128, progress=False)
+    a = layer_stats(cpu.model, cpu.tokenizer, [0, 1], corpus, cache_dir=tmp_path / "a", **kw)
+    b = layer_stats(gpu.model, gpu.tokenizer, [0, 1], corpus, cache_dir=tmp_path / "b", **kw)
+    for layer in (0, 1):
+        assert b[layer].count == a[layer].count
+        torch.testing.assert_close(b[layer].mom2.cpu(), a[layer].mom2, rtol=1e-4, atol=1e-6)
+
+
+def test_causal_trace_on_cuda_matches_cpu(tiny):
+    cpu = tiny("llama")
+    gpu = _on_cuda(cpu)
+    noise = 3 * noise_std(cpu.model, cpu.tokenizer, ["Victor Hugo", "France"])
+    kw = dict(noise=noise, kinds=["hidden", "mlp"], samples=3, window=2)
+    a = trace_prompt(cpu.model, cpu.tokenizer, "The mother tongue of Victor Hugo was", "Victor Hugo", **kw)
+    b = trace_prompt(gpu.model, gpu.tokenizer, "The mother tongue of Victor Hugo was", "Victor Hugo", **kw)
+    for kind in kw["kinds"]:
+        assert b[kind].answer_id == a[kind].answer_id
+        assert abs(b[kind].high - a[kind].high) < 1e-4
+        # the noise draws are seeded on the CPU, so both devices corrupt identically
+        assert abs(b[kind].low - a[kind].low) < 1e-4
+        assert abs(b[kind].scores - a[kind].scores).max() < 1e-3
+
+
+def test_edit_loop_on_gpu_trainer(tiny, tmp_path):
+    gpu = _on_cuda(tiny("gpt2"))
+    before = {k: v.cpu() for k, v in state_copy(gpu.model).items()}
+    module = EditEvalModule(gpu, output_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="gpu", devices=1, inference_mode=False, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[EditorCallback(FTL(layers=[1], lr=0.05, num_steps=40, objective="teacher_forced"))])
+    trainer.test(module, datamodule=EditDataModule(test=make_records), verbose=False)
+    assert module.summary["post/reliability"] == 1.0
+    assert module.summary["post/reliability"] > module.summary["pre/reliability"]
+    # Lightning's single-device teardown moves the module (and so the model) back to the CPU
+    assert_state_equal(gpu.model.cpu(), before)
