@@ -6,6 +6,9 @@
   interest has run (``stop=True``); :class:`Trace` swallows it on exit.
 * :class:`CallRecorder` — record the full call (positional and keyword arguments) each named module
   received, so that part of a network can be replayed later (see :func:`replay_layers`).
+* :class:`GradientFactors` — capture, for linear-like modules, the input activations of a forward
+  and the gradient of a later backward with respect to their outputs: the two factors of the
+  weight gradient (MEND's rank-one factors).
 
 Every hook is registered inside ``__enter__`` and removed in ``__exit__``, exceptions included.
 The design follows the idea of ROME's ``nethook`` (module-path keyed tracing) with hooks that
@@ -22,7 +25,7 @@ from torch import nn
 
 from editlab.models.arch import get_module
 
-__all__ = ["StopForward", "Trace", "CallRecorder", "LayerCall", "replay_layers", "first_tensor"]
+__all__ = ["StopForward", "Trace", "CallRecorder", "GradientFactors", "LayerCall", "replay_layers", "first_tensor"]
 
 
 class StopForward(Exception):
@@ -235,6 +238,95 @@ class CallRecorder(_Hooks):
             self._handles.append(get_module(self.model, self.stop_at).register_forward_pre_hook(stop_hook))
 
     def __enter__(self) -> CallRecorder:
+        return super().__enter__()
+
+
+class GradientFactors(_Hooks):
+    """Capture the input ``x`` and the output gradient ``δ = ∂L/∂y`` of named linear-like modules.
+
+    A forward hook stores each module's (detached) first input and, when the output requires grad,
+    registers a tensor hook on it that stores the gradient reaching it in a later backward.  For a
+    linear map ``y = W x (+ b)`` the weight gradient is ``Σ_t δ_t x_tᵀ`` over all positions ``t``
+    (``Σ_t x_t δ_tᵀ`` for GPT-2's ``Conv1D``, which stores ``Wᵀ``).  A module called several times
+    in one forward contributes one pair per call.  Every hook (tensor hooks included) is removed on
+    exit.
+
+    The outputs must require grad for a gradient to arrive (e.g. substitute detached aliases of the
+    weights that require grad through :func:`torch.func.functional_call`).  Run the backward with
+    ``torch.autograd.grad(loss, capture.grad_targets())`` to compute exactly the captured
+    gradients and nothing else (no weight gradient, no ``.grad`` written).
+
+    Example::
+
+        with GradientFactors(model, [path]) as cap:
+            loss = loss_fn(functional_call(model, {path + ".weight": w.detach().requires_grad_()}, ...))
+            torch.autograd.grad(loss, cap.grad_targets(), allow_unused=True)
+        x, delta = cap.factors(path)   # [rows, in], [rows, out]
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.paths = list(dict.fromkeys(paths))
+        if not self.paths:
+            raise ValueError("GradientFactors needs at least one module path")
+        self.inputs: dict[str, list[torch.Tensor]] = {p: [] for p in self.paths}
+        self.grads: dict[str, list[torch.Tensor | None]] = {p: [] for p in self.paths}
+        self._outputs: list[torch.Tensor] = []
+
+    def _make_hook(self, path: str):
+        def hook(module, args, output):
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError(f"GradientFactors: module {path!r} was called without a tensor input")
+            call = len(self.inputs[path])
+            self.inputs[path].append(args[0].detach())
+            self.grads[path].append(None)
+            out = first_tensor(output)
+            if out.requires_grad:
+
+                def store(grad, _path=path, _call=call):
+                    self.grads[_path][_call] = grad.detach()
+
+                self._handles.append(out.register_hook(store))
+                self._outputs.append(out)
+            return None
+
+        return hook
+
+    def _register(self) -> None:
+        self.inputs = {p: [] for p in self.paths}
+        self.grads = {p: [] for p in self.paths}
+        self._outputs = []
+        for path in self.paths:
+            self._handles.append(get_module(self.model, path).register_forward_hook(self._make_hook(path)))
+
+    def close(self) -> None:
+        super().close()
+        self._outputs = []  # release the graph
+
+    def grad_targets(self) -> list[torch.Tensor]:
+        """The captured outputs that require grad (pass them as ``inputs`` of the backward)."""
+        return list(self._outputs)
+
+    def factors(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, δ)`` of ``path`` flattened to rows ``[n, in]`` and ``[n, out]`` over every call and
+        position (a call whose output got no gradient contributes zero rows of δ)."""
+        if not self.inputs.get(path):
+            raise KeyError(f"module {path!r} did not run inside the GradientFactors block")
+        xs, ds = [], []
+        for x, g in zip(self.inputs[path], self.grads[path]):
+            xs.append(x.reshape(-1, x.shape[-1]))
+            if g is None:
+                ds.append(None)
+            else:
+                ds.append(g.reshape(-1, g.shape[-1]))
+        width = next((d.shape[-1] for d in ds if d is not None), None)
+        if width is None:
+            raise KeyError(f"no gradient reached the output of {path!r}")
+        ds = [d if d is not None else x.new_zeros(x.shape[0], width) for x, d in zip(xs, ds)]
+        return torch.cat(xs), torch.cat(ds)
+
+    def __enter__(self) -> GradientFactors:
         return super().__enter__()
 
 

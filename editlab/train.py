@@ -3,6 +3,14 @@
 Composes ``configs/train.yaml``, builds everything by ``_target_``, and runs the edit loop
 (``trainer.test``) with the configured editor as a callback.  Prints (logs) the summary table and
 writes results under the Hydra run directory in ``experiments/``.
+
+Trainable editors (MEND, KE): experiments that select a ``fit`` config (``override /fit: editor``)
+first train the editor (``trainer.fit`` with the ``fit.module`` LightningModule, the ``fit.callbacks``
+and ``trainer`` updated with ``fit.trainer``), then test it in the same edit loop, with the best
+checkpoint's weights (``fit.test_weights=best``) or the last ones.  ``ckpt_path=PATH`` skips
+training and tests the editor saved in PATH (rebuilt from the config stored in it);
+``fit.resume_from=PATH`` resumes an interrupted training run.  Whether fitting happens is decided
+by the presence of the ``fit`` node alone, never by the method's name.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import format_summary
+from editlab.lit.editor_train import load_editor
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,51 @@ def _instantiate_group(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(node) for node in group.values() if node is not None and "_target_" in node]
 
 
+def _container(node: DictConfig | None) -> dict:
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
+def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
+    """Train ``editor`` as ``cfg.fit`` says; return the editor holding the weights to test."""
+    fit = cfg.fit
+    # called here, not by Hydra: editor_config is a `_target_` config to keep (in checkpoints), not to build
+    make_module = hydra.utils.instantiate(fit.module, _partial_=True)
+    module = make_module(model=bundle, editor=editor, editor_config=_container(cfg.method))
+    callbacks = _instantiate_group(fit.get("callbacks"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **_container(fit.get("trainer")))
+    resume = fit.get("resume_from")
+    if resume:
+        log.info("resuming editor training from %s", resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume or None)
+    checkpoint = trainer.checkpoint_callback
+    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    which = fit.get("test_weights", "best")
+    if which not in ("best", "last"):
+        raise ValueError(f"fit.test_weights must be 'best' or 'last', got {which!r}")
+    if which == "best" and best:
+        log.info("testing the best checkpoint's editor: %s (%s = %s)", best, checkpoint.monitor,
+                 checkpoint.best_model_score)
+        module.load_editor_weights(best)
+    else:
+        log.info("testing the editor as training left it")
+    return module.editor
+
+
+def build_editor(cfg: DictConfig, bundle, datamodule, loggers: list):
+    """The editor to test: none, a configured one, one trained here (``fit``), or a saved one
+    (``ckpt_path``)."""
+    if cfg.get("ckpt_path"):
+        # the editor is rebuilt from the config stored with its weights; cfg.method is not used
+        return load_editor(cfg.ckpt_path, bundle)
+    if cfg.get("method") is None:
+        return None
+    editor = hydra.utils.instantiate(cfg.method)
+    if cfg.get("fit") is not None:
+        editor = fit_editor(cfg, bundle, editor, datamodule, loggers)
+    return editor
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Build and run one experiment from a composed config; return the summary metrics."""
     if cfg.get("seed") is not None:
@@ -38,11 +92,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("config:\n%s", OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}))
     bundle = hydra.utils.instantiate(cfg.model)
     datamodule = hydra.utils.instantiate(cfg.data)
-    callbacks = _instantiate_group(cfg.get("callbacks"))
-    if cfg.get("method") is not None:
-        editor = hydra.utils.instantiate(cfg.method)
-        callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
     loggers = _instantiate_group(cfg.get("logger"))
+    editor = build_editor(cfg, bundle, datamodule, loggers)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    if editor is not None:
+        callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
     module = hydra.utils.instantiate(cfg.module, model=bundle)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.test(module, datamodule=datamodule, verbose=False)

@@ -5,12 +5,29 @@ The splits are given as callables returning records (in Hydra configs: a loader 
 own copy.  Batches are either lists of :class:`EditRecord` (the edit loop: editors and the scorer
 tokenise themselves) or, with a tokenizer, :class:`EditBatch` tensors for training editors
 (the edit pair, its rephrasings and its locality probes, as MEND's edit_inner / edit_outer / loc).
+
+Training editors (``train``/``val`` splits):
+
+* every record of those splits gets a locality probe where the split has any: a record without
+  one borrows the first probe of the next record that has one (:func:`pair_locality`), as MEND
+  pairs each edit with an unrelated locality example, so every training batch has a locality
+  loss.  The ``test`` split is never changed.
+* the training order is a seeded permutation per epoch, the same on every rank
+  (:class:`EpochSampler`), and the training loader is resumable (:class:`ResumableDataLoader`):
+  its position inside the epoch goes into Lightning checkpoints, so training resumed from a
+  mid-epoch checkpoint sees exactly the batches an uninterrupted run would have seen.
+* under DDP the validation and test splits are split over ranks without padding (every record
+  scored exactly once; metrics are reduced by sum), the training split with DistributedSampler's
+  padding (every rank takes the same number of steps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch.distributed as dist
@@ -19,7 +36,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 
-__all__ = ["RecordDataset", "EditBatch", "EditBatchCollator", "EditDataModule"]
+__all__ = [
+    "RecordDataset", "EditBatch", "EditBatchCollator", "EditDataModule", "EpochSampler",
+    "ResumableDataLoader", "pair_locality",
+]
+
+log = logging.getLogger(__name__)
 
 RecordSource = Callable[[], Sequence[EditRecord]]
 
@@ -49,6 +71,99 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __iter__(self):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def _distributed() -> tuple[int, int]:
+    """(world size, rank) of the default process group, (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation of the split per epoch, seeded by ``seed + epoch`` (the
+    same on every rank, so it does not depend on the global RNG), divided over ranks as
+    :class:`DistributedSampler` does (the last round padded so every rank takes the same number of
+    steps).  Without a process group it is the single-process order (``num_replicas = 1``).
+
+    :meth:`start_at` makes the next pass begin ``n`` samples into this rank's share (resuming
+    mid-epoch); Lightning calls :meth:`set_epoch` at every epoch start.
+    """
+
+    def __init__(self, dataset: Dataset, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, me = _distributed()
+        super().__init__(dataset, num_replicas=world if num_replicas is None else num_replicas,
+                         rank=me if rank is None else rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self._start = 0
+
+    def start_at(self, n: int) -> None:
+        self._start = n
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        start, self._start = self._start, 0
+        return iter(indices[start:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader over an :class:`EpochSampler` that Lightning checkpoints and restores.
+
+    Lightning saves ``state_dict()`` of a training loader that has one (its ``_Stateful``
+    protocol) and calls ``load_state_dict`` on resume; the state is the sampler's epoch and the
+    number of batches served in it, and the first pass after loading skips those batches when it
+    is the same epoch (a checkpoint taken at the end of an epoch resumes at the next one).
+    """
+
+    def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self._served = 0
+        self._served_epoch = sampler.epoch
+        self._resume: tuple[int, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
+        skip = 0
+        if self._resume is not None:
+            epoch, served = self._resume
+            self._resume = None
+            if epoch == sampler.epoch and served < len(self):
+                skip = served
+        sampler.start_at(skip * (self.batch_size or 1))
+        self._served, self._served_epoch = skip, sampler.epoch
+        for batch in super().__iter__():
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self._served_epoch), "batches": int(self._served)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["batches"]))
+
+
+def pair_locality(records: Sequence[EditRecord]) -> list[EditRecord]:
+    """Give every record without a locality probe one: the first probe of the next record (in
+    order, wrapping around) that has one, marked with group ``borrowed``.  MEND pairs every edit
+    with an unrelated locality input; this makes a training/validation split whose records lack
+    probes (some KnowEdit or WikiBio records) still carry a locality loss in every batch.  A split
+    where no record has a probe is returned unchanged."""
+    records = list(records)
+    owners = [i for i, r in enumerate(records) if r.locality]
+    if not owners or len(owners) == len(records):
+        return records
+    out, borrowed = [], 0
+    for i, rec in enumerate(records):
+        if rec.locality:
+            out.append(rec)
+            continue
+        donor = next((j for j in owners if j > i), owners[0])
+        probe = records[donor].locality[0]
+        out.append(dataclasses.replace(rec, locality=(dataclasses.replace(probe, group="borrowed"),)))
+        borrowed += 1
+    log.info("%d of %d records without a locality probe borrowed one from another record",
+             borrowed, len(records))
+    return out
 
 
 def collate_records(items: list[EditRecord]) -> list[EditRecord]:
@@ -109,10 +224,14 @@ class EditDataModule(L.LightningDataModule):
     Args:
         test / train / val: callables returning the records of each split (None: no such split).
         batch_size: records per batch (per edit, in the edit loop: 1 = single edits, >1 = batch edits).
+        train_batch_size / val_batch_size: records per training / validation batch (None: ``batch_size``).
         collator: None → batches are lists of records; else a callable such as
             :class:`EditBatchCollator`.
         num_workers: DataLoader workers.
-        shuffle_train: shuffle the training split.
+        shuffle_train: shuffle the training split (a new seeded permutation every epoch).
+        seed: seed of the training order (the permutation of epoch ``e`` is seeded by ``seed + e``).
+        pair_locality: give records of the train/val splits without a locality probe one borrowed
+            from another record (:func:`pair_locality`).
     """
 
     def __init__(
@@ -121,40 +240,61 @@ class EditDataModule(L.LightningDataModule):
         train: RecordSource | None = None,
         val: RecordSource | None = None,
         batch_size: int = 1,
+        train_batch_size: int | None = None,
+        val_batch_size: int | None = None,
         collator: Callable | None = None,
         num_workers: int = 0,
         shuffle_train: bool = True,
+        seed: int = 0,
+        pair_locality: bool = True,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sizes = {"batch_size": batch_size, "train_batch_size": train_batch_size,
+                 "val_batch_size": val_batch_size}
+        for name, size in sizes.items():
+            if size is not None and size < 1:
+                raise ValueError(f"{name} must be >= 1, got {size}")
         self.sources = {"test": test, "train": train, "val": val}
         self.batch_size = batch_size
+        self.batch_sizes = {"test": batch_size, "train": train_batch_size or batch_size,
+                            "val": val_batch_size or batch_size}
         self.collator = collator
         self.num_workers = num_workers
         self.shuffle_train = shuffle_train
+        self.seed = seed
+        self.pair_locality = pair_locality
         self.datasets: dict[str, RecordDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", tuple(self.sources))
         for split in wanted:
             if split not in self.datasets and self.sources.get(split) is not None:
-                self.datasets[split] = RecordDataset(self.sources[split]())
+                records = self.sources[split]()
+                if self.pair_locality and split in ("train", "val"):
+                    records = pair_locality(records)
+                self.datasets[split] = RecordDataset(records)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _dataset(self, split: str) -> RecordDataset:
         if split not in self.datasets:
             if self.sources.get(split) is None:
                 raise ValueError(f"no '{split}' split configured in the data module")
             self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
-        dataset = self.datasets[split]
+        return self.datasets[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        dataset = self._dataset(split)
         sampler = None
-        if split == "test" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, _ = _distributed()
+        if world > 1:
+            if split == "val" and len(dataset) < world:
+                # a rank without validation batches would miss the collectives of the others' steps
+                raise ValueError(f"the 'val' split has {len(dataset)} records for {world} processes: "
+                                 "every process needs at least one")
             # each record is evaluated exactly once across ranks (no padding duplicates)
             sampler = UnpaddedDistributedSampler(dataset)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
+            batch_size=self.batch_sizes[split],
             sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator or collate_records,
@@ -163,8 +303,18 @@ class EditDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=self.shuffle_train)
+    def train_dataloader(self) -> ResumableDataLoader:
+        dataset = self._dataset("train")
+        return ResumableDataLoader(
+            dataset,
+            sampler=EpochSampler(dataset, shuffle=self.shuffle_train, seed=self.seed),
+            batch_size=self.batch_sizes["train"],
+            num_workers=self.num_workers,
+            collate_fn=self.collator or collate_records,
+        )
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """The validation loader; an empty list (Lightning: no validation) when there is no ``val`` split."""
+        if self.sources.get("val") is None:
+            return []
         return self._loader("val")

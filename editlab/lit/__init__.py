@@ -1,1 +1,2 @@
-"""Lightning pieces: the edit loop and the callback that runs editors in it."""
+"""Lightning pieces: the edit loop, the callback that runs editors in it, and the training of
+trainable editors (``editor_train``)."""

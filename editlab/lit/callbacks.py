@@ -1,4 +1,8 @@
-"""Run any non-trained editor inside the Lightning edit loop, as a ``Callback``.
+"""Run any editor inside the Lightning edit loop, as a ``Callback``.
+
+Non-trained editors (FT-L, ROME, ...) and trained ones (MEND, KE, ... after
+:mod:`editlab.lit.editor_train` trained them, or loaded from a checkpoint) alike; a trained
+editor, an ``nn.Module``, is moved to the model's device and put in eval mode when the test starts.
 
 :class:`EditorCallback` wraps an :class:`~editlab.methods.base.Editor`: before each test batch it
 computes the batch's edit and applies it through the module's
@@ -14,6 +18,7 @@ import time
 from typing import Any
 
 import lightning as L
+from torch import nn
 
 from editlab.methods.base import EditError, Editor
 
@@ -37,6 +42,11 @@ class EditorCallback(L.Callback):
         self.editor = editor
         self.sequential = sequential
         self.skip_failed = skip_failed
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if isinstance(self.editor, nn.Module):  # a trained editor: beside the model, never training
+            self.editor.to(pl_module.device)
+            self.editor.eval()
 
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0

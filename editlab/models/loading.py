@@ -30,6 +30,7 @@ __all__ = [
     "from_pretrained",
     "prepare_tokenizer",
     "resolve_device",
+    "local_rank",
     "resolve_dtype",
     "freeze",
 ]
@@ -108,15 +109,30 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
     return _DTYPES[key]
 
 
+def local_rank() -> int:
+    """This process's index on its node under a distributed launcher (Lightning's and torchrun's
+    ``LOCAL_RANK``, SLURM's ``SLURM_LOCALID``), 0 otherwise."""
+    for var in ("LOCAL_RANK", "SLURM_LOCALID"):
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``"cpu" | "cuda" | "cuda:N" | "auto"`` -> a ``torch.device`` ("auto": cuda if available)."""
+    """``"cpu" | "cuda" | "cuda:N" | "auto"`` -> a ``torch.device`` ("auto": cuda if available).
+
+    ``"auto"`` and ``"cuda"`` (no index) name this process's GPU: ``cuda:<local rank>`` under a
+    distributed launcher (:func:`local_rank`), so DDP processes do not all load onto GPU 0."""
     if isinstance(device, torch.device):
         return device
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank() % torch.cuda.device_count())
     return resolved
 
 

@@ -1,0 +1,236 @@
+"""What trained (hypernetwork) editors share: the interface, the edited forward and the losses.
+
+A :class:`TrainableEditor` is an ``nn.Module`` whose parameters are the *editor's* (MEND's gradient
+transforms, KE's conditioner, ...).  Given a batch of edits it returns new values for some of the
+base model's parameters, differentiably with respect to its own parameters; the base model itself
+is never written to during training: the edited model is run with
+:func:`torch.func.functional_call`, which substitutes the new values for the duration of one
+forward.  (MEND's and KE's reference code use the ``higher`` library for this; ``higher`` is
+unmaintained and patches whole modules, ``functional_call`` is part of PyTorch and substitutes only
+the edited tensors.)
+
+Training (``editlab/lit/editor_train.py``) calls :meth:`TrainableEditor.training_losses` on an
+:class:`~editlab.data.datamodule.EditBatch`; evaluation goes through the same edit loop as every
+other editor, because a trainable editor is also an :class:`~editlab.methods.base.Editor`:
+:meth:`TrainableEditor.compute_deltas` returns ``new − old`` for the edited parameters.
+
+The default objective is MEND's (Mitchell et al. 2022, eric-mitchell/mend ``editable_model`` /
+``algs/mend.py``)::
+
+    loss = c_edit · NLL(target_new | rephrase; θ̃) + c_loc · KL(p_θ(·|loc) ‖ p_θ̃(·|loc))
+
+with the KL taken at every position of the locality input, as MEND does.  Editors with another
+objective (KE's constrained one) override :meth:`training_losses`.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from editlab.data.collate import PairBatch, encode_pairs
+from editlab.data.datamodule import EditBatch
+from editlab.data.records import EditRecord
+from editlab.methods.base import Deltas, EditError, Editor
+from editlab.models.arch import arch_for
+
+__all__ = [
+    "TrainableEditor",
+    "edited_forward",
+    "edit_gradients",
+    "target_nll",
+    "locality_kl",
+    "is_seq2seq",
+    "last_mlp_weights",
+]
+
+
+def is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def edited_forward(model: nn.Module, params: dict[str, torch.Tensor] | None, batch: PairBatch) -> torch.Tensor:
+    """Logits of ``model`` on ``batch`` with ``params`` (name → tensor) substituted for the model's
+    own parameters of those names (``None``: the model as it is).  Gradients flow into ``params``."""
+    inputs = dict(batch.model_inputs(), use_cache=False)
+    if not params:
+        return model(**inputs).logits
+    return functional_call(model, params, args=(), kwargs=inputs, strict=False).logits
+
+
+def edit_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch) -> dict[str, torch.Tensor]:
+    """Gradient of the edit loss (:func:`target_nll` of ``batch`` on the unedited model) with
+    respect to the parameters ``names``, without touching the model: the parameters are replaced,
+    for one forward, by detached aliases that require grad (no ``requires_grad`` flag of the model
+    changes, nothing is written to ``.grad``).  The result is detached."""
+    named = dict(model.named_parameters())
+    leaves = {n: named[n].detach().requires_grad_(True) for n in names}
+    with torch.enable_grad():
+        nll, _ = target_nll(edited_forward(model, leaves, batch), batch)
+        grads = torch.autograd.grad(nll, list(leaves.values()), allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(leaves[n])).detach() for n, g in zip(leaves, grads)}
+
+
+def last_mlp_weights(model: nn.Module, n_blocks: int = 3) -> list[str]:
+    """Names of the MLP input (``mlp_in``) and output (``mlp_out``) weights of the last
+    ``n_blocks`` blocks (fewer when the model has fewer), from the architecture table: MEND's
+    GPT-J / GPT-2 setting (``fc_in``/``fc_out``, ``c_fc``/``c_proj`` of the last three layers)."""
+    spec = arch_for(model)
+    total = spec.num_layers(model)
+    names = []
+    for layer in range(max(0, total - n_blocks), total):
+        for role in ("mlp_in", "mlp_out"):
+            names.append(spec.module_path(model, role, layer) + ".weight")
+    return names
+
+
+def target_nll(logits: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean per-token NLL of the targets of ``batch`` (averaged per sequence, then over sequences)
+    and the teacher-forced token accuracy, from full logits ``[N, L, V]``."""
+    rows, pos = batch.gather_index()
+    logp = torch.log_softmax(logits[rows, pos].float(), dim=-1)
+    targets = batch.target_ids[batch.target_mask]
+    nll_tok = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
+    n = len(batch)
+    per_seq = torch.zeros(n, device=logits.device, dtype=nll_tok.dtype).index_add(0, rows, nll_tok)
+    counts = torch.zeros(n, device=logits.device, dtype=nll_tok.dtype).index_add(0, rows, torch.ones_like(nll_tok))
+    nll = (per_seq / counts.clamp(min=1)).mean()
+    acc = (logp.argmax(-1) == targets).float().mean()
+    return nll, acc
+
+
+def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
+    """KL(pre ‖ post), summed over the vocabulary and averaged over every real position of the
+    locality input (decoder input for seq2seq models), as MEND's ``kl_loc_loss``."""
+    mask = batch.decoder_attention_mask if batch.decoder_input_ids is not None else batch.attention_mask
+    mask = mask.bool()
+    pre = torch.log_softmax(pre_logits[mask].float(), dim=-1)
+    post = torch.log_softmax(post_logits[mask].float(), dim=-1)
+    return (pre.exp() * (pre - post)).sum(-1).mean()
+
+
+class TrainableEditor(nn.Module, Editor):
+    """A trained editor.  Subclasses define the networks and :meth:`edited_parameters`.
+
+    Args:
+        edit_params: names (as in ``model.named_parameters()``) of the base-model parameters the
+            editor rewrites; None: :meth:`default_edit_params` of the model, resolved by
+            :meth:`bind`.
+        c_edit, c_loc: weights of the edit and locality losses in the default (MEND) objective.
+        base_model: the name of the base model the editor is trained for (kept in checkpoints).
+    """
+
+    def __init__(self, edit_params: Sequence[str] | None = None, c_edit: float = 0.1, c_loc: float = 1.0,
+                 base_model: str | None = None) -> None:
+        nn.Module.__init__(self)
+        if edit_params is not None and not edit_params:
+            raise ValueError("edit_params must name at least one parameter (or be None for the default)")
+        if isinstance(edit_params, str):
+            raise ValueError(f"edit_params must be a list of parameter names, got the string {edit_params!r}")
+        self.edit_params: list[str] | None = list(edit_params) if edit_params is not None else None
+        self.c_edit = c_edit
+        self.c_loc = c_loc
+        self.base_model = base_model
+        self._bound = False
+
+    def apply(self, *args, **kwargs):  # type: ignore[override]
+        """``nn.Module.apply(fn)`` when given one function; otherwise :meth:`Editor.apply`
+        (``with editor.apply(model, tokenizer, records):`` edits the model inside the block)."""
+        if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], nn.Module):
+            return nn.Module.apply(self, args[0])
+        return Editor.apply(self, *args, **kwargs)
+
+    # ---------------------------------------------------------------- setup
+    def bind(self, model: nn.Module) -> None:
+        """Build the editor's networks for ``model``'s parameter shapes.  Idempotent; must be
+        called before training, before loading a state dict and before editing."""
+        if self._bound:
+            return
+        names = self.edit_params if self.edit_params is not None else self.default_edit_params(model)
+        named = dict(model.named_parameters())
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise EditError(f"{type(self).__name__}: the model has no parameters {missing}")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise EditError(f"{type(self).__name__}: edit_params names {duplicates} more than once")
+        self.build(model, {n: named[n] for n in names})
+        self.edit_params = list(names)
+        self._bound = True
+
+    def default_edit_params(self, model: nn.Module) -> list[str]:
+        """The parameters edited when ``edit_params`` is None: the MLP input and output weights
+        of the last three blocks (:func:`last_mlp_weights`)."""
+        return last_mlp_weights(model, 3)
+
+    def _check_bound(self) -> None:
+        if not self._bound:
+            raise EditError(f"{type(self).__name__} is not bound to a model: call bind(model) first")
+
+    @abstractmethod
+    def build(self, model: nn.Module, params: dict[str, nn.Parameter]) -> None:
+        """Create the editor's sub-modules for the edited parameters ``params``."""
+
+    # ---------------------------------------------------------------- editing
+    @abstractmethod
+    def edited_parameters(self, model: nn.Module, batch: PairBatch,
+                          cond: PairBatch | None = None) -> dict[str, torch.Tensor]:
+        """New values of :attr:`edit_params` that install the edits of ``batch`` (prompt →
+        ``target_new``, teacher-forced), differentiable w.r.t. the editor's parameters.
+        ``cond`` is the conditioning text where the editor reads one (KE)."""
+
+    def encode(self, tokenizer, model: nn.Module, records: Sequence[EditRecord]) -> PairBatch:
+        seq2seq = is_seq2seq(model)
+        start = getattr(model.config, "decoder_start_token_id", None) if seq2seq else None
+        return encode_pairs(tokenizer, [r.prompt for r in records], [r.target_new for r in records],
+                            seq2seq=seq2seq, decoder_start_token_id=start)
+
+    def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
+        if not records:
+            raise EditError("no records to edit")
+        self.bind(model)
+        device = next(model.parameters()).device
+        batch = self.encode(tokenizer, model, records).to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.enable_grad():  # editors read the base model's gradient on the edit
+                new = self.edited_parameters(model, batch)
+        finally:
+            self.train(was_training)
+        named = dict(model.named_parameters())
+        deltas = {n: (v.detach() - named[n].detach()).to(named[n].dtype) for n, v in new.items()}
+        for n, d in deltas.items():
+            if not torch.isfinite(d).all():
+                raise EditError(f"{type(self).__name__}: non-finite update for {n!r}")
+        return deltas
+
+    # ---------------------------------------------------------------- training
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Parameter groups for the training optimizer (``lr``: the base learning rate).  Editors
+        with separately-tuned parameters (MEND's learned edit learning rates) override this."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def training_losses(self, model: nn.Module, batch: EditBatch) -> dict[str, torch.Tensor]:
+        """MEND's objective on one training batch; returns ``loss`` (to minimise) and the parts
+        (``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``: accuracies are teacher-forced)."""
+        new = self.edited_parameters(model, batch.edit)
+        outer = batch.rephrase if batch.rephrase is not None else batch.edit
+        nll, acc = target_nll(edited_forward(model, new, outer), outer)
+        out = {"loss_edit": nll, "edit_acc": acc.detach()}
+        loss = self.c_edit * nll
+        if batch.locality is not None:
+            with torch.no_grad():
+                pre = edited_forward(model, None, batch.locality)
+            post = edited_forward(model, new, batch.locality)
+            kl = locality_kl(pre, post, batch.locality)
+            rows, pos = batch.locality.gather_index()
+            agree = (post[rows, pos].argmax(-1) == pre[rows, pos].argmax(-1)).float().mean()
+            out.update(loss_loc=kl, loc_acc=agree.detach())
+            loss = loss + self.c_loc * kl
+        out["loss"] = loss
+        return out
