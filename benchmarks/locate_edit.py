@@ -5,7 +5,9 @@ The settings are those of the EasyEdit comparison in issue 9 (SmolLM2-135M fp32,
 
 * ROME: layer 5 down projection, 25 value steps, lr 0.5, 21 context templates, ``mom2_adjustment``
   on (statistics cached beforehand, not timed); ``--rome-edits`` edits one at a time;
-* MEMIT: layers 3-7, ``--memit-edits`` requests in one batch (time per edit = call time / n);
+* MEMIT: layers 3-7, ``--memit-edits`` requests in one batch (time per edit = call time / n),
+  λ = ``--memit-lambda`` (editlab's SmolLM2 setting, 2000; EasyEdit's llama setting is 15000 —
+  the time does not depend on it);
 * KN: ``--kn-edits`` edits one at a time.
 
 Each method runs in its own process (a fresh peak RSS).  Quality is EasyEdit's: rewrite and
@@ -92,7 +94,7 @@ def run_child(args: argparse.Namespace) -> dict:
         from editlab.methods.memit import MEMIT
 
         editor = MEMIT(layers=[3, 4, 5, 6, 7], v_num_grad_steps=25, v_lr=0.5, v_weight_decay=1e-3,
-                       clamp_norm_factor=4.0, kl_factor=0.0625, mom2_update_weight=15000)
+                       clamp_norm_factor=4.0, kl_factor=0.0625, mom2_update_weight=args.memit_lambda)
         n = args.memit_edits
     else:
         from editlab.methods.kn import KN
@@ -127,6 +129,8 @@ def main() -> None:
     parser.add_argument("--rome-edits", type=int, default=10)
     parser.add_argument("--memit-edits", type=int, default=100)
     parser.add_argument("--kn-edits", type=int, default=10)
+    parser.add_argument("--memit-lambda", type=float, default=2000.0,
+                        help="MEMIT's mom2_update_weight (editlab's SmolLM2 setting 2000; EasyEdit llama: 15000)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +145,8 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--child", method, "--rome-edits", str(args.rome_edits),
-               "--memit-edits", str(args.memit_edits), "--kn-edits", str(args.kn_edits)]
+               "--memit-edits", str(args.memit_edits), "--kn-edits", str(args.kn_edits),
+               "--memit-lambda", str(args.memit_lambda)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -158,7 +163,7 @@ def main() -> None:
             f"{ee['s_per_edit']:>8.1f} {r['rss_gb']:>6.2f}GB {r['rewrite']:>7.3f} {r['rephrase']:>8.3f} "
             f"{r['locality']:>8.3f} | {ee_q}"
         )
-    lines.append(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    lines.append(f"MEMIT lambda {args.memit_lambda:g}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
                  f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     lines.append("quality: teacher-forced token accuracy (rewrite, rephrase) and EasyEdit locality "
                  "(argmax agreement with the unedited model)")
