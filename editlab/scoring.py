@@ -11,18 +11,22 @@ too, so training objectives and metrics read logits the same way.
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.models.arch import arch_for, get_module
 from editlab.tracing import CallRecorder
 
 __all__ = [
-    "ProbeScores", "ScoreCache", "head_logits", "head_nll", "lm_logits_at", "score_pairs", "greedy_generate",
+    "ANSWER_END", "ProbeScores", "ScoreCache", "answer_token_table", "cut_answer", "greedy_generate", "head_logits",
+    "head_nll", "lm_logits_at", "score_pairs",
 ]
 
 
@@ -242,27 +246,126 @@ class ScoreCache:
         return ProbeScores(nll, pred, target, mask)
 
 
+ANSWER_END = re.compile(r"\n|[.!?](?=\s|$)")
+"""Where a generated answer ends: a newline, or ``.``/``!``/``?`` followed by whitespace or the end."""
+
+
+def cut_answer(text: str) -> str:
+    """The answer part of a generation: leading whitespace dropped, cut before the first
+    :data:`ANSWER_END` (so ``" Paris.\nThe"`` → ``"Paris"``)."""
+    text = text.lstrip()
+    match = ANSWER_END.search(text)
+    return text[: match.start()] if match else text
+
+
+_ANSWER_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def answer_token_table(tokenizer, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ends, content)``, two bool tensors over token ids (cached per tokenizer).
+
+    ``ends[v]``: token ``v``'s text contains a newline or ends (right-stripped) with ``.``, ``!``
+    or ``?``, i.e. it can end an answer; ``content[v]``: its text has a non-space character.
+    ``size`` pads both to the model's vocabulary (ids past the tokenizer's are neither).
+    """
+    n = len(tokenizer)
+    table = _ANSWER_TABLES.get(tokenizer)
+    if table is None:
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
+        ends = torch.tensor([("\n" in t) or t.rstrip().endswith((".", "!", "?")) for t in texts])
+        content = torch.tensor([bool(t.strip()) for t in texts])
+        table = (ends, content)
+        _ANSWER_TABLES[tokenizer] = table
+    ends, content = table
+    if size is not None and size > n:
+        pad = torch.zeros(size - n, dtype=torch.bool)
+        ends, content = torch.cat([ends, pad]), torch.cat([content, pad])
+    return ends, content
+
+
+class _AnswerStop(StoppingCriteria):
+    """Per-row stop: the row reached its own token cap, or (``answer_end``) produced a token that
+    ends an answer after the answer had started (a leading newline does not end an empty answer).
+    Records how many new tokens each row kept."""
+
+    def __init__(self, caps: torch.Tensor, offset: int, tables: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.caps = caps
+        self.offset = offset
+        self.tables = tables
+        self.done = torch.zeros_like(caps, dtype=torch.bool)
+        self.started = torch.zeros_like(self.done)
+        self.kept = caps.clone()
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        step = input_ids.shape[1] - self.offset
+        stop = torch.full_like(self.done, step) >= self.caps
+        if self.tables is not None:
+            last = input_ids[:, -1]
+            ends, content = self.tables[0].to(last.device), self.tables[1].to(last.device)
+            self.started |= content[last]
+            stop |= ends[last] & self.started
+        new = stop & ~self.done
+        self.kept[new] = step
+        self.done |= stop
+        return self.done.clone()
+
+
 @torch.no_grad()
 def greedy_generate(
-    model: nn.Module, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 50, chunk_size: int = 16
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int | Sequence[int] = 50,
+    chunk_size: int = 16,
+    stop_at_answer_end: bool = False,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, left-padded, KV cache), decoded without the prompt."""
+    """Greedy continuations of ``prompts`` (batched, KV cache, left padding for decoder-only models;
+    a seq2seq model's encoder reads the prompt as is), decoded without the prompt.
+
+    ``max_new_tokens``: one cap for all, or one per prompt (answer scoring derives it from the
+    target's length); with per-prompt caps the prompts are sorted by cap and length before chunking,
+    so a chunk's rows need similar numbers of steps and little padding.  A row stops at its cap;
+    with ``stop_at_answer_end`` also at EOS, at a newline or at a sentence end (see
+    :func:`answer_token_table`), and the text returned is :func:`cut_answer` of the generation.
+    A chunk stops as soon as all its rows have stopped (rows that stopped earlier are carried as
+    padding until then; sorting by cap keeps that short).
+    """
     device = next(model.parameters()).device
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    per_row = not isinstance(max_new_tokens, int)
+    caps = list(max_new_tokens) if per_row else [max_new_tokens] * len(prompts)
+    if len(caps) != len(prompts):
+        raise ValueError(f"{len(caps)} token caps for {len(prompts)} prompts")
+    if any(c < 1 for c in caps):
+        raise ValueError(f"token caps must be >= 1, got {min(caps)}")
+    order = (sorted(range(len(prompts)), key=lambda i: (caps[i], len(prompts[i]))) if per_row
+             else list(range(len(prompts))))
+    tables = None
+    if stop_at_answer_end:
+        tables = answer_token_table(tokenizer, int(model.get_output_embeddings().weight.shape[0]))
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    outputs: list[str] = []
+    outputs: list[str] = [""] * len(prompts)
     try:
-        for lo in range(0, len(prompts), chunk_size):
-            enc = tokenizer(list(prompts[lo: lo + chunk_size]), return_tensors="pt", padding=True).to(device)
+        for lo in range(0, len(order), chunk_size):
+            idx = order[lo: lo + chunk_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
+            row_caps = torch.tensor([caps[i] for i in idx], device=device)
+            offset = 1 if seq2seq else enc["input_ids"].shape[1]
+            stop = _AnswerStop(row_caps, offset, tables)
             out = model.generate(
                 **enc,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=int(row_caps.max()),
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
+                stopping_criteria=StoppingCriteriaList([stop]),
             )
-            new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            new = out[:, offset:]
+            for j, i in enumerate(idx):
+                tokens = new[j, : int(stop.kept[j])]
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                outputs[i] = cut_answer(text) if stop_at_answer_end else text
     finally:
         tokenizer.padding_side = side
     return outputs

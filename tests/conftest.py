@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -96,3 +99,46 @@ def assert_state_equal(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
     assert now.keys() == state.keys()
     for k, v in state.items():
         assert torch.equal(now[k], v), f"{k} changed"
+
+
+@contextmanager
+def scripted_next_tokens(model: torch.nn.Module, table: dict[int, int], default: int) -> Iterator[None]:
+    """Make a tiny Llama predict ``table[token]`` (``default`` for other tokens) after every input
+    token, deterministically and with a clear margin, for teacher-forced scoring and generation alike.
+
+    Hooks replace the final norm's output at each position with a unit vector coding the next
+    token, and the LM head's weight is swapped for one whose rows are those unit vectors (other
+    rows zero); both are restored on exit.
+    """
+    head = model.get_output_embeddings()
+    tokens = sorted(set(table.values()) | {default})
+    if len(tokens) > head.weight.shape[1]:
+        raise ValueError("more scripted tokens than hidden dimensions")
+    code = {t: k for k, t in enumerate(tokens)}
+    lookup = torch.full((head.weight.shape[0],), code[default], dtype=torch.long)
+    for src, dst in table.items():
+        lookup[src] = code[dst]
+    weight = torch.zeros_like(head.weight)
+    for t, k in code.items():
+        weight[t, k] = 1.0
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab_ids(module, args):
+        seen["ids"] = args[0]
+
+    def script(module, args, out):
+        ids = seen["ids"][:, -out.shape[1]:]
+        return torch.nn.functional.one_hot(lookup[ids], out.shape[-1]).to(out.dtype) * 10.0
+
+    original = head.weight.detach().clone()
+    hooks = [model.get_input_embeddings().register_forward_pre_hook(grab_ids),
+             model.model.norm.register_forward_hook(script)]
+    try:
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            head.weight.copy_(original)

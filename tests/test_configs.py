@@ -129,3 +129,26 @@ def test_locate_then_edit_experiments_run_end_to_end(tmp_path, monkeypatch, expe
     summary = run(cfg)
     assert len((tmp_path / "out" / "records.jsonl").read_text().splitlines()) == 2
     assert "post/efficacy_score" in summary or "post/reliability" in summary
+
+
+def test_entry_point_with_generation_mode(tmp_path):
+    _write_fixture(tmp_path / "cf.json")
+    cfg = _compose([
+        "experiment=ft_smollm2_counterfact",
+        "model=tiny_llama",
+        f"paths.data_dir={tmp_path}",
+        "data.test.path=cf.json",
+        "method.layers=[1]",
+        "method.num_steps=2",
+        "module.scoring_modes=[teacher_forced,generation]",
+        "module.generation_framing=question_answer",
+        "logger=csv",
+        "callbacks=none",
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    OmegaConf.resolve(cfg.paths)
+    summary = run(cfg)
+    assert "post/reliability@generation_qa_em" in summary and "post/reliability" in summary
+    assert "post/efficacy_score" not in summary  # probability comparison not among the modes
+    assert "post/reliability@generation_qa_f1" in (tmp_path / "out" / "csv" / "metrics.csv").read_text()

@@ -14,6 +14,15 @@ With ``score_after_stream`` every record of the run is scored once more at the e
 as the whole edit stream left it (stage ``final``).  In a sequential stream ``post/…`` is the score
 right after a record's own edit and ``final/…`` the score after all edits: the gap is forgetting.
 
+Scoring modes (``scoring_modes``): ``teacher_forced`` token accuracy (keys ``reliability``,
+``generalization``, ``portability``, ``locality``, ``locality_acc``), ``probability_comparison``
+(CounterFact's ``efficacy_*``, ``paraphrase_*``, ``neighborhood_*``, ``cf_score``) and
+``generation``: greedy answers to the same probes scored as text, keys
+``{family}@{label}_{score}`` with label ``generation`` (plain framing) or ``generation_qa``
+(question-answer framing) and score ``em`` / ``f1`` / ``contains`` (and ``judge`` with a judge);
+``locality@…`` compares the post-edit answer with the unedited model's, ``locality_acc@…`` with
+the ground truth.
+
 Metrics are torchmetrics objects (one ``MetricCollection`` per stage, keys ``pre/…``, ``post/…``);
 results go to ``records.jsonl`` (one line per record: every metric pre and post, edit time),
 ``summary.json`` and ``summary.csv`` in ``output_dir``, and to the configured Lightning loggers.
@@ -35,18 +44,25 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord
-from editlab.lit.probes import ProbePlan, build_plan
+from editlab.data.collate import target_text
+from editlab.lit.probes import GenerationPlan, ProbePlan, build_generation_plan, build_plan
 from editlab.methods.base import WeightEditSession
 from editlab.metrics import functional as F
 from editlab.metrics.edit import build_edit_metrics, computed
+from editlab.metrics.judge import Judge, build_judge, judge_scores
 from editlab.models.loading import ModelBundle
 from editlab.scoring import ProbeScores, ScoreCache, greedy_generate, score_pairs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditEvalModule", "STAGES"]
+__all__ = ["EditEvalModule", "FRAMINGS", "QA_TEMPLATE", "SCORING_MODES", "STAGES"]
 
 STAGES = ("pre", "post", "final")
+SCORING_MODES = ("teacher_forced", "probability_comparison", "generation")
+FRAMINGS = {"plain": "generation", "question_answer": "generation_qa"}  # framing → mode label in keys
+QA_TEMPLATE = "Question: {prompt}\nAnswer:"
+
+_GenTexts = tuple[GenerationPlan, list[str], list[str]]  # plan, texts of this stage, pre-edit texts
 
 
 class EditEvalModule(L.LightningModule):
@@ -70,6 +86,18 @@ class EditEvalModule(L.LightningModule):
         score_after_stream: at the end of the run, score every successfully edited record again
             on the model as the edit stream left it (``final/…`` keys; meaningful with sequential
             editing, where the edits are still applied at that point).
+        scoring_modes: the modes scored side by side, from :data:`SCORING_MODES`; ``None`` keeps
+            ``teacher_forced`` plus ``probability_comparison`` when that flag is set.  Given, it
+            overrides ``probability_comparison``; ``teacher_forced`` cannot be left out (yet).
+        generation_framing: ``plain`` (the prompt as is) or ``question_answer`` (the prompt put
+            into ``qa_template``); labels the keys ``@generation_…`` / ``@generation_qa_…``.
+        qa_template: format string with ``{prompt}`` for the question-answer framing.
+        generation_margin: a generated answer is capped at its reference's token count plus this.
+        generation_max_new_tokens: absolute cap on a generated answer's tokens.
+        generation_chunk_size: prompts per batched generation.
+        judge: optional judge of generated answers (``judge(prompt, target, generation)`` in
+            [0, 1], or a model name/path for an LLM judge; see :mod:`editlab.metrics.judge`):
+            adds ``…@generation_judge`` keys.
     """
 
     def __init__(
@@ -84,8 +112,36 @@ class EditEvalModule(L.LightningModule):
         precompute_pre: bool = True,
         probability_comparison: bool = True,
         score_after_stream: bool = False,
+        scoring_modes: list[str] | tuple[str, ...] | None = None,
+        generation_framing: str = "plain",
+        qa_template: str = QA_TEMPLATE,
+        generation_margin: int = 5,
+        generation_max_new_tokens: int = 32,
+        generation_chunk_size: int = 32,
+        judge: Judge | str | None = None,
     ) -> None:
         super().__init__()
+        if scoring_modes is not None:
+            modes = list(scoring_modes)
+            unknown = [m for m in modes if m not in SCORING_MODES]
+            if unknown:
+                raise ValueError(f"unknown scoring modes {unknown}; choose from {list(SCORING_MODES)}")
+            if "teacher_forced" not in modes:
+                raise ValueError("scoring_modes must include 'teacher_forced' (the edit loop's base scores)")
+            probability_comparison = "probability_comparison" in modes
+        if generation_framing not in FRAMINGS:
+            raise ValueError(f"unknown generation_framing {generation_framing!r}; choose from {list(FRAMINGS)}")
+        if "{prompt}" not in qa_template:
+            raise ValueError(f"qa_template must contain '{{prompt}}', got {qa_template!r}")
+        self.generation = scoring_modes is not None and "generation" in scoring_modes
+        self.generation_label = FRAMINGS[generation_framing]
+        self.generation_template = qa_template if generation_framing == "question_answer" else "{prompt}"
+        self.generation_margin = generation_margin
+        self.generation_max_new_tokens = generation_max_new_tokens
+        self.generation_chunk_size = generation_chunk_size
+        self.judge = build_judge(judge) if self.generation else None
+        self._pre_gen: dict[tuple[str, int], str] = {}
+        self._target_tokens: dict[str, int] = {}
         self.bundle = model
         self.model = model.model
         self.tokenizer = model.tokenizer
@@ -101,7 +157,10 @@ class EditEvalModule(L.LightningModule):
         self._pre_cache = ScoreCache()
         self._pre_texts: dict[str, str] = {}
         self.session = WeightEditSession(self.model)
-        self.stage_metrics = nn.ModuleDict({s: build_edit_metrics(f"{s}/") for s in STAGES})
+        label = self.generation_label if self.generation else None
+        self.stage_metrics = nn.ModuleDict(
+            {s: build_edit_metrics(f"{s}/", generation=label, judge=self.judge is not None) for s in STAGES}
+        )
         self.summary: dict[str, float] = {}
         self._edit_seconds: dict[int, float] = {}
         self._failed: dict[int, str] = {}
@@ -143,6 +202,7 @@ class EditEvalModule(L.LightningModule):
         self._failed.clear()
         self._pre_cache.clear()
         self._pre_texts.clear()
+        self._pre_gen.clear()
         for values in self._timings.values():
             values.clear()
         if self.precompute_pre:
@@ -161,6 +221,8 @@ class EditEvalModule(L.LightningModule):
                                    chunk_size=self.chunk_size, max_prompt_tokens=self.max_prompt_tokens)
             if self.fluency:
                 self._fluency(records, self._pre_texts)
+            if self.generation:
+                self._generate(self._generation_plan(records), self._pre_gen)
         self._timings["pre"].append((time.perf_counter() - start) / len(records))
         log.info("pre-edit scores of %d records (%d unique sequences) in %.2fs", len(records), len(plan),
                  time.perf_counter() - start)
@@ -170,6 +232,31 @@ class EditEvalModule(L.LightningModule):
         if cache is not None:
             return cache.scores(self.model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
         return score_pairs(self.model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
+
+    # ------------------------------------------------------------ generation
+    def _frame(self, prompt: str) -> str:
+        return self.generation_template.format(prompt=prompt)
+
+    def _cap(self, target: str) -> int:
+        """Token cap of a generated answer whose reference is ``target``."""
+        if target not in self._target_tokens:
+            ids = self.tokenizer(target_text(target), add_special_tokens=False)["input_ids"]
+            self._target_tokens[target] = len(ids)
+        return max(1, min(self._target_tokens[target] + self.generation_margin, self.generation_max_new_tokens))
+
+    def _generation_plan(self, records: list[EditRecord]) -> GenerationPlan:
+        return build_generation_plan(records, self._frame, self._cap)
+
+    def _generate(self, plan: GenerationPlan, cache: dict[tuple[str, int], str] | None = None) -> list[str]:
+        """Greedy answers of the plan's prompts on the model as it is (through ``cache`` if given)."""
+        keys = plan.keys()
+        todo = keys if cache is None else [k for k in dict.fromkeys(keys) if k not in cache]
+        texts = greedy_generate(self.model, self.tokenizer, [p for p, _ in todo], max_new_tokens=[c for _, c in todo],
+                                chunk_size=self.generation_chunk_size, stop_at_answer_end=True) if todo else []
+        if cache is None:
+            return texts
+        cache.update(zip(todo, texts))
+        return [cache[k] for k in keys]
 
     def _fluency(self, records: list[EditRecord], cache: dict[str, str] | None = None) -> tuple[list[str], list[int]]:
         prompts, owners = [], []
@@ -193,12 +280,15 @@ class EditEvalModule(L.LightningModule):
         plan = build_plan(records, self.probability_comparison)
         failed = self._failed.get(batch_idx)
         t0 = time.perf_counter()
+        gplan = self._generation_plan(records) if self.generation else None
         with self.session.suspended():
             pre = self._score(plan, self._pre_cache)
             pre_texts = self._fluency(records, self._pre_texts) if self.fluency else ([], [])
+            pre_gen = self._generate(gplan, self._pre_gen) if gplan is not None else []
         t1 = time.perf_counter()
         post = pre if failed else self._score(plan)
         post_texts = pre_texts if failed or not self.fluency else self._fluency(records)
+        post_gen = pre_gen if failed or gplan is None else self._generate(gplan)
         t2 = time.perf_counter()
         if not self.precompute_pre:
             self._timings["pre"].append((t1 - t0) / len(records))
@@ -210,14 +300,16 @@ class EditEvalModule(L.LightningModule):
             self._timings["edit"].append(self._edit_seconds[batch_idx])
 
         per_record: dict[str, dict[str, torch.Tensor]] = {}
-        for stage, scores, texts in (("pre", pre, pre_texts), ("post", post, post_texts)):
+        for stage, scores, texts, gen in (("pre", pre, pre_texts, pre_gen), ("post", post, post_texts, post_gen)):
             if stage == "post" and failed:
                 continue
-            per_record[stage] = self._update(stage, plan, scores, pre, texts)
+            generated = (gplan, gen, pre_gen) if gplan is not None else None
+            per_record[stage] = self._update(stage, plan, scores, pre, texts, generated)
         self._write_rows(records, per_record, batch_idx, failed)
 
     def _update(
-        self, stage: str, plan: ProbePlan, scores: ProbeScores, pre: ProbeScores, texts: tuple[list[str], list[int]]
+        self, stage: str, plan: ProbePlan, scores: ProbeScores, pre: ProbeScores, texts: tuple[list[str], list[int]],
+        generated: _GenTexts | None = None,
     ) -> dict[str, torch.Tensor]:
         """Update the stage's metrics; return per-record values (NaN where a record has none)."""
         metrics = self.stage_metrics[stage]
@@ -254,6 +346,26 @@ class EditEvalModule(L.LightningModule):
             owner = torch.tensor(owners, dtype=torch.long)
             metrics["fluency"].update(gen_texts, owner.to(self.device), n)
             keep("fluency", torch.tensor([F.ngram_entropy(t) for t in gen_texts]), owner)
+
+        if generated is not None:
+            gplan, now, before = generated
+            label = self.generation_label
+            for family, (seq, rec, refs, prompts) in gplan.families.items():
+                answers = [now[i] for i in seq.tolist()]
+                name = "locality_acc" if family == "locality" else family
+                comparisons = [(name, refs)]
+                if family == "locality" and stage != "pre":
+                    comparisons.append(("locality", [before[i] for i in seq.tolist()]))
+                for target_name, references in comparisons:
+                    for kind in F.GENERATION_SCORES:
+                        key = f"{target_name}@{label}_{kind}"
+                        metrics[key].update(answers, references, rec, n)
+                        keep(key, F.generation_scores(answers, references, kind), rec)
+                if self.judge is not None:
+                    key = f"{name}@{label}_judge"
+                    values = judge_scores(self.judge, prompts, refs, answers)
+                    metrics[key].update(values, rec, n)
+                    keep(key, values, rec)
         return out
 
     def _write_rows(
@@ -284,12 +396,17 @@ class EditEvalModule(L.LightningModule):
         start = time.perf_counter()
         records = list(self._stream)
         plan = build_plan(records, self.probability_comparison)
+        gplan = self._generation_plan(records) if self.generation else None
+        generated = None
         with torch.no_grad():
             with self.session.suspended():
                 pre = self._score(plan, self._pre_cache)  # locality: agreement with the unedited model
+                pre_gen = self._generate(gplan, self._pre_gen) if gplan is not None else []
             final = self._score(plan)
             texts = self._fluency(records) if self.fluency else ([], [])
-        values = self._update("final", plan, final, pre, texts)
+            if gplan is not None:
+                generated = (gplan, self._generate(gplan), pre_gen)
+        values = self._update("final", plan, final, pre, texts, generated)
         for i, row in enumerate(self._stream_rows):
             self._rows[row]["final"] = {k: (None if math.isnan(float(v[i])) else float(v[i])) for k, v in values.items()}
         self._timings["final"] = [(time.perf_counter() - start) / len(records)]
@@ -353,11 +470,13 @@ def _stage_rows(summary: dict[str, float]) -> list[tuple[str, float | None, floa
 def format_summary(summary: dict[str, float]) -> str:
     """A fixed-width table of pre/post metrics followed by timings."""
     final = any(k.startswith("final/") for k in summary)
-    width = 51 if final else 42
-    lines = [f"{'metric':<24} {'pre':>8} {'post':>8}" + (f" {'final':>8}" if final else ""), "-" * width]
-    for metric, pre, post, after in _stage_rows(summary):
+    rows = _stage_rows(summary)
+    name = max([24] + [len(r[0]) for r in rows])
+    width = name + (27 if final else 18)
+    lines = [f"{'metric':<{name}} {'pre':>8} {'post':>8}" + (f" {'final':>8}" if final else ""), "-" * width]
+    for metric, pre, post, after in rows:
         fmt = lambda v: f"{v:8.4f}" if v is not None else f"{'-':>8}"  # noqa: E731
-        lines.append(f"{metric:<24} {fmt(pre)} {fmt(post)}" + (f" {fmt(after)}" if final else ""))
+        lines.append(f"{metric:<{name}} {fmt(pre)} {fmt(post)}" + (f" {fmt(after)}" if final else ""))
     extra = {k: v for k, v in summary.items() if not k.startswith(("pre/", "post/", "final/"))}
     if extra:
         lines.append("-" * width)

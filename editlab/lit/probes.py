@@ -14,18 +14,24 @@ Probability-comparison families (CounterFact, Meng et al. 2022), pairs scored by
   ``efficacy``      edit prompt: P(target_new) > P(target_true)
   ``paraphrase``    rephrase prompts: P(target_new) > P(target_true)
   ``neighborhood``  neighbourhood prompts: P(target_true) > P(target_new)
+
+Generation mode (:func:`build_generation_plan`) reads the accuracy families' (prompt, answer)
+probes instead: each prompt, framed, is answered by greedy generation capped at a length derived
+from its answer, and the answer is scored as text (``editlab.metrics.functional``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from editlab.data.records import EditRecord
 
-__all__ = ["ProbePlan", "build_plan", "ACCURACY_FAMILIES", "COMPARISON_FAMILIES"]
+__all__ = [
+    "ACCURACY_FAMILIES", "COMPARISON_FAMILIES", "GenerationPlan", "ProbePlan", "build_generation_plan", "build_plan",
+]
 
 ACCURACY_FAMILIES = ("reliability", "generalization", "portability", "locality")
 COMPARISON_FAMILIES = ("efficacy", "paraphrase", "neighborhood")
@@ -93,4 +99,59 @@ def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbeP
 
     plan.accuracy = {f: (t(s), t(r)) for f, (s, r) in acc.items() if s}
     plan.comparison = {f: (t(a), t(b), t(r)) for f, (a, b, r) in cmp.items() if a}
+    return plan
+
+
+@dataclass
+class GenerationPlan:
+    """Unique generations to run (framed prompt, token cap) plus, per accuracy family, which
+    generation each probe reads: ``families[family] = (seq, rec, references, prompts)`` with the
+    probes' reference answers and their unframed prompts (what a judge is shown)."""
+
+    prompts: list[str] = field(default_factory=list)
+    caps: list[int] = field(default_factory=list)
+    families: dict[str, tuple[torch.Tensor, torch.Tensor, list[str], list[str]]] = field(default_factory=dict)
+    num_records: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def keys(self) -> list[tuple[str, int]]:
+        """``(framed prompt, cap)`` of each generation: what identifies it on one model state."""
+        return list(zip(self.prompts, self.caps))
+
+
+def build_generation_plan(
+    records: Sequence[EditRecord], frame: Callable[[str], str], cap: Callable[[str], int]
+) -> GenerationPlan:
+    """The generation plan of ``records``: ``frame(prompt)`` is the text the model continues,
+    ``cap(answer)`` its token cap; identical (framed prompt, cap) pairs are generated once."""
+    plan = GenerationPlan(num_records=len(records))
+    index: dict[tuple[str, int], int] = {}
+    fams: dict[str, tuple[list[int], list[int], list[str], list[str]]] = {f: ([], [], [], []) for f in ACCURACY_FAMILIES}
+
+    def add(family: str, r: int, prompt: str, target: str) -> None:
+        key = (frame(prompt), cap(target))
+        if key not in index:
+            index[key] = len(plan.prompts)
+            plan.prompts.append(key[0])
+            plan.caps.append(key[1])
+        seq, rec, refs, raw = fams[family]
+        seq.append(index[key])
+        rec.append(r)
+        refs.append(target)
+        raw.append(prompt)
+
+    for r, rec in enumerate(records):
+        add("reliability", r, rec.prompt, rec.target_new)
+        for p in rec.rephrase_prompts:
+            add("generalization", r, p, rec.target_new)
+        for probe in rec.portability:
+            add("portability", r, probe.prompt, probe.target)
+        for probe in rec.locality:
+            add("locality", r, probe.prompt, probe.target)
+    plan.families = {
+        f: (torch.tensor(s, dtype=torch.long), torch.tensor(r, dtype=torch.long), refs, raw)
+        for f, (s, r, refs, raw) in fams.items() if s
+    }
     return plan

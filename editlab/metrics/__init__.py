@@ -1,9 +1,11 @@
 """Knowledge-editing metrics.
 
-Pure functions live in :mod:`.functional`; DDP-safe ``torchmetrics`` classes in :mod:`.edit`.
+Pure functions live in :mod:`.functional`; DDP-safe ``torchmetrics`` classes in :mod:`.edit`;
+judges of generated answers in :mod:`.judge`.
 """
 
 from editlab.metrics.edit import (
+    GenerationMatch,
     NGramEntropy,
     PredictionAgreement,
     ProbabilityComparisonMagnitude,
@@ -14,16 +16,22 @@ from editlab.metrics.edit import (
     computed,
 )
 from editlab.metrics.functional import (
+    containment,
+    exact_match,
+    generation_scores,
     harmonic_mean,
     mean_ngram_entropy,
     ngram_entropy,
+    normalize_answer,
     probability_comparison,
     segment_mean,
     token_accuracy,
     token_agreement,
+    token_f1,
 )
 
 __all__ = [
+    "GenerationMatch",
     "NGramEntropy",
     "PredictionAgreement",
     "ProbabilityComparisonMagnitude",
@@ -32,6 +40,11 @@ __all__ = [
     "TeacherForcedAccuracy",
     "build_edit_metrics",
     "computed",
+    "containment",
+    "exact_match",
+    "generation_scores",
+    "normalize_answer",
+    "token_f1",
     "harmonic_mean",
     "mean_ngram_entropy",
     "ngram_entropy",

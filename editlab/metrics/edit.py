@@ -18,6 +18,8 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
 from editlab.metrics.functional import (
+    GENERATION_SCORES,
+    generation_scores,
     harmonic_mean,
     ngram_entropy,
     probability_comparison,
@@ -27,6 +29,8 @@ from editlab.metrics.functional import (
 )
 
 __all__ = [
+    "GENERATION_FAMILIES",
+    "GenerationMatch",
     "NGramEntropy",
     "PredictionAgreement",
     "ProbabilityComparisonMagnitude",
@@ -35,9 +39,14 @@ __all__ = [
     "TeacherForcedAccuracy",
     "build_edit_metrics",
     "computed",
+    "generation_metric_names",
 ]
 
 _CF_SCORE_PARTS = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+
+GENERATION_FAMILIES = ("reliability", "generalization", "portability", "locality_acc", "locality")
+"""Metric families scored in generation mode: against the reference answer, except ``locality``
+(agreement of the post-edit generation with the unedited model's generation)."""
 
 
 class RecordMean(Metric):
@@ -195,7 +204,45 @@ class NGramEntropy(RecordMean):
         self._accumulate(scores, record_index, num_records)
 
 
-def build_edit_metrics(prefix: str) -> MetricCollection:
+class GenerationMatch(RecordMean):
+    """A score of greedily generated answers against references (exact match, token F1 or
+    containment after SQuAD normalisation; see :func:`editlab.metrics.functional.generation_scores`).
+
+    Generation-mode reliability / generalization / portability / locality (Yang et al. 2025,
+    "The Mirage of Model Editing: Revisiting Evaluation in the Wild").
+    """
+
+    higher_is_better = True
+
+    def __init__(self, kind: str = "em", **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if kind not in GENERATION_SCORES:
+            raise ValueError(f"unknown generation score {kind!r}; choose from {sorted(GENERATION_SCORES)}")
+        self.kind = kind
+
+    def update(  # type: ignore[override]
+        self,
+        predictions: Sequence[str],
+        references: Sequence[str],
+        record_index: Tensor | Sequence[int],
+        num_records: int | None = None,
+    ) -> None:
+        """``predictions``, ``references``: N strings; ``record_index``: [N] record of each pair."""
+        self._accumulate(generation_scores(predictions, references, self.kind), record_index, num_records)
+
+
+def generation_metric_names(label: str = "generation", kinds: Sequence[str] = tuple(GENERATION_SCORES),
+                            judge: bool = False) -> list[str]:
+    """Names of the generation-mode members: ``{family}@{label}_{kind}`` for every family of
+    :data:`GENERATION_FAMILIES` and score kind, plus ``{family}@{label}_judge`` for the families
+    scored against a reference when ``judge``."""
+    names = [f"{family}@{label}_{kind}" for family in GENERATION_FAMILIES for kind in kinds]
+    if judge:
+        names += [f"{family}@{label}_judge" for family in GENERATION_FAMILIES if family != "locality"]
+    return names
+
+
+def build_edit_metrics(prefix: str, generation: str | None = None, judge: bool = False) -> MetricCollection:
     """All editing metrics in one collection whose computed keys read ``{prefix}{name}``.
 
     Members: ``reliability``, ``generalization``, ``portability``, ``locality_acc``
@@ -206,25 +253,30 @@ def build_edit_metrics(prefix: str) -> MetricCollection:
     reached by base or prefixed name (``collection["reliability"]``) and updated one by one;
     compute groups are off because members of one class see different inputs.  Use
     :func:`computed` to read the results.
+
+    ``generation`` (a mode label such as ``"generation"`` or ``"generation_qa"``) adds the
+    generation-mode members named by :func:`generation_metric_names`: a :class:`GenerationMatch`
+    per family and score kind, and with ``judge`` a :class:`RecordMean` of judge scores per family.
     """
-    return MetricCollection(
-        {
-            "reliability": TeacherForcedAccuracy(),
-            "generalization": TeacherForcedAccuracy(),
-            "portability": TeacherForcedAccuracy(),
-            "locality": PredictionAgreement(),
-            "locality_acc": TeacherForcedAccuracy(),
-            "efficacy_score": ProbabilityComparisonScore(),
-            "efficacy_magnitude": ProbabilityComparisonMagnitude(),
-            "paraphrase_score": ProbabilityComparisonScore(),
-            "paraphrase_magnitude": ProbabilityComparisonMagnitude(),
-            "neighborhood_score": ProbabilityComparisonScore(),
-            "neighborhood_magnitude": ProbabilityComparisonMagnitude(),
-            "fluency": NGramEntropy(),
-        },
-        prefix=prefix,
-        compute_groups=False,
-    )
+    members: dict[str, Metric] = {
+        "reliability": TeacherForcedAccuracy(),
+        "generalization": TeacherForcedAccuracy(),
+        "portability": TeacherForcedAccuracy(),
+        "locality": PredictionAgreement(),
+        "locality_acc": TeacherForcedAccuracy(),
+        "efficacy_score": ProbabilityComparisonScore(),
+        "efficacy_magnitude": ProbabilityComparisonMagnitude(),
+        "paraphrase_score": ProbabilityComparisonScore(),
+        "paraphrase_magnitude": ProbabilityComparisonMagnitude(),
+        "neighborhood_score": ProbabilityComparisonScore(),
+        "neighborhood_magnitude": ProbabilityComparisonMagnitude(),
+        "fluency": NGramEntropy(),
+    }
+    if generation:
+        for name in generation_metric_names(generation, judge=judge):
+            kind = name.rpartition("_")[2]
+            members[name] = RecordMean() if kind == "judge" else GenerationMatch(kind)
+    return MetricCollection(members, prefix=prefix, compute_groups=False)
 
 
 def computed(collection: MetricCollection) -> dict[str, float]:

@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "GENERATION_SCORES",
     "WORD_PATTERN",
+    "containment",
+    "exact_match",
+    "generation_scores",
+    "normalize_answer",
+    "token_f1",
     "harmonic_mean",
     "mean_ngram_entropy",
     "ngram_entropy",
@@ -214,3 +221,68 @@ def mean_ngram_entropy(
     if not scores:
         raise ValueError("mean_ngram_entropy needs at least one text")
     return sum(scores) / len(scores)
+
+
+# ------------------------------------------------------------------ generated answers (strings)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalisation (Rajpurkar et al. 2016, official evaluation script): lowercase,
+    drop ASCII punctuation, drop the articles "a", "an", "the", collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 when the normalised prediction equals the normalised reference (SQuAD EM), else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(reference))
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token F1 between the normalised prediction and reference (bag-of-words overlap).
+
+    When either side normalises to no token the F1 is 1.0 if both do, else 0.0 (as in SQuAD).
+    """
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def containment(prediction: str, reference: str) -> float:
+    """1.0 when the normalised reference occurs in the normalised prediction as whole words
+    ("rome" is in "in rome italy", not in "romeo"); an empty reference is contained only in an
+    empty prediction."""
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    if not ref:
+        return float(not pred)
+    return float(f" {ref} " in f" {pred} ")
+
+
+GENERATION_SCORES: dict[str, Callable[[str, str], float]] = {
+    "em": exact_match,
+    "f1": token_f1,
+    "contains": containment,
+}
+"""Generation-mode scores by the name that labels them in metric keys (``…@generation_em``)."""
+
+
+def generation_scores(predictions: Sequence[str], references: Sequence[str], kind: str) -> Tensor:
+    """Per pair, the score ``kind`` (a key of :data:`GENERATION_SCORES`) of a generated answer
+    against its reference.
+
+    Returns:
+        [N] float64.
+    """
+    if kind not in GENERATION_SCORES:
+        raise ValueError(f"unknown generation score {kind!r}; choose from {sorted(GENERATION_SCORES)}")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    fn = GENERATION_SCORES[kind]
+    return torch.tensor([fn(p, r) for p, r in zip(predictions, references)], dtype=torch.float64)

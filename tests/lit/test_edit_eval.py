@@ -11,7 +11,12 @@ from editlab.lit.edit_eval import EditEvalModule, format_summary
 from editlab.methods.base import EditError, Editor
 from editlab.methods.ft import FTL
 
-from conftest import assert_state_equal, make_records, state_copy
+from editlab.data.records import EditRecord
+from editlab.metrics.edit import generation_metric_names
+
+from conftest import assert_state_equal, make_records, scripted_next_tokens, state_copy
+
+MODES = ["teacher_forced", "probability_comparison", "generation"]
 
 
 def _trainer(callbacks):
@@ -20,11 +25,12 @@ def _trainer(callbacks):
                      callbacks=callbacks)
 
 
-def _run(bundle, editor, tmp_path, sequential=False, skip_failed=False, batch_size=1, after_stream=False):
-    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=True, fluency_max_new_tokens=4,
-                            score_after_stream=after_stream)
+def _run(bundle, editor, tmp_path, sequential=False, skip_failed=False, batch_size=1, after_stream=False,
+         records=make_records, fluency=True, **kwargs):
+    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=fluency, fluency_max_new_tokens=4,
+                            score_after_stream=after_stream, **kwargs)
     cbs = [EditorCallback(editor, sequential=sequential, skip_failed=skip_failed)] if editor else []
-    dm = EditDataModule(test=make_records, batch_size=batch_size)
+    dm = EditDataModule(test=records, batch_size=batch_size)
     _trainer(cbs).test(module, datamodule=dm, verbose=False)
     rows = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
     return module.summary, rows
@@ -160,3 +166,86 @@ def test_stream_windows_report_reads_a_sequential_run(tiny, tmp_path, capsys):
     script.main([str(tmp_path), "--window", "2", "--metrics", "reliability", "--markdown"])
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "| records | reliability pre | reliability post | reliability final |"
+
+
+# ------------------------------------------------------------------ generation mode
+def _gen(d):
+    return {k: v for k, v in d.items() if "@generation" in k}
+
+
+@pytest.mark.parametrize("case", ["teacher_forced_only", "generation_only"])
+def test_teacher_forcing_and_generation_each_score_a_constructed_case_correctly(tiny, tmp_path, case):
+    """Scripted next tokens: in the first case the model predicts " Paris" after the prompt but
+    never stops (" Paris Rome Rome …"): teacher forcing scores 1.0, generation exact match 0
+    (containment still 1).  In the second it answers " The Paris." : the first token is not the
+    target's, so teacher forcing scores 0, while the generated answer normalises to "paris"."""
+    bundle = tiny("llama")
+    tid = lambda text: bundle.tokenizer(text, add_special_tokens=False)["input_ids"][0]  # noqa: E731
+    if case == "teacher_forced_only":
+        table = {tid(" is"): tid(" Paris"), tid(" Paris"): tid(" Rome")}
+    else:
+        table = {tid(" is"): tid(" The"), tid(" The"): tid(" Paris"), tid(" Paris"): tid(".")}
+    records = lambda: [EditRecord(record_id=0, prompt="The capital of France is", subject="France",  # noqa: E731
+                                  target_new="Paris", target_true=None)]
+    with scripted_next_tokens(bundle.model, table, default=tid(" Rome")):
+        summary, rows = _run(bundle, None, tmp_path, records=records, fluency=False, scoring_modes=MODES)
+    scores = {k: summary[f"pre/reliability{k}"] for k in ("", "@generation_em", "@generation_f1", "@generation_contains")}
+    if case == "teacher_forced_only":
+        # the answer runs to the cap: 1 target token + margin 5 = 6 tokens, " Paris" + 5 x " Rome"
+        assert scores == {"": 1.0, "@generation_em": 0.0, "@generation_f1": pytest.approx(2 / 7),
+                          "@generation_contains": 1.0}
+    else:
+        assert scores == {"": 0.0, "@generation_em": 1.0, "@generation_f1": 1.0, "@generation_contains": 1.0}
+    assert rows[0]["pre"]["reliability@generation_em"] == scores["@generation_em"]
+
+
+def test_generation_mode_keys_and_pre_edit_scores_of_the_unedited_model(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    before = state_copy(bundle.model)
+    ed = FTL(layers=[1], lr=0.05, num_steps=20, objective="teacher_forced")
+    judge = lambda prompt, target, generation: float(target.lower() in generation.lower())  # noqa: E731
+    summary, rows = _run(bundle, ed, tmp_path / "edit", sequential=True, fluency=False, scoring_modes=MODES,
+                         judge=judge)
+    assert_state_equal(bundle.model, before)
+    for key in ("post/reliability@generation_em", "post/reliability@generation_f1",
+                "post/reliability@generation_contains", "post/reliability@generation_judge",
+                "post/generalization@generation_em", "post/portability@generation_f1",
+                "post/locality@generation_em", "post/locality_acc@generation_contains",
+                "pre/reliability@generation_em", "post/reliability", "post/efficacy_score"):
+        assert key in summary, key
+    assert "pre/locality@generation_em" not in summary  # agreement with itself
+    # pre-edit generation scores inside a sequential edit run = those of a fresh unedited model
+    _, fresh = _run(tiny("gpt2"), None, tmp_path / "fresh", fluency=False, scoring_modes=MODES, judge=judge,
+                    precompute_pre=False)
+    for edited, unedited in zip(rows, fresh):
+        assert _gen(edited["pre"]) and _gen(edited["pre"]) == _gen(unedited["pre"])
+        assert {k: v for k, v in _gen(unedited["post"]).items() if not k.startswith("locality@")} == _gen(unedited["pre"])
+        assert all(v == 1.0 for k, v in unedited["post"].items() if k.startswith("locality@"))
+    assert (tmp_path / "edit" / "summary.csv").read_text().count("@generation_") == len(
+        [k for k in summary if k.startswith("post/") and "@generation_" in k])
+    assert "reliability@generation_contains" in format_summary(summary)
+
+
+def test_generation_mode_question_answer_framing_and_after_stream(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    ed = FTL(layers=[1], lr=0.05, num_steps=20, objective="teacher_forced")
+    summary, rows = _run(bundle, ed, tmp_path, sequential=True, after_stream=True, fluency=False,
+                         scoring_modes=MODES, generation_framing="question_answer", qa_template="Q: {prompt}\nA:")
+    names = {k.partition("/")[2] for k in summary if "@" in k}
+    assert names == set(generation_metric_names("generation_qa"))
+    given = lambda d: {k: v for k, v in _gen(d).items() if v is not None}  # noqa: E731
+    assert given(rows[-1]["final"]) == given(rows[-1]["post"])  # the last edit's final state is its post state
+    assert summary["final/reliability@generation_qa_f1"] == pytest.approx(
+        sum(r["final"]["reliability@generation_qa_f1"] for r in rows) / len(rows))
+
+
+def test_scoring_modes_are_checked(tiny):
+    with pytest.raises(ValueError, match="unknown scoring modes"):
+        EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced", "wild"])
+    with pytest.raises(ValueError, match="teacher_forced"):
+        EditEvalModule(tiny("gpt2"), scoring_modes=["generation"])
+    with pytest.raises(ValueError, match="generation_framing"):
+        EditEvalModule(tiny("gpt2"), generation_framing="chat")
+    plain = EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced"])
+    assert not plain.generation and not plain.probability_comparison
+    assert "reliability@generation_em" not in plain.stage_metrics["post"]

@@ -331,3 +331,23 @@ def test_tiny_model_accuracy_and_probability_comparison(tiny_gpt2: torch.nn.Modu
     neighborhood = ProbabilityComparisonScore()
     neighborhood.update(torch.tensor([nll_true]), torch.tensor([nll_new]), torch.tensor([0]))
     assert neighborhood.compute().item() == float(prob_true > prob_new)
+
+
+def test_generation_match_and_generation_members() -> None:
+    from editlab.metrics.edit import GenerationMatch, generation_metric_names
+
+    metric = GenerationMatch("f1")
+    assert set(metric._reductions) == {"total", "count"}
+    assert all(fx is dim_zero_sum for fx in metric._reductions.values())
+    # record 0: F1 1 and 0.5 -> 0.75; record 1: F1 0 -> mean over records 0.375
+    metric.update(["Paris", "Paris Rome Rome", "Milan"], ["paris", "Paris", "Rome"], torch.tensor([0, 0, 1]), 2)
+    assert float(metric.compute()) == 0.375
+    with pytest.raises(ValueError, match="unknown generation score"):
+        GenerationMatch("bleu")
+    names = generation_metric_names("generation_qa", judge=True)
+    assert "reliability@generation_qa_em" in names and "locality@generation_qa_f1" in names
+    assert "portability@generation_qa_judge" in names and "locality@generation_qa_judge" not in names
+    collection = build_edit_metrics("post/", generation="generation")
+    collection["reliability@generation_contains"].update(["The Paris."], ["Paris"], [0], 1)
+    assert computed(collection) == {"post/reliability@generation_contains": 1.0}
+    assert "reliability@generation_em" not in build_edit_metrics("post/")

@@ -9,13 +9,18 @@ import torch
 
 from editlab.metrics.functional import (
     WORD_PATTERN,
+    containment,
+    exact_match,
+    generation_scores,
     harmonic_mean,
     mean_ngram_entropy,
     ngram_entropy,
+    normalize_answer,
     probability_comparison,
     segment_mean,
     token_accuracy,
     token_agreement,
+    token_f1,
 )
 
 
@@ -133,3 +138,34 @@ def test_mean_ngram_entropy() -> None:
     assert mean_ngram_entropy(["a b a b", "a b c"]) == pytest.approx(0.6530493056757483, abs=1e-12)
     with pytest.raises(ValueError):
         mean_ngram_entropy([])
+
+
+# ------------------------------------------------------------------ generated answers
+def test_normalize_answer_is_squad_normalisation() -> None:
+    assert normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+    assert normalize_answer("An apple a day") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # articles only as whole words
+    assert normalize_answer("...") == ""
+
+
+def test_exact_match_f1_and_containment_by_hand() -> None:
+    assert exact_match("The Paris.", "paris") == 1.0
+    assert exact_match("Paris Rome", "Paris") == 0.0
+    # prediction "paris rome rome" vs "paris": 1 common token, precision 1/3, recall 1 -> F1 = 0.5
+    assert token_f1("Paris Rome Rome", "Paris") == 0.5
+    # repeated tokens count by multiplicity: "new new york" vs "new york": common 2, p 2/3, r 1 -> 0.8
+    assert token_f1("new new york", "New York") == pytest.approx(0.8, abs=1e-15)
+    assert token_f1("", "") == 1.0 and token_f1("a", "Paris") == 0.0 and token_f1("Rome", "Paris") == 0.0
+    assert containment("It is in New York, USA", "new york") == 1.0
+    assert containment("Romeo", "Rome") == 0.0  # whole words only
+    assert containment("anything", "the") == 0.0 and containment("", "an") == 1.0
+
+
+def test_generation_scores_vector_and_errors() -> None:
+    got = generation_scores(["Paris.", "Rome", "Paris Rome"], ["paris", "Paris", "paris"], "contains")
+    assert got.dtype == torch.float64 and got.tolist() == [1.0, 0.0, 1.0]
+    assert generation_scores(["Paris Rome"], ["Paris"], "f1").tolist() == [pytest.approx(2 / 3)]
+    with pytest.raises(ValueError, match="unknown generation score"):
+        generation_scores(["a"], ["a"], "bleu")
+    with pytest.raises(ValueError, match="references"):
+        generation_scores(["a", "b"], ["a"], "em")
