@@ -152,3 +152,47 @@ def test_entry_point_with_generation_mode(tmp_path):
     assert "post/reliability@generation_qa_em" in summary and "post/reliability" in summary
     assert "post/efficacy_score" not in summary  # probability comparison not among the modes
     assert "post/reliability@generation_qa_f1" in (tmp_path / "out" / "csv" / "metrics.csv").read_text()
+
+
+def test_general_ability_config_group():
+    from editlab.general import GeneralAbility
+    from editlab.stats import WikipediaSample
+
+    assert _compose(["experiment=ft_smollm2_zsre"]).module.general_ability is None  # off by default
+    cfg = _compose(["experiment=ft_smollm2_zsre", "+general_ability=default"])
+    ev = hydra.utils.instantiate(cfg.module.general_ability)
+    assert isinstance(ev, GeneralAbility) and isinstance(ev.corpus, WikipediaSample)
+    assert ev.piqa == "locality/piqa_valid.jsonl" and ev.piqa_examples == 200 and ev.n_tokens == 16384
+
+
+def test_entry_point_with_general_ability(tmp_path):
+    """``+general_ability=default`` on a tiny model: the offline Wikipedia sample (first 64 tokens)
+    and PIQA from the data dir (a 2-item file written here), pre/post/final keys in the summary."""
+    _write_fixture(tmp_path / "cf.json")
+    (tmp_path / "locality").mkdir()
+    items = [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Hit it."}] * 2
+    (tmp_path / "locality" / "piqa_valid.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "locality" / "piqa_valid-labels.lst").write_text("0\n1\n")
+    cfg = _compose([
+        "experiment=ft_smollm2_counterfact",
+        "model=tiny_llama",
+        f"paths.data_dir={tmp_path}",
+        "data.test.path=cf.json",
+        "method.layers=[1]",
+        "edit.sequential=true",
+        "module.score_after_stream=true",
+        "+general_ability=default",
+        "module.general_ability.n_tokens=64",
+        "module.general_ability.seq_len=32",
+        "logger=csv",
+        "callbacks=none",
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    OmegaConf.resolve(cfg.paths)
+    summary = run(cfg)
+    for stage in ("pre", "post", "final"):
+        for name in ("perplexity", "piqa_acc", "piqa_acc_norm"):
+            assert f"{stage}/general_{name}" in summary, (stage, name)
+    assert summary["pre/general_tokens"] == 62 and summary["pre/general_piqa_examples"] == 2
+    assert "pre/general_perplexity" in (tmp_path / "out" / "csv" / "metrics.csv").read_text()

@@ -1,9 +1,11 @@
 """Datasets: the :class:`EditRecord` type and the per-schema loaders that produce it."""
 
 from editlab.data.loaders import (
+    ChoiceItem,
     load_counterfact_easyedit,
     load_counterfact_rome,
     load_knowedit,
+    load_piqa,
     load_wikibio,
     load_zsre_mend,
     resolve_data_dir,
@@ -20,4 +22,6 @@ __all__ = [
     "load_zsre_mend",
     "load_knowedit",
     "load_wikibio",
+    "ChoiceItem",
+    "load_piqa",
 ]

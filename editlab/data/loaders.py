@@ -10,6 +10,8 @@ One function per source schema (Hydra configs call them directly through ``_targ
   variants (``portability``, ``alter_subject_question``, ``inverse question``).
 * :func:`load_knowedit` / :func:`load_wikibio` — KnowEdit (ZsRE, WikiData_counterfact,
   WikiData_recent) and KnowEdit's WikiBio.
+* :func:`load_piqa` — PIQA (``goal``/``sol1``/``sol2`` JSONL + a labels file) as
+  :class:`ChoiceItem` lists, for the general-ability check (:mod:`editlab.general`).
 
 Conventions shared by all loaders:
 
@@ -35,6 +37,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,6 +50,8 @@ __all__ = [
     "load_zsre_mend",
     "load_knowedit",
     "load_wikibio",
+    "ChoiceItem",
+    "load_piqa",
 ]
 
 log = logging.getLogger(__name__)
@@ -464,3 +469,70 @@ def load_wikibio(path: str | Path, limit: int | None = None, offset: int = 0, *,
     """KnowEdit WikiBio (``wikibio-{train,test}-all.json``): ``text`` → prompt, ``labels`` →
     target_new (a continuation sentence), ``concept`` → subject; no true target."""
     return _load(path, limit, offset, data_dir, _parse_wikibio)
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple choice (general ability)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """One multiple-choice question: ``context`` followed by one of ``choices``; ``label`` is the
+    index of the right choice; ``index`` the position in the source file."""
+
+    context: str
+    choices: tuple[str, ...]
+    label: int
+    index: int
+
+
+def load_piqa(path: str | Path = "locality/piqa_valid.jsonl", labels: str | Path | None = None,
+              limit: int | None = None, offset: int = 0, *,
+              data_dir: str | Path | None = None) -> list[ChoiceItem]:
+    """PIQA (Bisk et al. 2020): ``{"goal", "sol1", "sol2"}`` per JSONL line and the answer (``0`` for
+    ``sol1``, ``1`` for ``sol2``) on the same line of ``labels`` (default: ``<stem>-labels.lst``
+    beside ``path``).  Relative paths are read from the data directory
+    (:func:`resolve_data_dir`).  Items ``[offset, offset + limit)`` by line; a malformed line raises
+    :class:`RecordError` naming the file, the line index (0-based) and the field.  Strings must not
+    be blank; the goal is stripped and the solutions right-stripped (some end in a space)."""
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    file = _resolve_path(path, data_dir)
+    label_file = (_resolve_path(labels, data_dir) if labels is not None
+                  else file.with_name(f"{file.stem}-labels.lst"))
+    if not label_file.is_file():
+        raise FileNotFoundError(f"PIQA labels file {label_file} (for {file}) does not exist")
+    with file.open(encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    with label_file.open(encoding="utf-8") as handle:
+        answers = handle.read().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    while answers and not answers[-1].strip():
+        answers.pop()
+    if len(lines) != len(answers):
+        raise RecordError(str(label_file), None, "<file>",
+                          f"{len(answers)} labels for the {len(lines)} items of {file}")
+    stop = len(lines) if limit is None else min(len(lines), offset + limit)
+    items: list[ChoiceItem] = []
+    for i in range(offset, stop):
+        try:
+            raw = json.loads(lines[i])
+        except json.JSONDecodeError as err:
+            raise RecordError(str(file), i, "<record>", f"invalid JSON: {err}") from err
+        if not isinstance(raw, Mapping):
+            raise RecordError(str(file), i, "<record>", f"must be a JSON object, got {type(raw).__name__}")
+        fields = _Fields(str(file), i, raw)
+        texts = []
+        for name in ("goal", "sol1", "sol2"):
+            value = fields.required(name)
+            if not isinstance(value, str) or not value.strip():
+                fields.fail(name, f"must be a non-empty string, got {value!r:.80}")
+            texts.append(value.strip() if name == "goal" else value.rstrip())
+        label = answers[i].strip()
+        if label not in ("0", "1"):
+            raise RecordError(str(label_file), i, "label", f"must be 0 or 1, got {label!r:.40}")
+        items.append(ChoiceItem(texts[0], (texts[1], texts[2]), int(label), i))
+    return items

@@ -23,6 +23,18 @@ Scoring modes (``scoring_modes``): ``teacher_forced`` token accuracy (keys ``rel
 ``locality@…`` compares the post-edit answer with the unedited model's, ``locality_acc@…`` with
 the ground truth.
 
+General ability (``general_ability``, a :class:`~editlab.general.GeneralAbility`): perplexity on a
+held-out text sample and PIQA accuracy, measured on the whole model rather than per record:
+``pre/general_…`` on the unedited model before the first edit; ``post/general_…`` in the last
+batch's step, right after its edit: with sequential editing that is the model after the whole
+stream, with independent edits the model with only the last batch's edit applied (a failed last
+edit leaves the model as it was); ``final/general_…`` (with ``score_after_stream``) at the end of
+the run on the model as the stream left it (sequential: after all edits, the same state as
+``post``, measured again; independent: every edit undone, so ``pre``'s values are copied).
+Keys ``general_perplexity``, ``general_nll``, ``general_tokens``, ``general_piqa_acc``,
+``general_piqa_acc_norm``, ``general_piqa_examples``; they go to ``summary.json`` /
+``summary.csv`` and the loggers, not to ``records.jsonl``.
+
 Metrics are torchmetrics objects (one ``MetricCollection`` per stage, keys ``pre/…``, ``post/…``);
 results go to ``records.jsonl`` (one line per record: every metric pre and post, edit time),
 ``summary.json`` and ``summary.csv`` in ``output_dir``, and to the configured Lightning loggers.
@@ -45,6 +57,7 @@ from torch import nn
 
 from editlab.data.records import EditRecord
 from editlab.data.collate import target_text
+from editlab.general import GeneralAbility
 from editlab.lit.probes import GenerationPlan, ProbePlan, build_generation_plan, build_plan
 from editlab.methods.base import WeightEditSession
 from editlab.metrics import functional as F
@@ -98,6 +111,10 @@ class EditEvalModule(L.LightningModule):
         judge: optional judge of generated answers (``judge(prompt, target, generation)`` in
             [0, 1], or a model name/path for an LLM judge; see :mod:`editlab.metrics.judge`):
             adds ``…@generation_judge`` keys.
+        general_ability: optional :class:`~editlab.general.GeneralAbility` (or any callable
+            ``(model, tokenizer) -> {name: value}``): perplexity and PIQA accuracy before the
+            first edit, after the last one and after the stream (``{stage}/general_{name}`` keys;
+            see the module docstring for exactly which model state each stage measures).
     """
 
     def __init__(
@@ -119,6 +136,7 @@ class EditEvalModule(L.LightningModule):
         generation_max_new_tokens: int = 32,
         generation_chunk_size: int = 32,
         judge: Judge | str | None = None,
+        general_ability: GeneralAbility | None = None,
     ) -> None:
         super().__init__()
         if scoring_modes is not None:
@@ -161,6 +179,9 @@ class EditEvalModule(L.LightningModule):
         self.stage_metrics = nn.ModuleDict(
             {s: build_edit_metrics(f"{s}/", generation=label, judge=self.judge is not None) for s in STAGES}
         )
+        self.general_ability = general_ability
+        self._general: dict[str, dict[str, float]] = {}
+        self._steps = 0
         self.summary: dict[str, float] = {}
         self._edit_seconds: dict[int, float] = {}
         self._failed: dict[int, str] = {}
@@ -205,6 +226,12 @@ class EditEvalModule(L.LightningModule):
         self._pre_gen.clear()
         for values in self._timings.values():
             values.clear()
+        self._timings.pop("general", None)
+        self._general.clear()
+        self._steps = 0
+        if self.general_ability is not None:
+            with self.session.suspended():
+                self._measure_general("pre")
         if self.precompute_pre:
             self._warm_pre_cache()
 
@@ -226,6 +253,19 @@ class EditEvalModule(L.LightningModule):
         self._timings["pre"].append((time.perf_counter() - start) / len(records))
         log.info("pre-edit scores of %d records (%d unique sequences) in %.2fs", len(records), len(plan),
                  time.perf_counter() - start)
+
+    def _measure_general(self, stage: str) -> None:
+        """General ability of the model as it is now, kept as ``{stage}/general_…``."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            self._general[stage] = dict(self.general_ability(self.model, self.tokenizer))
+        self._timings.setdefault("general", []).append(time.perf_counter() - start)
+
+    def _is_last_step(self) -> bool:
+        """True in the run's last test step (of the last test loader)."""
+        self._steps += 1
+        total = sum(self.trainer.num_test_batches)
+        return math.isfinite(total) and self._steps == int(total)
 
     def _score(self, plan: ProbePlan, cache: ScoreCache | None = None) -> ProbeScores:
         kwargs = {"chunk_size": self.chunk_size, "max_prompt_tokens": self.max_prompt_tokens}
@@ -306,6 +346,8 @@ class EditEvalModule(L.LightningModule):
             generated = (gplan, gen, pre_gen) if gplan is not None else None
             per_record[stage] = self._update(stage, plan, scores, pre, texts, generated)
         self._write_rows(records, per_record, batch_idx, failed)
+        if self.general_ability is not None and self._is_last_step():
+            self._measure_general("post")
 
     def _update(
         self, stage: str, plan: ProbePlan, scores: ProbeScores, pre: ProbeScores, texts: tuple[list[str], list[int]],
@@ -413,11 +455,20 @@ class EditEvalModule(L.LightningModule):
         log.info("scored %d records after the whole edit stream in %.2fs", len(records), time.perf_counter() - start)
 
     def on_test_epoch_end(self) -> None:
+        if self.general_ability is not None and self._steps and "post" not in self._general:
+            log.warning("general ability: the test loader has no length, so the last batch was not known "
+                        "in its step and post/general_… was not measured")
         if self.score_after_stream:
             self._score_after_stream()
+            if self.general_ability is not None and not self.session.edited:
+                self._general["final"] = dict(self._general["pre"])  # every edit undone: the unedited model
+            elif self.general_ability is not None:
+                self._measure_general("final")
         summary: dict[str, float] = {}
         for stage in STAGES:
             summary.update(computed(self.stage_metrics[stage]))
+            general = self._general.get(stage, {})
+            summary.update({f"{stage}/general_{k}": float(v) for k, v in general.items()})
         for name, values in self._timings.items():
             if values:
                 summary[f"time/{name}_seconds_median"] = float(statistics.median(values))

@@ -1,7 +1,8 @@
 """Knowledge-editing metrics.
 
-Pure functions live in :mod:`.functional`; DDP-safe ``torchmetrics`` classes in :mod:`.edit`;
-judges of generated answers in :mod:`.judge`.
+Pure functions live in :mod:`.functional`; DDP-safe ``torchmetrics`` classes in :mod:`.edit`
+(editing) and :mod:`.general` (perplexity, multiple-choice accuracy); judges of generated answers
+in :mod:`.judge`.
 """
 
 from editlab.metrics.edit import (
@@ -16,6 +17,7 @@ from editlab.metrics.edit import (
     computed,
 )
 from editlab.metrics.functional import (
+    choice_accuracy,
     containment,
     exact_match,
     generation_scores,
@@ -23,15 +25,21 @@ from editlab.metrics.functional import (
     mean_ngram_entropy,
     ngram_entropy,
     normalize_answer,
+    perplexity,
     probability_comparison,
     segment_mean,
     token_accuracy,
     token_agreement,
     token_f1,
 )
+from editlab.metrics.general import MultipleChoiceAccuracy, Perplexity
 
 __all__ = [
     "GenerationMatch",
+    "MultipleChoiceAccuracy",
+    "Perplexity",
+    "choice_accuracy",
+    "perplexity",
     "NGramEntropy",
     "PredictionAgreement",
     "ProbabilityComparisonMagnitude",

@@ -22,6 +22,8 @@ from torch import Tensor
 
 __all__ = [
     "GENERATION_SCORES",
+    "choice_accuracy",
+    "perplexity",
     "WORD_PATTERN",
     "containment",
     "exact_match",
@@ -286,3 +288,42 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str], kin
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     fn = GENERATION_SCORES[kind]
     return torch.tensor([fn(p, r) for p, r in zip(predictions, references)], dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------ general ability
+def perplexity(nll_sum: Tensor | float, count: Tensor | int) -> Tensor:
+    """``exp(nll_sum / count)`` (float64): perplexity of ``count`` tokens whose negative
+    log-likelihoods (natural log) sum to ``nll_sum``; NaN when ``count`` is 0."""
+    total = torch.as_tensor(nll_sum, dtype=torch.float64)
+    n = torch.as_tensor(count, dtype=torch.float64, device=total.device)
+    if float(n) == 0:
+        return torch.tensor(math.nan, dtype=torch.float64, device=total.device)
+    return torch.exp(total / n)
+
+
+def choice_accuracy(loglik: Tensor, labels: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """Per question, 1.0 when the highest-scoring choice is the labelled one, else 0.0 (float64).
+
+    The multiple-choice rule of lm-evaluation-harness: a choice's score is the total
+    log-likelihood of its continuation given the context (``acc``), or that divided by the
+    continuation's length (``acc_norm``; the harness uses the length in characters).  Ties go to
+    the first choice.
+
+    Args:
+        loglik: [N, C] summed log-likelihood of each choice.
+        labels: [N] index of the right choice.
+        lengths: [N, C] positive continuation lengths, or None for unnormalised scores.
+    """
+    if loglik.dim() != 2:
+        raise ValueError(f"loglik must be [N, C], got shape {tuple(loglik.shape)}")
+    if labels.shape != loglik.shape[:1]:
+        raise ValueError(f"labels must be [N] with N = {loglik.shape[0]}, got shape {tuple(labels.shape)}")
+    scores = loglik.to(torch.float64)
+    if lengths is not None:
+        if lengths.shape != loglik.shape:
+            raise ValueError(f"lengths must have the shape of loglik {tuple(loglik.shape)}, "
+                             f"got {tuple(lengths.shape)}")
+        if bool((lengths <= 0).any()):
+            raise ValueError("choice lengths must be positive")
+        scores = scores / lengths.to(device=scores.device, dtype=torch.float64)
+    return (scores.argmax(dim=1) == labels.to(scores.device)).to(torch.float64)

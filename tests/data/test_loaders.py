@@ -511,3 +511,69 @@ def test_real_data_quirks() -> None:
     recent = load_knowedit(_real_file("knowedit/wiki_recent-recent_train.json"))
     assert all(r.target_true is None for r in recent)
     assert any(p.aliases for r in recent for p in r.locality)
+
+
+# ------------------------------------------------------------------ PIQA (general ability)
+def _piqa(tmp_path, lines, labels):
+    data = tmp_path / "piqa_valid.jsonl"
+    data.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    (tmp_path / "piqa_valid-labels.lst").write_text("".join(f"{x}\n" for x in labels), encoding="utf-8")
+    return data
+
+
+def test_load_piqa_reads_items_and_labels(tmp_path):
+    from editlab.data.loaders import ChoiceItem, load_piqa
+
+    good = json.dumps({"goal": " Open a jar ", "sol1": "twist the lid ", "sol2": "hit it"})
+    data = _piqa(tmp_path, [good, good, good], [1, 0, 1])
+    assert load_piqa(data, limit=2, offset=1) == [
+        ChoiceItem("Open a jar", ("twist the lid", "hit it"), 0, 1),
+        ChoiceItem("Open a jar", ("twist the lid", "hit it"), 1, 2),
+    ]
+    assert len(load_piqa("piqa_valid.jsonl", data_dir=tmp_path)) == 3
+
+
+@pytest.mark.parametrize("line,label,where,field", [
+    ('{"goal": "g", "sol1": "a"}', "0", "piqa_valid.jsonl, record 1", "sol2"),
+    ('{"goal": "g", "sol1": "  ", "sol2": "b"}', "0", "piqa_valid.jsonl, record 1", "sol1"),
+    ('{"goal": 3, "sol1": "a", "sol2": "b"}', "0", "piqa_valid.jsonl, record 1", "goal"),
+    ("not json", "0", "piqa_valid.jsonl, record 1", "<record>"),
+    ('{"goal": "g", "sol1": "a", "sol2": "b"}', "2", "piqa_valid-labels.lst, record 1", "label"),
+])
+def test_load_piqa_names_file_index_and_field(tmp_path, line, label, where, field):
+    from editlab.data.loaders import load_piqa
+
+    good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})
+    data = _piqa(tmp_path, [good, line], ["0", label])
+    with pytest.raises(RecordError) as err:
+        load_piqa(data)
+    assert where in str(err.value) and f"field '{field}'" in str(err.value)
+    assert err.value.index == 1 and err.value.field == field
+
+
+def test_load_piqa_label_count_and_missing_files(tmp_path):
+    from editlab.data.loaders import load_piqa
+
+    good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})
+    data = _piqa(tmp_path, [good, good], [0])
+    with pytest.raises(RecordError, match="1 labels for the 2 items"):
+        load_piqa(data)
+    (tmp_path / "piqa_valid-labels.lst").unlink()
+    with pytest.raises(FileNotFoundError, match="labels file"):
+        load_piqa(data)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_piqa(tmp_path / "missing.jsonl")
+
+
+@pytest.mark.data
+def test_load_piqa_shared_release():
+    from editlab.data.loaders import load_piqa, resolve_data_dir
+
+    try:
+        folder = resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("no data directory")
+    if not (folder / "locality" / "piqa_valid.jsonl").is_file():
+        pytest.skip("PIQA not in the data directory")
+    items = load_piqa("locality/piqa_valid.jsonl")
+    assert len(items) == 1838 and {it.label for it in items} == {0, 1}

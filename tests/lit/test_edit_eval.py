@@ -249,3 +249,76 @@ def test_scoring_modes_are_checked(tiny):
     plain = EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced"])
     assert not plain.generation and not plain.probability_comparison
     assert "reliability@generation_em" not in plain.stage_metrics["post"]
+
+
+# ------------------------------------------------------------------ general ability
+GENERAL_KEYS = ("general_perplexity", "general_nll", "general_tokens", "general_piqa_acc", "general_piqa_acc_norm",
+                "general_piqa_examples")
+
+
+def _general(tmp_path):
+    from editlab.general import GeneralAbility
+    from editlab.stats import TextFile
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    text = tmp_path / "heldout.txt"
+    text.write_text("The Eiffel Tower is a wrought-iron lattice tower in Paris, named after Gustave Eiffel.\n\n"
+                    "The tower is 330 metres tall and was the centrepiece of the 1889 World's Fair.\n", encoding="utf-8")
+    (tmp_path / "locality").mkdir()
+    items = [{"goal": f"How do I open jar {i}?", "sol1": "Twist the lid.", "sol2": "Hit it with a hammer."}
+             for i in range(4)]
+    (tmp_path / "locality" / "piqa_valid.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "locality" / "piqa_valid-labels.lst").write_text("0\n1\n0\n1\n")
+    return GeneralAbility(TextFile(text), n_tokens=40, seq_len=16, data_dir=tmp_path)
+
+
+def _stage(summary, stage):
+    return {k.partition("/")[2]: v for k, v in summary.items() if k.startswith(f"{stage}/general_")}
+
+
+class _Destroy(Editor):
+    """Adds large noise to the token embedding (tied to the LM head in GPT-2)."""
+
+    def compute_deltas(self, model, tokenizer, records):
+        weight = model.get_input_embeddings().weight
+        name = next(n for n, p in model.named_parameters() if p is weight)
+        return {name: 5.0 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0))}
+
+
+def test_general_ability_pre_post_final_in_a_sequential_stream(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    before = state_copy(bundle.model)
+    ev = _general(tmp_path)
+    ed = FTL(layers=[1], lr=0.05, num_steps=20, objective="teacher_forced")
+    summary, rows = _run(bundle, ed, tmp_path / "run", sequential=True, after_stream=True, fluency=False,
+                         general_ability=ev)
+    assert_state_equal(bundle.model, before)
+    pre, post, final = (_stage(summary, s) for s in ("pre", "post", "final"))
+    assert set(pre) == set(post) == set(final) == set(GENERAL_KEYS)
+    # pre: exactly the values of a fresh unedited model
+    assert pre == {f"general_{k}": v for k, v in _general(tmp_path / "fresh")(bundle.model, bundle.tokenizer).items()}
+    # post is measured after the last edit of the stream, final at the end: the same model state
+    assert post == final and post["general_perplexity"] != pre["general_perplexity"]
+    assert pre["general_tokens"] == 40 - 3 and pre["general_piqa_examples"] == 4
+    assert "time/general_seconds_median" in summary
+    assert all("general_perplexity" not in r["pre"] for r in rows)  # run-level, not per record
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["pre/general_piqa_acc"] == pre["general_piqa_acc"]
+    assert "general_perplexity," in (tmp_path / "run" / "summary.csv").read_text()
+    assert "general_perplexity" in format_summary(summary)
+
+
+def test_general_ability_sees_a_destructive_edit_and_its_undoing(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    before = state_copy(bundle.model)
+    summary, _ = _run(bundle, _Destroy(), tmp_path / "run", after_stream=True, fluency=False,
+                      general_ability=_general(tmp_path))
+    assert_state_equal(bundle.model, before)
+    pre, post, final = (_stage(summary, s) for s in ("pre", "post", "final"))
+    assert post["general_perplexity"] > 10 * pre["general_perplexity"]
+    assert final == pre  # independent edits: every edit is undone by the end of the run
+
+
+def test_general_ability_is_off_by_default(tiny, tmp_path):
+    summary, _ = _run(tiny("llama"), None, tmp_path, fluency=False)
+    assert not any("general_" in k for k in summary)
