@@ -11,6 +11,13 @@ checkpoint's weights (``fit.test_weights=best``) or the last ones.  ``ckpt_path=
 training and tests the editor saved in PATH (rebuilt from the config stored in it);
 ``fit.resume_from=PATH`` resumes an interrupted training run.  Whether fitting happens is decided
 by the presence of the ``fit`` node alone, never by the method's name.
+
+Edit streams (lifelong editing): ``stream.edits=N stream.batch_size=B stream.eval_every=K`` is
+shorthand for the settings it implies (:func:`apply_stream`): the first N test records
+(``data.test.limit``) in batches of B (``data.batch_size``), edits accumulating
+(``edit.sequential``), every edited record scored after the whole stream
+(``module.score_after_stream``) and, every K batches, all records edited so far
+(``module.eval_every``: ``curves.csv`` / ``curves.png``).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import format_summary
@@ -85,8 +92,40 @@ def build_editor(cfg: DictConfig, bundle, datamodule, loggers: list):
     return editor
 
 
+def apply_stream(cfg: DictConfig) -> None:
+    """Expand a ``stream`` node (any field set) into the data / edit / module settings it stands for.
+
+    ``edits`` → ``data.test.limit``, ``batch_size`` → ``data.batch_size`` (unset: the data config's
+    own values), ``edit.sequential=true``, ``module.score_after_stream=true`` and ``eval_every`` →
+    ``module.eval_every`` (unset: no curves).  Those settings are overwritten, so the stream node is
+    the one place a stream is described.
+    """
+    stream = cfg.get("stream")
+    if not stream or all(v is None for v in stream.values()):
+        return
+    unknown = set(stream) - {"edits", "batch_size", "eval_every"}
+    if unknown:
+        raise ValueError(f"unknown stream settings {sorted(unknown)}: use edits, batch_size, eval_every")
+    for key in ("edits", "batch_size", "eval_every"):
+        value = stream.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"stream.{key} must be a positive integer or null, got {value!r}")
+    with open_dict(cfg):
+        if stream.get("edits") is not None:
+            cfg.data.test.limit = stream.edits
+        if stream.get("batch_size") is not None:
+            cfg.data.batch_size = stream.batch_size
+        cfg.edit.sequential = True
+        cfg.module.score_after_stream = True
+        cfg.module.eval_every = stream.get("eval_every")
+    log.info("edit stream: %s edits in batches of %s, sequential, scored after the stream%s",
+             cfg.data.test.get("limit"), cfg.data.get("batch_size"),
+             f", curves every {cfg.module.eval_every} batches" if cfg.module.eval_every else "")
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     """Build and run one experiment from a composed config; return the summary metrics."""
+    apply_stream(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     log.info("config:\n%s", OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}))

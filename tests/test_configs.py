@@ -196,3 +196,60 @@ def test_entry_point_with_general_ability(tmp_path):
             assert f"{stage}/general_{name}" in summary, (stage, name)
     assert summary["pre/general_tokens"] == 62 and summary["pre/general_piqa_examples"] == 2
     assert "pre/general_perplexity" in (tmp_path / "out" / "csv" / "metrics.csv").read_text()
+
+
+# ------------------------------------------------------------------ edit streams
+def test_stream_experiment_expands_into_a_sequential_stream_with_curves():
+    from editlab.train import apply_stream
+
+    cfg = _compose(["experiment=ft_smollm2_stream"])
+    assert OmegaConf.to_container(cfg.stream) == {"edits": 200, "batch_size": 10, "eval_every": 5}
+    apply_stream(cfg)
+    assert cfg.data.test.limit == 200 and cfg.data.batch_size == 10
+    assert cfg.edit.sequential is True and cfg.module.score_after_stream is True and cfg.module.eval_every == 5
+    module = hydra.utils.get_class(cfg.module._target_)
+    assert "eval_every" in module.__init__.__code__.co_varnames
+
+    plain = _compose(["experiment=ft_smollm2_counterfact"])  # no stream: today's settings untouched
+    apply_stream(plain)
+    assert plain.edit.sequential is False and plain.module.score_after_stream is False
+    assert plain.module.eval_every is None and plain.data.batch_size == 1
+
+    bad = _compose(["experiment=ft_smollm2_counterfact", "stream.batch_size=0"])
+    with pytest.raises(ValueError, match="stream.batch_size"):
+        apply_stream(bad)
+
+
+@pytest.mark.parametrize("eval_every", [None, 2])
+def test_entry_point_runs_a_stream(tmp_path, eval_every):
+    """A stream scores every edited record after the whole stream by default (final/…); with
+    eval_every it also writes curves.csv / curves.png and stream/… logger keys."""
+    _write_fixture(tmp_path / "cf.json", n=4)
+    cfg = _compose([
+        "experiment=ft_smollm2_counterfact",
+        "model=tiny_llama",
+        f"paths.data_dir={tmp_path}",
+        "data.test.path=cf.json",
+        "method.layers=[1]",
+        "method.num_steps=3",
+        "stream.edits=3",
+        "stream.batch_size=1",
+        f"stream.eval_every={'null' if eval_every is None else eval_every}",
+        "logger=csv",
+        "callbacks=none",
+    ])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+    OmegaConf.resolve(cfg.paths)
+    summary = run(cfg)
+    out = tmp_path / "out"
+    rows = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all("final" in r for r in rows)
+    assert "final/reliability" in summary and "final/locality" in summary
+    if eval_every is None:
+        assert not (out / "curves.csv").exists()
+        return
+    lines = (out / "curves.csv").read_text().splitlines()
+    assert lines[0].startswith("edits,batches,") and [x.split(",")[0] for x in lines[1:]] == ["2", "3"]
+    assert (out / "curves.png").exists()
+    assert "stream/reliability" in (out / "csv" / "metrics.csv").read_text()

@@ -14,6 +14,15 @@ With ``score_after_stream`` every record of the run is scored once more at the e
 as the whole edit stream left it (stage ``final``).  In a sequential stream ``post/…`` is the score
 right after a record's own edit and ``final/…`` the score after all edits: the gap is forgetting.
 
+Edit streams (lifelong editing, ``eval_every``): with sequential editing (the editor callback's
+``sequential=True``) and ``eval_every=K``, every K batches all records edited so far are scored on
+the model as the stream has left it so far (stage ``step``: same metrics, same pre-edit cache for
+locality), and, at every such checkpoint, general ability too; the last point of the curve is the
+``final`` stage (``eval_every`` implies ``score_after_stream``).  Points are ``{"edits": records
+edited so far, "batches": batches so far, metric: value}`` in :attr:`EditEvalModule.curves`,
+written to ``curves.csv`` / ``curves.png`` (:mod:`editlab.lit.curves`) and logged as
+``stream/{metric}`` with ``step`` = edits so far.
+
 Scoring modes (``scoring_modes``): ``teacher_forced`` token accuracy (keys ``reliability``,
 ``generalization``, ``portability``, ``locality``, ``locality_acc``), ``probability_comparison``
 (CounterFact's ``efficacy_*``, ``paraphrase_*``, ``neighborhood_*``, ``cf_score``) and
@@ -37,7 +46,8 @@ Keys ``general_perplexity``, ``general_nll``, ``general_tokens``, ``general_piqa
 
 Metrics are torchmetrics objects (one ``MetricCollection`` per stage, keys ``pre/…``, ``post/…``);
 results go to ``records.jsonl`` (one line per record: every metric pre and post, edit time),
-``summary.json`` and ``summary.csv`` in ``output_dir``, and to the configured Lightning loggers.
+``summary.json`` and ``summary.csv`` (and, for streams with ``eval_every``, ``curves.csv`` /
+``curves.png``) in ``output_dir``, and to the configured Lightning loggers.
 """
 
 from __future__ import annotations
@@ -58,6 +68,8 @@ from torch import nn
 from editlab.data.records import EditRecord
 from editlab.data.collate import target_text
 from editlab.general import GeneralAbility
+from editlab.lit.callbacks import EditorCallback
+from editlab.lit.curves import write_curves
 from editlab.lit.probes import GenerationPlan, ProbePlan, build_generation_plan, build_plan
 from editlab.methods.base import WeightEditSession
 from editlab.metrics import functional as F
@@ -71,6 +83,7 @@ log = logging.getLogger(__name__)
 __all__ = ["EditEvalModule", "FRAMINGS", "QA_TEMPLATE", "SCORING_MODES", "STAGES"]
 
 STAGES = ("pre", "post", "final")
+CURVE_STAGE = "step"  # stream checkpoints: scored like the stages, kept as curve points, not in the summary
 SCORING_MODES = ("teacher_forced", "probability_comparison", "generation")
 FRAMINGS = {"plain": "generation", "question_answer": "generation_qa"}  # framing → mode label in keys
 QA_TEMPLATE = "Question: {prompt}\nAnswer:"
@@ -98,7 +111,7 @@ class EditEvalModule(L.LightningModule):
             teacher-forced families only (EasyEdit's set), halving the sequences per record.
         score_after_stream: at the end of the run, score every successfully edited record again
             on the model as the edit stream left it (``final/…`` keys; meaningful with sequential
-            editing, where the edits are still applied at that point).
+            editing, where the edits are still applied at that point).  Implied by ``eval_every``.
         scoring_modes: the modes scored side by side, from :data:`SCORING_MODES`; ``None`` keeps
             ``teacher_forced`` plus ``probability_comparison`` when that flag is set.  Given, it
             overrides ``probability_comparison``; ``teacher_forced`` cannot be left out (yet).
@@ -115,6 +128,9 @@ class EditEvalModule(L.LightningModule):
             ``(model, tokenizer) -> {name: value}``): perplexity and PIQA accuracy before the
             first edit, after the last one and after the stream (``{stage}/general_{name}`` keys;
             see the module docstring for exactly which model state each stage measures).
+        eval_every: in a sequential edit stream, score all records edited so far every this many
+            batches (curve points; see the module docstring); implies ``score_after_stream``.
+            ``None``: no curves.  Refused unless every editor callback is sequential.
     """
 
     def __init__(
@@ -137,8 +153,11 @@ class EditEvalModule(L.LightningModule):
         generation_chunk_size: int = 32,
         judge: Judge | str | None = None,
         general_ability: GeneralAbility | None = None,
+        eval_every: int | None = None,
     ) -> None:
         super().__init__()
+        if eval_every is not None and eval_every < 1:
+            raise ValueError(f"eval_every must be a positive number of batches or None, got {eval_every}")
         if scoring_modes is not None:
             modes = list(scoring_modes)
             unknown = [m for m in modes if m not in SCORING_MODES]
@@ -171,13 +190,16 @@ class EditEvalModule(L.LightningModule):
         self.output_dir = Path(output_dir) if output_dir else None
         self.precompute_pre = precompute_pre
         self.probability_comparison = probability_comparison
-        self.score_after_stream = score_after_stream
+        self.eval_every = eval_every
+        self.score_after_stream = score_after_stream or eval_every is not None  # a curve ends at `final`
+        self.curves: list[dict[str, float]] = []
         self._pre_cache = ScoreCache()
         self._pre_texts: dict[str, str] = {}
         self.session = WeightEditSession(self.model)
         label = self.generation_label if self.generation else None
         self.stage_metrics = nn.ModuleDict(
-            {s: build_edit_metrics(f"{s}/", generation=label, judge=self.judge is not None) for s in STAGES}
+            {s: build_edit_metrics(f"{s}/", generation=label, judge=self.judge is not None)
+             for s in (*STAGES, CURVE_STAGE)}
         )
         self.general_ability = general_ability
         self._general: dict[str, dict[str, float]] = {}
@@ -212,6 +234,10 @@ class EditEvalModule(L.LightningModule):
                 "EditEvalModule needs Trainer(inference_mode=False): editors compute gradients "
                 "inside the test loop (set trainer.inference_mode=false)"
             )
+        independent = [cb for cb in self.trainer.callbacks if isinstance(cb, EditorCallback) and not cb.sequential]
+        if self.eval_every is not None and independent:
+            raise ValueError("eval_every scores the records edited so far on the edited model: it needs sequential "
+                             "editing (edit.sequential=true, or a `stream` config), not independent edits")
 
     def on_test_epoch_start(self) -> None:
         for metrics in self.stage_metrics.values():
@@ -226,8 +252,10 @@ class EditEvalModule(L.LightningModule):
         self._pre_gen.clear()
         for values in self._timings.values():
             values.clear()
-        self._timings.pop("general", None)
+        for name in ("general", "final", CURVE_STAGE):
+            self._timings.pop(name, None)
         self._general.clear()
+        self.curves.clear()
         self._steps = 0
         if self.general_ability is not None:
             with self.session.suspended():
@@ -346,8 +374,11 @@ class EditEvalModule(L.LightningModule):
             generated = (gplan, gen, pre_gen) if gplan is not None else None
             per_record[stage] = self._update(stage, plan, scores, pre, texts, generated)
         self._write_rows(records, per_record, batch_idx, failed)
-        if self.general_ability is not None and self._is_last_step():
+        last = self._is_last_step()
+        if self.general_ability is not None and last:
             self._measure_general("post")
+        if self.eval_every is not None and not last and self._steps % self.eval_every == 0:
+            self._checkpoint()  # the last batch's point is the `final` stage, scored at the end
 
     def _update(
         self, stage: str, plan: ProbePlan, scores: ProbeScores, pre: ProbeScores, texts: tuple[list[str], list[int]],
@@ -435,6 +466,13 @@ class EditEvalModule(L.LightningModule):
         """Score every edited record of the run on the model as it is now (stage ``final``)."""
         if not self._stream:
             return
+        values = self._rescore("final")
+        for i, row in enumerate(self._stream_rows):
+            self._rows[row]["final"] = {k: (None if math.isnan(float(v[i])) else float(v[i])) for k, v in values.items()}
+
+    def _rescore(self, stage: str) -> dict[str, torch.Tensor]:
+        """Score every edited record so far on the model as it is now into ``stage``'s metrics;
+        per-record values (pre-edit references from the cache of the unedited model)."""
         start = time.perf_counter()
         records = list(self._stream)
         plan = build_plan(records, self.probability_comparison)
@@ -444,15 +482,36 @@ class EditEvalModule(L.LightningModule):
             with self.session.suspended():
                 pre = self._score(plan, self._pre_cache)  # locality: agreement with the unedited model
                 pre_gen = self._generate(gplan, self._pre_gen) if gplan is not None else []
-            final = self._score(plan)
+            now = self._score(plan)
             texts = self._fluency(records) if self.fluency else ([], [])
             if gplan is not None:
                 generated = (gplan, self._generate(gplan), pre_gen)
-        values = self._update("final", plan, final, pre, texts, generated)
-        for i, row in enumerate(self._stream_rows):
-            self._rows[row]["final"] = {k: (None if math.isnan(float(v[i])) else float(v[i])) for k, v in values.items()}
-        self._timings["final"] = [(time.perf_counter() - start) / len(records)]
-        log.info("scored %d records after the whole edit stream in %.2fs", len(records), time.perf_counter() - start)
+        values = self._update(stage, plan, now, pre, texts, generated)
+        self._timings.setdefault(stage, []).append((time.perf_counter() - start) / len(records))
+        log.info("%s: scored %d edited records in %.2fs", stage, len(records), time.perf_counter() - start)
+        return values
+
+    def _checkpoint(self) -> None:
+        """A curve point mid-stream: all records edited so far (and general ability) on the model now."""
+        metrics = self.stage_metrics[CURVE_STAGE]
+        metrics.reset()
+        if self._stream:
+            self._rescore(CURVE_STAGE)
+        if self.general_ability is not None:
+            self._measure_general(CURVE_STAGE)
+        self._add_point(computed(metrics), self._general.pop(CURVE_STAGE, {}))
+
+    def _add_point(self, scores: dict[str, float], general: dict[str, float]) -> None:
+        edits = torch.tensor(float(len(self._stream)), device=self.device)
+        point = {"edits": float(self.trainer.strategy.reduce(edits, reduce_op="sum")), "batches": float(self._steps)}
+        point.update({k.partition("/")[2]: float(v) for k, v in scores.items()})
+        point.update({f"general_{k}": float(v) for k, v in general.items()})
+        if self.curves and self.curves[-1]["batches"] == point["batches"]:
+            self.curves.pop()  # a loader without length: the last batch was scored in its step too
+        self.curves.append(point)
+        values = {f"stream/{k}": v for k, v in point.items() if k not in ("edits", "batches")}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=int(point["edits"]))
 
     def on_test_epoch_end(self) -> None:
         if self.general_ability is not None and self._steps and "post" not in self._general:
@@ -464,6 +523,8 @@ class EditEvalModule(L.LightningModule):
                 self._general["final"] = dict(self._general["pre"])  # every edit undone: the unedited model
             elif self.general_ability is not None:
                 self._measure_general("final")
+        if self.eval_every is not None and self._steps:
+            self._add_point(computed(self.stage_metrics["final"]), self._general.get("final", {}))
         summary: dict[str, float] = {}
         for stage in STAGES:
             summary.update(computed(self.stage_metrics[stage]))
@@ -501,6 +562,8 @@ class EditEvalModule(L.LightningModule):
             for metric, *values in _stage_rows(self.summary):
                 cells = ["" if v is None else f"{v:.6f}" for v in (values if final else values[:2])]
                 writer.writerow([metric, *cells])
+        if self.curves:
+            write_curves(self.curves, self.output_dir)
 
 
 def summary_rows(summary: dict[str, float]) -> list[tuple[str, float | None, float | None]]:

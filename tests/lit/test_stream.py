@@ -1,0 +1,196 @@
+"""Edit streams (lifelong editing): curves every K batches, scoring after the whole stream, pre-edit
+scores of the unedited model, and no state shared between independent edits."""
+
+import csv
+import json
+import logging
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import Logger
+
+from editlab.data.datamodule import EditDataModule
+from editlab.lit.callbacks import EditorCallback
+from editlab.lit.curves import plot_curves
+from editlab.lit.edit_eval import EditEvalModule
+from editlab.methods.base import Editor
+from editlab.methods.ft import FTL
+from editlab.models.tiny import tiny_model
+
+from conftest import assert_state_equal, make_records, state_copy
+
+MODES = ["teacher_forced", "probability_comparison", "generation"]
+
+
+class _Capture(Logger):
+    """Keeps every ``log_metrics`` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    @property
+    def name(self):
+        return "capture"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.calls.append((dict(metrics), step))
+
+
+class _Recording(Editor):
+    """Wraps an editor; keeps the deltas it computed and a copy of the weights it saw."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.deltas, self.seen = [], []
+
+    def compute_deltas(self, model, tokenizer, records):
+        self.seen.append(state_copy(model))
+        deltas = self.inner.compute_deltas(model, tokenizer, records)
+        self.deltas.append({k: v.detach().clone() for k, v in deltas.items()})
+        return deltas
+
+
+def _ft(steps=15):
+    return FTL(layers=[1], lr=0.05, num_steps=steps, objective="teacher_forced")
+
+
+def _run(bundle, editor, tmp_path, sequential=True, eval_every=None, records=make_records, loggers=(), **kwargs):
+    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=False, eval_every=eval_every, **kwargs)
+    cbs = [EditorCallback(editor, sequential=sequential)] if editor else []
+    trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=list(loggers) or False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=cbs)
+    trainer.test(module, datamodule=EditDataModule(test=records, batch_size=kwargs.pop("batch_size", 1)),
+                 verbose=False)
+    rows = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    return module, rows
+
+
+def _read_curves(path):
+    with open(path / "curves.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_curves_at_every_k_batches_and_at_the_end(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    before = state_copy(bundle.model)
+    capture = _Capture()
+    module, rows = _run(bundle, _ft(), tmp_path, eval_every=2, loggers=[capture])
+    assert_state_equal(bundle.model, before)
+    summary = module.summary
+    # 3 batches, K=2: a point after batch 2 and one at the end (batch 3)
+    assert [(p["edits"], p["batches"]) for p in module.curves] == [(2.0, 2.0), (3.0, 3.0)]
+    last = module.curves[-1]
+    final = {k.partition("/")[2]: v for k, v in summary.items() if k.startswith("final/")}
+    assert final and {k: v for k, v in last.items() if k not in ("edits", "batches")} == final
+    # the scores a curve carries: every stage metric, labelled as in the summary (efficacy: probability comparison)
+    for name in ("reliability", "generalization", "locality", "locality_acc", "efficacy_score", "cf_score"):
+        assert name in last, name
+    assert not any(k.startswith("step/") for k in summary)  # curve points stay out of the summary
+    table = _read_curves(tmp_path)
+    assert len(table) == 2 and list(table[0])[:2] == ["edits", "batches"]
+    assert table[-1]["edits"] == "3" and float(table[-1]["reliability"]) == summary["final/reliability"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    # loggers: stream/{metric} with step = edits so far
+    stream = [(m, s) for m, s in capture.calls if any(k.startswith("stream/") for k in m)]
+    assert [s for _, s in stream] == [2, 3]
+    assert stream[-1][0]["stream/reliability"] == summary["final/reliability"]
+
+
+def test_first_checkpoint_of_single_edits_is_the_first_records_post_score(tiny, tmp_path):
+    """eval_every=1: after batch 1 only record 0 is edited, and it is scored on the same model as its
+    post-edit score; every batch gives a point."""
+    module, rows = _run(tiny("gpt2"), _ft(), tmp_path, eval_every=1, scoring_modes=MODES)
+    assert [p["edits"] for p in module.curves] == [1.0, 2.0, 3.0]
+    first = module.curves[0]
+    for name, value in rows[0]["post"].items():
+        if value is not None:
+            assert first[name] == pytest.approx(value), name
+    assert "reliability@generation_em" in first
+    assert len(_read_curves(tmp_path)) == 3
+
+
+def test_general_ability_is_measured_at_every_checkpoint(tiny, tmp_path):
+    bundle = tiny("gpt2")
+    weight = bundle.model.transformer.h[1].mlp.c_proj.weight  # the weight FT-L tunes
+    general = lambda model, tokenizer: {"checksum": float(weight.double().sum())}  # noqa: E731
+    module, _ = _run(bundle, _ft(), tmp_path, eval_every=1, general_ability=general)
+    sums = [p["general_checksum"] for p in module.curves]
+    assert len(set(sums)) == 3  # the model changes with every edit of the stream
+    assert sums[-1] == module.summary["final/general_checksum"] == module.summary["post/general_checksum"]
+    assert module.summary["pre/general_checksum"] not in sums
+    assert "general_checksum" in _read_curves(tmp_path)[0]
+
+
+def test_eval_every_implies_scoring_after_the_stream_and_needs_sequential_edits(tiny, tmp_path):
+    module = EditEvalModule(tiny("gpt2"), eval_every=5)
+    assert module.score_after_stream
+    with pytest.raises(ValueError, match="positive"):
+        EditEvalModule(tiny("gpt2"), eval_every=0)
+    with pytest.raises(ValueError, match="sequential"):
+        _run(tiny("gpt2"), _ft(2), tmp_path, sequential=False, eval_every=1)
+
+
+def test_no_curves_without_eval_every(tiny, tmp_path):
+    module, rows = _run(tiny("gpt2"), _ft(5), tmp_path, score_after_stream=True)
+    assert module.curves == [] and not (tmp_path / "curves.csv").exists()
+    assert all("final" in r for r in rows)
+
+
+def test_missing_matplotlib_skips_the_plot_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
+    with caplog.at_level(logging.WARNING, logger="editlab.lit.curves"):
+        assert plot_curves([{"edits": 1.0, "batches": 1.0, "reliability": 1.0}], tmp_path / "c.png") is False
+    assert "matplotlib is not installed" in caplog.text and not (tmp_path / "c.png").exists()
+
+
+# ------------------------------------------------------------------ correctness guards
+def test_independent_edits_share_no_state(tiny, tmp_path):
+    """FT-L tunes the weights it is given: an edit computed on a model that kept an earlier edit (or
+    any state left over from it) would differ.  Independent edits of records 0, 1, 2 in a row give
+    bit-identical deltas and scores to each record edited alone; in a sequential stream they do not.
+    (``precompute_pre=False``: pre-edit scores per batch, so that both runs pad the same sequences
+    together; batched scoring of all records at once differs in the last bits.)"""
+    bundle = tiny("gpt2")
+    before = state_copy(bundle.model)
+    in_a_row = _Recording(_ft())
+    _, rows = _run(bundle, in_a_row, tmp_path / "row", sequential=False, precompute_pre=False)
+    for seen in in_a_row.seen:
+        for k, v in before.items():
+            assert torch.equal(seen[k], v), k  # every edit starts from the unedited model
+    for i in range(3):
+        alone = _Recording(_ft())
+        _, rows_alone = _run(bundle, alone, tmp_path / f"alone{i}", sequential=False, precompute_pre=False,
+                             records=lambda i=i: [make_records()[i]])
+        assert alone.deltas[0].keys() == in_a_row.deltas[i].keys()
+        assert all(torch.equal(alone.deltas[0][k], in_a_row.deltas[i][k]) for k in alone.deltas[0])
+        assert rows_alone[0]["post"] == rows[i]["post"] and rows_alone[0]["pre"] == rows[i]["pre"]
+    assert_state_equal(bundle.model, before)
+    stream = _Recording(_ft())
+    _run(bundle, stream, tmp_path / "stream", sequential=True)
+    assert not all(torch.equal(stream.deltas[1][k], in_a_row.deltas[1][k]) for k in stream.deltas[1])
+
+
+@pytest.mark.parametrize("precompute_pre", [True, False])
+def test_pre_edit_metrics_inside_a_stream_equal_those_of_a_fresh_unedited_model(tiny, tmp_path, precompute_pre):
+    """Every pre-edit score of a sequential stream with checkpoints (teacher forced, probability
+    comparison, generation, fluency; per record and in the summary) equals, exactly, the score of a
+    freshly built unedited model."""
+    module, rows = _run(tiny("gpt2"), _ft(), tmp_path / "stream", eval_every=1, scoring_modes=MODES,
+                        precompute_pre=precompute_pre)
+    fresh, fresh_rows = _run(tiny_model("gpt2", seed=0), None, tmp_path / "fresh", scoring_modes=MODES,
+                             precompute_pre=precompute_pre)
+    assert [r["pre"] for r in rows] == [r["pre"] for r in fresh_rows]
+    pre = {k: v for k, v in module.summary.items() if k.startswith("pre/")}
+    assert pre and pre == {k: v for k, v in fresh.summary.items() if k.startswith("pre/")}
+    assert any(r["post"] != r["pre"] for r in rows)  # the stream did edit
