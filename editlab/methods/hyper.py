@@ -39,6 +39,7 @@ from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import arch_for
 
 __all__ = [
+    "locality_terms",
     "TrainableEditor",
     "edited_forward",
     "edit_gradients",
@@ -111,6 +112,18 @@ def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: Pair
     pre = torch.log_softmax(pre_logits[mask].float(), dim=-1)
     post = torch.log_softmax(post_logits[mask].float(), dim=-1)
     return (pre.exp() * (pre - post)).sum(-1).mean()
+
+
+def locality_terms(model: nn.Module, new: dict[str, torch.Tensor], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(pre ‖ post)`` on the locality batch (differentiable w.r.t. ``new``) and the share of its
+    answer positions whose argmax the edit leaves unchanged (detached)."""
+    with torch.no_grad():
+        pre = edited_forward(model, None, batch)
+    post = edited_forward(model, new, batch)
+    kl = locality_kl(pre, post, batch)
+    rows, pos = batch.gather_index()
+    agree = (post[rows, pos].argmax(-1) == pre[rows, pos].argmax(-1)).float().mean()
+    return kl, agree.detach()
 
 
 class TrainableEditor(nn.Module, Editor):
@@ -224,13 +237,8 @@ class TrainableEditor(nn.Module, Editor):
         out = {"loss_edit": nll, "edit_acc": acc.detach()}
         loss = self.c_edit * nll
         if batch.locality is not None:
-            with torch.no_grad():
-                pre = edited_forward(model, None, batch.locality)
-            post = edited_forward(model, new, batch.locality)
-            kl = locality_kl(pre, post, batch.locality)
-            rows, pos = batch.locality.gather_index()
-            agree = (post[rows, pos].argmax(-1) == pre[rows, pos].argmax(-1)).float().mean()
-            out.update(loss_loc=kl, loc_acc=agree.detach())
+            kl, agree = locality_terms(model, new, batch.locality)
+            out.update(loss_loc=kl, loc_acc=agree)
             loss = loss + self.c_loc * kl
         out["loss"] = loss
         return out

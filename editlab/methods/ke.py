@@ -65,7 +65,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from editlab.data.collate import PairBatch
 from editlab.data.datamodule import EditBatch
 from editlab.methods.base import EditError
-from editlab.methods.hyper import TrainableEditor, edit_gradients, edited_forward, locality_kl, target_nll
+from editlab.methods.hyper import TrainableEditor, edit_gradients, edited_forward, locality_terms, target_nll
 from editlab.models.arch import UnknownArchitecture, arch_for, get_module
 
 __all__ = ["KE"]
@@ -301,13 +301,8 @@ class KE(TrainableEditor):
         out = {"loss_edit": loss_edit, "edit_acc": acc.detach()}
         loss = loss_edit
         if batch.locality is not None:
-            with torch.no_grad():
-                pre = edited_forward(model, None, batch.locality)
-            post = edited_forward(model, new, batch.locality)
-            kl = locality_kl(pre, post, batch.locality)
-            rows, pos = batch.locality.gather_index()
-            agree = (post[rows, pos].argmax(-1) == pre[rows, pos].argmax(-1)).float().mean()
+            kl, agree = locality_terms(model, new, batch.locality)
             loss = loss + _ReverseGrad.apply(self.multiplier) * (kl - self.margin)
-            out.update(loss_loc=kl, loc_acc=agree.detach())
+            out.update(loss_loc=kl, loc_acc=agree)
         out.update(loss=loss, multiplier=self.multiplier.detach().clone(), margin=self.margin.detach().clone())
         return out
