@@ -22,7 +22,7 @@ from its answer, and the answer is scored as text (``editlab.metrics.functional`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +54,18 @@ class ProbePlan:
         return len(self.prompts)
 
 
+def answer_probes(rec: EditRecord) -> Iterator[tuple[str, str, str]]:
+    """``(family, prompt, answer)`` of every answer-scored probe of a record, in plan order: the edit
+    prompt (reliability), rephrasings (generalization), portability and locality probes."""
+    yield "reliability", rec.prompt, rec.target_new
+    for p in rec.rephrase_prompts:
+        yield "generalization", p, rec.target_new
+    for probe in rec.portability:
+        yield "portability", probe.prompt, probe.target
+    for probe in rec.locality:
+        yield "locality", probe.prompt, probe.target
+
+
 def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbePlan:
     """The plan for ``records``; ``comparison=False`` leaves out the probability-comparison pairs."""
     plan = ProbePlan(num_records=len(records))
@@ -80,13 +92,8 @@ def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbeP
         cmp[family][2].append(r)
 
     for r, rec in enumerate(records):
-        add_acc("reliability", r, rec.prompt, rec.target_new)
-        for p in rec.rephrase_prompts:
-            add_acc("generalization", r, p, rec.target_new)
-        for probe in rec.portability:
-            add_acc("portability", r, probe.prompt, probe.target)
-        for probe in rec.locality:
-            add_acc("locality", r, probe.prompt, probe.target)
+        for family, prompt, target in answer_probes(rec):
+            add_acc(family, r, prompt, target)
         if comparison and rec.has_true_target and rec.target_true.strip() != rec.target_new.strip():
             add_cmp("efficacy", r, rec.prompt, rec.target_new, rec.target_true)
             for p in rec.rephrase_prompts:
@@ -143,13 +150,8 @@ def build_generation_plan(
         raw.append(prompt)
 
     for r, rec in enumerate(records):
-        add("reliability", r, rec.prompt, rec.target_new)
-        for p in rec.rephrase_prompts:
-            add("generalization", r, p, rec.target_new)
-        for probe in rec.portability:
-            add("portability", r, probe.prompt, probe.target)
-        for probe in rec.locality:
-            add("locality", r, probe.prompt, probe.target)
+        for family, prompt, target in answer_probes(rec):
+            add(family, r, prompt, target)
     plan.families = {
         f: (torch.tensor(s, dtype=torch.long), torch.tensor(r, dtype=torch.long), refs, raw)
         for f, (s, r, refs, raw) in fams.items() if s
