@@ -26,7 +26,7 @@ from editlab.tracing import CallRecorder
 
 __all__ = [
     "ANSWER_END", "ProbeScores", "ScoreCache", "answer_token_table", "cut_answer", "greedy_generate", "head_logits",
-    "head_nll", "lm_logits_at", "score_pairs",
+    "head_nll", "is_edit_wrapper", "lm_logits_at", "score_pairs",
 ]
 
 
@@ -118,10 +118,19 @@ def lm_head_input(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     return rec.stopped_input
 
 
+def is_edit_wrapper(model: nn.Module) -> bool:
+    """True for a memory-based editor's view of a model (IKE, SERAC; see
+    :class:`editlab.methods.base.Edit`): it is called like the model and returns logits aligned
+    with its inputs, but has no LM head of its own to stop at."""
+    return bool(getattr(model, "is_edit_wrapper", False))
+
+
 def lm_logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     """Logits (float32) at every real target position of ``batch``, row-major: ``[M, V]``."""
-    hidden = lm_head_input(model, batch)
     rows, pos = batch.gather_index()
+    if is_edit_wrapper(model):
+        return model(**batch.model_inputs(), use_cache=False).logits[rows, pos].float()
+    hidden = lm_head_input(model, batch)
     return head_logits(model, hidden[rows, pos])
 
 

@@ -5,8 +5,9 @@ Non-trained editors (FT-L, ROME, ...) and trained ones (MEND, KE, ... after
 editor, an ``nn.Module``, is moved to the model's device and put in eval mode when the test starts.
 
 :class:`EditorCallback` wraps an :class:`~editlab.methods.base.Editor`: before each test batch it
-computes the batch's edit and applies it through the module's
-:class:`~editlab.methods.base.WeightEditSession`; after the batch it restores the weights
+computes the batch's :class:`~editlab.methods.base.Edit` (weight deltas, added modules or memory)
+and installs it through the module's :class:`~editlab.methods.base.WeightEditSession`; after the
+batch it restores the model
 (single or batch editing), or lets the edits accumulate (``sequential=True``) until the end of the
 run.  Whatever happens — an exception, an interrupted run — the model is restored.
 """
@@ -53,8 +54,8 @@ class EditorCallback(L.Callback):
     ) -> None:
         start = time.perf_counter()
         try:
-            deltas = self.editor.compute_deltas(pl_module.model, pl_module.tokenizer, list(batch))
-            pl_module.session.apply(deltas)
+            edit = self.editor.compute_edit(pl_module.model, pl_module.tokenizer, list(batch))
+            pl_module.session.apply(edit)
         except EditError as err:
             if not self.skip_failed:
                 raise

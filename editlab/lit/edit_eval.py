@@ -272,7 +272,7 @@ class EditEvalModule(L.LightningModule):
         start = time.perf_counter()
         plan = build_plan(records, self.probability_comparison)
         with torch.no_grad(), self.session.suspended():
-            self._pre_cache.scores(self.model, self.tokenizer, plan.prompts, plan.targets,
+            self._pre_cache.scores(self.session.forward_model, self.tokenizer, plan.prompts, plan.targets,
                                    chunk_size=self.chunk_size, max_prompt_tokens=self.max_prompt_tokens)
             if self.fluency:
                 self._fluency(records, self._pre_texts)
@@ -286,7 +286,7 @@ class EditEvalModule(L.LightningModule):
         """General ability of the model as it is now, kept as ``{stage}/general_…``."""
         start = time.perf_counter()
         with torch.no_grad():
-            self._general[stage] = dict(self.general_ability(self.model, self.tokenizer))
+            self._general[stage] = dict(self.general_ability(self.session.forward_model, self.tokenizer))
         self._timings.setdefault("general", []).append(time.perf_counter() - start)
 
     def _is_last_step(self) -> bool:
@@ -298,8 +298,8 @@ class EditEvalModule(L.LightningModule):
     def _score(self, plan: ProbePlan, cache: ScoreCache | None = None) -> ProbeScores:
         kwargs = {"chunk_size": self.chunk_size, "max_prompt_tokens": self.max_prompt_tokens}
         if cache is not None:
-            return cache.scores(self.model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
-        return score_pairs(self.model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
+            return cache.scores(self.session.forward_model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
+        return score_pairs(self.session.forward_model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
 
     # ------------------------------------------------------------ generation
     def _frame(self, prompt: str) -> str:
@@ -319,7 +319,7 @@ class EditEvalModule(L.LightningModule):
         """Greedy answers of the plan's prompts on the model as it is (through ``cache`` if given)."""
         keys = plan.keys()
         todo = keys if cache is None else [k for k in dict.fromkeys(keys) if k not in cache]
-        texts = greedy_generate(self.model, self.tokenizer, [p for p, _ in todo], max_new_tokens=[c for _, c in todo],
+        texts = greedy_generate(self.session.forward_model, self.tokenizer, [p for p, _ in todo], max_new_tokens=[c for _, c in todo],
                                 chunk_size=self.generation_chunk_size, stop_at_answer_end=True) if todo else []
         if cache is None:
             return texts
@@ -335,11 +335,11 @@ class EditEvalModule(L.LightningModule):
         if not prompts:
             return [], []
         if cache is None:
-            texts = greedy_generate(self.model, self.tokenizer, prompts, max_new_tokens=self.fluency_max_new_tokens)
+            texts = greedy_generate(self.session.forward_model, self.tokenizer, prompts, max_new_tokens=self.fluency_max_new_tokens)
             return texts, owners
         missing = [p for p in dict.fromkeys(prompts) if p not in cache]
         if missing:
-            generated = greedy_generate(self.model, self.tokenizer, missing, max_new_tokens=self.fluency_max_new_tokens)
+            generated = greedy_generate(self.session.forward_model, self.tokenizer, missing, max_new_tokens=self.fluency_max_new_tokens)
             cache.update(zip(missing, generated))
         return [cache[p] for p in prompts], owners
 

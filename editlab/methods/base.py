@@ -7,20 +7,32 @@ an additive update in the parameter's own layout.  Applying and undoing deltas i
 manager :func:`applied` all go through it.  It checks every delta (name, shape, finiteness)
 before it writes anything, keeps a bit-exact copy of each touched parameter, and restores those
 copies exactly, so a failed or finished edit leaves the model as it was.
+
+Not every editor changes weights.  :meth:`Editor.compute_edit` returns an :class:`Edit`, which
+may hold, besides deltas, *patches* (modules added beside an existing module: T-Patcher's
+neurons, CaliNet's memory slots; the module's output becomes ``output + patch(input)``) and
+*memory* (records kept by an editor that changes how inputs are answered rather than the
+weights: IKE's in-context facts, SERAC's edit memory).  The session installs all three and
+undoes all three; while it holds memory, :attr:`WeightEditSession.forward_model` is the editor's
+wrapper around the model (same call signature, logits aligned with the inputs, ``generate``),
+and every metric scores through it unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
-from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from abc import ABC
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from editlab.data.records import EditRecord
+from editlab.models.arch import get_module
 
-__all__ = ["Deltas", "Editor", "EditError", "WeightEditSession", "applied"]
+__all__ = ["Deltas", "Edit", "Editor", "EditError", "Wrapper", "WeightEditSession", "applied"]
 
 Deltas = dict[str, torch.Tensor]
 """Parameter name (as in ``model.named_parameters()``) → additive update, same shape as the parameter."""
@@ -30,50 +42,125 @@ class EditError(RuntimeError):
     """An edit could not be computed or applied; the model is unchanged."""
 
 
+Wrapper = Callable[[nn.Module, Sequence[EditRecord]], nn.Module]
+"""``(model, memory) → edited model``: a memory-based editor's view of ``model`` given its memory."""
+
+PATCH_PREFIX = "editlab_patch_"  # name under which an added module is registered on its host
+
+
+@dataclass
+class Edit:
+    """Everything one editor call installs; any part may be empty.
+
+    Attributes:
+        deltas: additive weight updates (:data:`Deltas`).
+        patches: dotted module path → module added beside it; the host's output becomes
+            ``output + patch(first positional input)``.  Registered as a submodule of the host
+            while applied (so it moves, saves and counts with the model) and removed on restore.
+        memory: records a memory-based editor keeps; they accumulate over a sequential stream.
+        wrap: builds the edited model from the base model and the memory so far (required with
+            ``memory``).
+    """
+
+    deltas: Deltas = field(default_factory=dict)
+    patches: Mapping[str, nn.Module] = field(default_factory=dict)
+    memory: Sequence[EditRecord] = ()
+    wrap: Wrapper | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory and self.wrap is None:
+            raise ValueError("an Edit with memory needs `wrap`, the editor's view of the model given its memory")
+
+
 class Editor(ABC):
-    """A non-trained editor.  Constructor keyword arguments are its hyperparameters."""
+    """A non-trained editor.  Constructor keyword arguments are its hyperparameters.
 
-    @abstractmethod
+    Weight editors implement :meth:`compute_deltas`; editors that add modules or keep a memory
+    implement :meth:`compute_edit` instead (which by default wraps :meth:`compute_deltas`).
+    Neither may modify ``model`` (parameters, buffers, hooks, ``requires_grad`` flags, mode).
+    """
+
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
-        """Compute the weight updates that install ``records`` (all at once, as one batch).
+        """Compute the weight updates that install ``records`` (all at once, as one batch)."""
+        raise TypeError(f"{type(self).__name__} does not edit by weight deltas alone: use compute_edit")
 
-        Must not modify ``model`` (parameters, buffers, hooks, ``requires_grad`` flags, mode).
-        """
+    def compute_edit(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Edit:
+        """Compute the :class:`Edit` that installs ``records`` (all at once, as one batch)."""
+        if type(self).compute_deltas is Editor.compute_deltas:
+            raise TypeError(f"{type(self).__name__} implements neither compute_deltas nor compute_edit")
+        return Edit(deltas=self.compute_deltas(model, tokenizer, records))
 
     @contextlib.contextmanager
-    def apply(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Iterator[Deltas]:
-        """Edit ``model`` for the duration of a ``with`` block; weights are restored bit-exactly after.
+    def apply(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Iterator[WeightEditSession]:
+        """Edit ``model`` for the duration of a ``with`` block; everything is restored bit-exactly after.
+
+        Yields the :class:`WeightEditSession`; ``session.forward_model`` is the model to query (the
+        model itself unless the editor keeps a memory) and ``session.deltas`` the weight updates.
 
         Example::
 
-            with FTL(layers=[20]).apply(model, tok, records) as deltas:
-                ...  # the edited model
+            with FTL(layers=[20]).apply(model, tok, records) as session:
+                session.forward_model(...)  # the edited model
         """
-        deltas = self.compute_deltas(model, tokenizer, records)
-        with applied(model, deltas):
-            yield deltas
+        edit = self.compute_edit(model, tokenizer, records)
+        with applied(model, edit) as session:
+            yield session
 
 
 class WeightEditSession:
-    """Apply deltas to a model, possibly in several steps, and restore the original weights.
+    """Install edits on a model, possibly in several steps, and undo them all.
 
-    * :meth:`apply` validates all deltas first, then adds them; a failure midway undoes that call.
-    * :meth:`restore` copies back the saved originals of every touched parameter (bit-exact).
-    * :meth:`suspended` temporarily shows the original weights (e.g. to measure pre-edit state in
-      a sequential stream) and puts the edited values back afterwards, bit-exactly.
+    * :meth:`apply` validates everything first (delta names, shapes, finiteness; patch hosts),
+      then adds the deltas, attaches the patches and extends the memory; a failure midway
+      undoes that call.
+    * :meth:`restore` copies back the saved originals of every touched parameter (bit-exact),
+      removes every added module and hook, and forgets the memory.
+    * :meth:`suspended` temporarily shows the unedited model (original weights, patches off,
+      :attr:`forward_model` the bare model), e.g. to score pre-edit state in a sequential stream,
+      and puts the edits back afterwards, bit-exactly.
     """
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._originals: dict[str, torch.Tensor] = {}
+        self._deltas: dict[str, torch.Tensor] = {}
+        self._patches: list[tuple[nn.Module, str, torch.utils.hooks.RemovableHandle]] = []
+        self._memory: list[EditRecord] = []
+        self._wrap: Wrapper | None = None
+        self._wrapped: nn.Module | None = None
+        self._active = True
 
     @property
     def edited(self) -> bool:
-        return bool(self._originals)
+        return bool(self._originals or self._patches or self._memory)
 
     @property
     def touched(self) -> list[str]:
         return list(self._originals)
+
+    @property
+    def deltas(self) -> Deltas:
+        """The weight updates installed so far, per parameter (summed over :meth:`apply` calls)."""
+        return dict(self._deltas)
+
+    @property
+    def patches(self) -> list[nn.Module]:
+        """The modules added so far, in the order they were attached."""
+        return [host.get_submodule(name) for host, name, _ in self._patches]
+
+    @property
+    def memory(self) -> list[EditRecord]:
+        return list(self._memory)
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """The model to query: the editor's wrapper while a memory is installed (and not
+        suspended), the model itself otherwise (weight deltas and patches live inside it)."""
+        if not self._active or not self._memory:
+            return self.model
+        if self._wrapped is None:
+            self._wrapped = self._wrap(self.model, tuple(self._memory))
+        return self._wrapped
 
     def _params(self, deltas: Deltas) -> dict[str, nn.Parameter]:
         named = dict(self.model.named_parameters())
@@ -91,20 +178,78 @@ class WeightEditSession:
             params[name] = param
         return params
 
+    def _hosts(self, patches: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        hosts = {}
+        for path, patch in patches.items():
+            if not isinstance(patch, nn.Module):
+                raise EditError(f"patch for {path!r} is a {type(patch).__name__}, not an nn.Module")
+            try:
+                hosts[path] = get_module(self.model, path)
+            except (AttributeError, IndexError, KeyError) as err:
+                raise EditError(f"patch for unknown module {path!r}") from err
+            for name, value in patch.state_dict().items():
+                if value.is_floating_point() and not torch.isfinite(value).all():
+                    raise EditError(f"patch for {path!r}: {name} contains NaN or Inf")
+        return hosts
+
+    def _attach(self, host: nn.Module, patch: nn.Module) -> None:
+        name = f"{PATCH_PREFIX}{len(self._patches)}"
+        while hasattr(host, name):
+            name += "_"
+        host.add_module(name, patch)
+
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if not self._active:
+                return output
+            extra = patch(args[0])
+            if isinstance(output, tuple):
+                return (output[0] + extra, *output[1:])
+            return output + extra
+
+        self._patches.append((host, name, host.register_forward_hook(hook)))
+
+    def _detach_from(self, count: int) -> None:
+        while len(self._patches) > count:
+            host, name, handle = self._patches.pop()
+            handle.remove()
+            delattr(host, name)
+
     @torch.no_grad()
-    def apply(self, deltas: Deltas) -> None:
-        params = self._params(deltas)  # everything is checked before anything is written
+    def apply(self, edit: Edit | Deltas) -> None:
+        """Install ``edit`` (an :class:`Edit`, or bare deltas) on top of what is installed."""
+        if not isinstance(edit, Edit):
+            edit = Edit(deltas=dict(edit))
+        params = self._params(edit.deltas)  # everything is checked before anything is written
+        hosts = self._hosts(edit.patches)
+        if edit.memory and self._wrap is not None and edit.wrap is not self._wrap and self._memory:
+            raise EditError("this session already holds another editor's memory")
         before: dict[str, torch.Tensor] = {}
+        applied_deltas: dict[str, torch.Tensor] = {}
+        new_originals: list[str] = []
+        patches = len(self._patches)
         try:
             for name, param in params.items():
                 if name not in self._originals:
                     self._originals[name] = param.detach().clone()
+                    new_originals.append(name)
                 before[name] = param.detach().clone()
-                param.add_(deltas[name].to(device=param.device, dtype=param.dtype))
+                applied_deltas[name] = edit.deltas[name].to(device=param.device, dtype=param.dtype)
+                param.add_(applied_deltas[name])
+            for path, patch in edit.patches.items():
+                self._attach(hosts[path], patch)
         except BaseException:
             for name, value in before.items():
                 params[name].copy_(value)
+            for name in new_originals:
+                del self._originals[name]
+            self._detach_from(patches)
             raise
+        for name, delta in applied_deltas.items():
+            self._deltas[name] = self._deltas[name] + delta if name in self._deltas else delta
+        if edit.memory:
+            self._memory.extend(edit.memory)
+            self._wrap = edit.wrap
+            self._wrapped = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -112,11 +257,16 @@ class WeightEditSession:
         for name, original in self._originals.items():
             named[name].copy_(original)
         self._originals.clear()
+        self._deltas.clear()
+        self._detach_from(0)
+        self._memory.clear()
+        self._wrap = None
+        self._wrapped = None
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
-        """Show the original weights inside the block; the edited ones come back after it."""
-        if not self._originals:
+        """Show the unedited model inside the block; the edits come back after it."""
+        if not self.edited or not self._active:
             yield
             return
         named = dict(self.model.named_parameters())
@@ -124,19 +274,21 @@ class WeightEditSession:
             current = {name: named[name].detach().clone() for name in self._originals}
             for name, original in self._originals.items():
                 named[name].copy_(original)
+        self._active = False
         try:
             yield
         finally:
+            self._active = True
             with torch.no_grad():
                 for name, value in current.items():
                     named[name].copy_(value)
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, deltas: Deltas) -> Iterator[WeightEditSession]:
-    """Apply ``deltas`` to ``model`` inside a ``with`` block and restore the weights bit-exactly after."""
+def applied(model: nn.Module, edit: Edit | Deltas) -> Iterator[WeightEditSession]:
+    """Install ``edit`` on ``model`` inside a ``with`` block and undo it bit-exactly after."""
     session = WeightEditSession(model)
-    session.apply(deltas)
+    session.apply(edit)
     try:
         yield session
     finally:

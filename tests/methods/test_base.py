@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from editlab.methods.base import EditError, WeightEditSession, applied
+from editlab.methods.base import Edit, EditError, WeightEditSession, applied
 
 from conftest import assert_state_equal, state_copy
 
@@ -62,3 +62,83 @@ def test_accumulate_suspend_restore(tiny):
     assert_state_equal(model, edited)
     session.restore()
     assert_state_equal(model, before)
+
+
+class _Scale(torch.nn.Module):
+    """A patch: adds ``scale * input`` to its host's output."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def forward(self, x):
+        return self.scale * x
+
+
+def _mlp_path(model):
+    return "transformer.h.0.mlp"
+
+
+def test_patches_attach_suspend_and_restore_cleanly(tiny):
+    model = tiny("gpt2").model
+    before = state_copy(model)
+    keys = set(model.state_dict())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        base = model(ids).logits
+    session = WeightEditSession(model)
+    session.apply(Edit(patches={_mlp_path(model): _Scale(0.5)}))
+    assert session.edited and len(session.patches) == 1
+    assert set(model.state_dict()) - keys == {"transformer.h.0.mlp.editlab_patch_0.scale"}
+    with torch.no_grad():
+        patched = model(ids).logits
+        assert not torch.allclose(patched, base)
+        with session.suspended():
+            assert torch.equal(model(ids).logits, base)
+        assert torch.equal(model(ids).logits, patched)
+    session.apply(Edit(deltas=_deltas(model), patches={_mlp_path(model): _Scale(0.1)}))
+    assert len(session.patches) == 2
+    session.restore()
+    assert set(model.state_dict()) == keys and not session.edited
+    assert_state_equal(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_failed_patch_edit_is_not_half_applied(tiny):
+    model = tiny("gpt2").model
+    before = state_copy(model)
+    session = WeightEditSession(model)
+    with pytest.raises(EditError, match="no.such.module"):
+        session.apply(Edit(deltas=_deltas(model), patches={"no.such.module": _Scale(0.5)}))
+    bad = _Scale(0.5)
+    with torch.no_grad():
+        bad.scale.fill_(float("inf"))
+    with pytest.raises(EditError, match="NaN or Inf"):
+        session.apply(Edit(deltas=_deltas(model), patches={_mlp_path(model): bad}))
+    assert not session.edited
+    assert_state_equal(model, before)
+
+
+def test_memory_wraps_the_model_until_restore(tiny, records):
+    model = tiny("gpt2").model
+    seen = []
+
+    def wrap(m, memory):
+        seen.append(len(memory))
+        return torch.nn.Sequential(m)
+
+    session = WeightEditSession(model)
+    assert session.forward_model is model
+    session.apply(Edit(memory=records[:1], wrap=wrap))
+    first = session.forward_model
+    assert first is not model and first is session.forward_model  # built once per memory state
+    with session.suspended():
+        assert session.forward_model is model
+    session.apply(Edit(memory=records[1:3], wrap=wrap))
+    assert session.forward_model is not first and seen == [1, 3]
+    assert [r.record_id for r in session.memory] == [r.record_id for r in records[:3]]
+    session.restore()
+    assert session.forward_model is model and not session.edited
+    with pytest.raises(ValueError, match="needs `wrap`"):
+        Edit(memory=records[:1])

@@ -163,8 +163,8 @@ def test_apply_dispatch_and_restore(tiny):
         editor.shifts[0].fill_(0.25)
     before = state_copy(model)
     records = make_records()[:1]
-    with editor.apply(model, bundle.tokenizer, records) as deltas:
-        assert list(deltas) == ["transformer.h.1.mlp.c_proj.weight"]
+    with editor.apply(model, bundle.tokenizer, records) as session:
+        assert list(session.deltas) == ["transformer.h.1.mlp.c_proj.weight"]
         assert torch.allclose(model.get_parameter("transformer.h.1.mlp.c_proj.weight"),
                               before["transformer.h.1.mlp.c_proj.weight"] + 0.25)
     assert_state_equal(model, before)

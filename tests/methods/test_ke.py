@@ -147,8 +147,8 @@ def test_compute_deltas_and_apply_restore_bit_exactly(tiny):
     assert_state_equal(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
-    with editor.apply(model, bundle.tokenizer, records) as applied_deltas:
-        for name, delta in applied_deltas.items():
+    with editor.apply(model, bundle.tokenizer, records) as session:
+        for name, delta in session.deltas.items():
             assert torch.equal(model.get_parameter(name), before[name] + delta)
     assert_state_equal(model, before)
     # the gradient the editor reads is the edit loss's

@@ -214,8 +214,8 @@ def test_apply_then_restore_is_bit_exact_and_model_untouched(tiny, records):
     assert_state_equal(model, before)  # computing never writes
     assert _hooks(model) == hooks and model.training == training
     assert [p.requires_grad for p in model.parameters()] == flags
-    with editor.apply(model, bundle.tokenizer, records[:1]) as applied:
-        assert applied.keys() == deltas.keys()
+    with editor.apply(model, bundle.tokenizer, records[:1]) as session:
+        assert session.deltas.keys() == deltas.keys()
         changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
         assert changed and all(k in deltas for k in changed)
     assert_state_equal(model, before)

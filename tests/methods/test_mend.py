@@ -151,8 +151,8 @@ def test_compute_deltas_and_apply_restore_bit_exactly(tiny):
         assert delta.shape == model.get_parameter(name).shape and delta.abs().max() > 0
     assert_state_equal(model, before)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    with editor.apply(model, bundle.tokenizer, records) as applied_deltas:
-        for name, delta in applied_deltas.items():
+    with editor.apply(model, bundle.tokenizer, records) as session:
+        for name, delta in session.deltas.items():
             assert torch.equal(deltas[name], delta), "compute_deltas is deterministic in eval mode"
             assert torch.equal(model.get_parameter(name), before[name] + delta)
     assert_state_equal(model, before)
