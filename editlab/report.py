@@ -7,7 +7,8 @@ and writes one markdown table:
 * **columns**: one group per scoring mode, one column per method inside a group —
   ``TF`` (teacher-forced token accuracy), ``PC`` (CounterFact probability comparison: efficacy /
   paraphrase / neighbourhood score in the reliability / generalization / locality rows) and one
-  group per generation framing found in the runs (``GEN`` plain, ``GEN-QA`` question-answer;
+  group per generation framing found in the runs (``GEN`` plain, ``GEN-QA`` question-answer,
+  ``GEN-CHAT`` chat template;
   the score shown is chosen with ``--generation-score``: exact match after normalisation, token
   F1, containment or judge);
 * **rows**: data file × metric (reliability, generalization, locality, portability), then the
@@ -47,8 +48,9 @@ log = logging.getLogger(__name__)
 METRICS = ("reliability", "generalization", "locality", "portability")
 PC_KEYS = {"reliability": "efficacy_score", "generalization": "paraphrase_score", "locality": "neighborhood_score"}
 GENERATION_SCORES = ("em", "f1", "contains", "judge")
-_GEN_KEY = re.compile(r"^(?P<metric>\w+)@(?P<label>generation(?:_qa)?)_(?P<score>em|f1|contains|judge)$")
-MODE_TITLES = {"teacher_forced": "TF", "probability_comparison": "PC", "generation": "GEN", "generation_qa": "GEN-QA"}
+_GEN_KEY = re.compile(r"^(?P<metric>\w+)@(?P<label>generation(?:_qa|_chat)?)_(?P<score>em|f1|contains|judge)$")
+MODE_TITLES = {"teacher_forced": "TF", "probability_comparison": "PC", "generation": "GEN", "generation_qa": "GEN-QA",
+               "generation_chat": "GEN-CHAT"}
 
 
 @dataclass

@@ -50,6 +50,7 @@ __all__ = [
     "load_zsre_mend",
     "load_knowedit",
     "load_wikibio",
+    "load_mquake",
     "ChoiceItem",
     "load_piqa",
 ]
@@ -219,7 +220,7 @@ def _resolve_path(path: str | Path, data_dir: str | Path | None) -> Path:
     return file
 
 
-Parser = Callable[[_Fields], EditRecord]
+Parser = Callable[[_Fields], "EditRecord | list[EditRecord]"]
 
 
 def _load(path: str | Path, limit: int | None, offset: int, data_dir: str | Path | None,
@@ -249,9 +250,11 @@ def _load(path: str | Path, limit: int | None, offset: int, data_dir: str | Path
             raise RecordError(source, i, "<record>", f"must be a JSON object, got {type(item).__name__}")
         fields = _Fields(source, i, item)
         try:
-            records.append(parse(fields))
+            parsed = parse(fields)
         except _Skip as skip:
             notes[f"skipped: {skip}"].append(i)
+        else:
+            records.extend(parsed if isinstance(parsed, list) else [parsed])
         for note in fields.notes:
             notes[note].append(i)
     for note, indices in notes.items():
@@ -484,6 +487,60 @@ class ChoiceItem:
     choices: tuple[str, ...]
     label: int
     index: int
+
+
+# --------------------------------------------------------------------------------------------
+# MQuAKE
+# --------------------------------------------------------------------------------------------
+
+def _parse_mquake(rec: _Fields) -> list[EditRecord]:
+    case_id = rec.ident("case_id")
+    rewrites = rec.required("requested_rewrite")
+    if not isinstance(rewrites, list) or not rewrites:
+        rec.fail("requested_rewrite", f"must be a non-empty list of edits, got {rewrites!r}")
+    questions = rec.texts("questions")
+    new_answer, *new_aliases = rec.answers("new_answer")
+    if rec.has("new_answer_alias") and rec.data["new_answer_alias"] != []:
+        new_aliases = [a for a in rec.answers("new_answer_alias") if a not in new_aliases and a != new_answer]
+    multi_hop = tuple(Probe(q, new_answer, "multi_hop", tuple(new_aliases)) for q in questions)
+    records = []
+    for j, item in enumerate(rewrites):
+        if not isinstance(item, Mapping):
+            rec.fail(f"requested_rewrite[{j}]", f"must be an object, got {type(item).__name__}")
+        edit = _Fields(rec.source, rec.index, item, f"requested_rewrite[{j}].", rec.notes)
+        template, subject = edit.text("prompt"), edit.text("subject")
+        if "{}" not in template:
+            edit.fail("prompt", f"must contain '{{}}' for the subject, got {template!r}")
+        records.append(EditRecord(
+            record_id=f"{case_id}:{j}",
+            prompt=template.replace("{}", subject),
+            subject=subject,
+            target_new=edit.child("target_new").text("str"),
+            target_true=edit.child("target_true").text("str"),
+            rephrase_prompts=(edit.text("question"),) if edit.has("question") else (),
+            portability=multi_hop if j == len(rewrites) - 1 else (),
+            source=rec.source,
+            index=rec.index,
+            extra={"case_id": case_id, "case_size": len(rewrites), "case_position": j,
+                   "relation_id": edit.opt_text("relation_id"), "answer": rec.opt_text("answer")},
+        ))
+    return records
+
+
+def load_mquake(path: str | Path = "mquake/MQuAKE-hard.json", limit: int | None = None, offset: int = 0, *,
+                data_dir: str | Path | None = None) -> list[EditRecord]:
+    """MQuAKE (Zhong et al. 2023; the MQuAKE-hard subset of wangywUST/DeepEdit): multi-hop ripple effects.
+
+    ``limit`` / ``offset`` count *cases*.  Each case becomes one record per requested rewrite, in
+    order (``record_id`` ``"{case_id}:{j}"``; ``extra`` holds ``case_id``, ``case_size`` and
+    ``case_position``): the prompt is the rewrite's cloze template filled with its subject, the
+    rewrite's ``question`` its rephrase.  The case's multi-hop questions are portability probes of
+    the case's *last* record (group ``multi_hop``, answer ``new_answer``, aliases
+    ``new_answer_alias``), so they are scored once every edit of the case is in place: the edit
+    loop edits a case's records as one batch (``data.batch_size`` = the case size) or
+    sequentially, and refuses batches that split a case in independent-edit mode.
+    """
+    return _load(path, limit, offset, data_dir, _parse_mquake)
 
 
 def load_piqa(path: str | Path = "locality/piqa_valid.jsonl", labels: str | Path | None = None,

@@ -87,3 +87,20 @@ class EditRecord:
     @property
     def has_true_target(self) -> bool:
         return self.target_true is not None and bool(self.target_true.strip())
+
+
+def check_complete_cases(records: list[EditRecord] | tuple[EditRecord, ...]) -> None:
+    """Raise :class:`RecordError` when ``records`` hold part of a multi-edit case (MQuAKE: records
+    with ``extra['case_id']`` / ``extra['case_size']``) but not all of it.  A case's probes assume
+    all its edits are in place, so independent (non-sequential) editing must edit whole cases."""
+    counts: dict[Any, int] = {}
+    for rec in records:
+        if "case_size" in rec.extra:
+            counts[rec.extra["case_id"]] = counts.get(rec.extra["case_id"], 0) + 1
+    for rec in records:
+        if "case_size" in rec.extra and counts[rec.extra["case_id"]] != rec.extra["case_size"]:
+            raise RecordError(
+                rec.source or "<record>", rec.index if rec.index >= 0 else None, "case_id",
+                f"the batch holds {counts[rec.extra['case_id']]} of case {rec.extra['case_id']!r}'s "
+                f"{rec.extra['case_size']} edits; with independent edits set data.batch_size to a multiple of "
+                f"the case size (and keep the file's order), or edit sequentially")

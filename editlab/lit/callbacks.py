@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 from torch import nn
 
+from editlab.data.records import check_complete_cases
 from editlab.methods.base import EditError, Editor
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class EditorCallback(L.Callback):
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        if not self.sequential:
+            check_complete_cases(list(batch))
         start = time.perf_counter()
         try:
             edit = self.editor.compute_edit(pl_module.model, pl_module.tokenizer, list(batch))

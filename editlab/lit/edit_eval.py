@@ -85,7 +85,7 @@ __all__ = ["EditEvalModule", "FRAMINGS", "QA_TEMPLATE", "SCORING_MODES", "STAGES
 STAGES = ("pre", "post", "final")
 CURVE_STAGE = "step"  # stream checkpoints: scored like the stages, kept as curve points, not in the summary
 SCORING_MODES = ("teacher_forced", "probability_comparison", "generation")
-FRAMINGS = {"plain": "generation", "question_answer": "generation_qa"}  # framing → mode label in keys
+FRAMINGS = {"plain": "generation", "question_answer": "generation_qa", "chat": "generation_chat"}  # → key label
 QA_TEMPLATE = "Question: {prompt}\nAnswer:"
 
 _GenTexts = tuple[GenerationPlan, list[str], list[str]]  # plan, texts of this stage, pre-edit texts
@@ -115,8 +115,10 @@ class EditEvalModule(L.LightningModule):
         scoring_modes: the modes scored side by side, from :data:`SCORING_MODES`; ``None`` keeps
             ``teacher_forced`` plus ``probability_comparison`` when that flag is set.  Given, it
             overrides ``probability_comparison``; ``teacher_forced`` cannot be left out (yet).
-        generation_framing: ``plain`` (the prompt as is) or ``question_answer`` (the prompt put
-            into ``qa_template``); labels the keys ``@generation_…`` / ``@generation_qa_…``.
+        generation_framing: ``plain`` (the prompt as is), ``question_answer`` (the prompt put
+            into ``qa_template``) or ``chat`` (the prompt as the user turn of the tokenizer's chat
+            template, with the assistant turn opened: for instruction-tuned models); labels the
+            keys ``@generation_…`` / ``@generation_qa_…`` / ``@generation_chat_…``.
         qa_template: format string with ``{prompt}`` for the question-answer framing.
         generation_margin: a generated answer is capped at its reference's token count plus this.
         generation_max_new_tokens: absolute cap on a generated answer's tokens.
@@ -173,6 +175,10 @@ class EditEvalModule(L.LightningModule):
         self.generation = scoring_modes is not None and "generation" in scoring_modes
         self.generation_label = FRAMINGS[generation_framing]
         self.generation_template = qa_template if generation_framing == "question_answer" else "{prompt}"
+        self.generation_chat = generation_framing == "chat"
+        if self.generation and self.generation_chat and not getattr(model.tokenizer, "chat_template", None):
+            raise ValueError("generation_framing=chat needs a tokenizer with a chat template; this one has none "
+                             "(use plain or question_answer)")
         self.generation_margin = generation_margin
         self.generation_max_new_tokens = generation_max_new_tokens
         self.generation_chunk_size = generation_chunk_size
@@ -303,6 +309,9 @@ class EditEvalModule(L.LightningModule):
 
     # ------------------------------------------------------------ generation
     def _frame(self, prompt: str) -> str:
+        if self.generation_chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
         return self.generation_template.format(prompt=prompt)
 
     def _cap(self, target: str) -> int:
@@ -436,7 +445,8 @@ class EditEvalModule(L.LightningModule):
                         keep(key, F.generation_scores(answers, references, kind), rec)
                 if self.judge is not None:
                     key = f"{name}@{label}_judge"
-                    values = judge_scores(self.judge, prompts, refs, answers)
+                    primary = [r if isinstance(r, str) else r[0] for r in refs]
+                    values = judge_scores(self.judge, prompts, primary, answers)
                     metrics[key].update(values, rec, n)
                     keep(key, values, rec)
         return out

@@ -54,16 +54,17 @@ class ProbePlan:
         return len(self.prompts)
 
 
-def answer_probes(rec: EditRecord) -> Iterator[tuple[str, str, str]]:
-    """``(family, prompt, answer)`` of every answer-scored probe of a record, in plan order: the edit
-    prompt (reliability), rephrasings (generalization), portability and locality probes."""
-    yield "reliability", rec.prompt, rec.target_new
+def answer_probes(rec: EditRecord) -> Iterator[tuple[str, str, str, tuple[str, ...]]]:
+    """``(family, prompt, answer, aliases)`` of every answer-scored probe of a record, in plan
+    order: the edit prompt (reliability), rephrasings (generalization), portability and locality
+    probes.  Teacher forcing scores ``answer``; generation accepts any of ``answer`` and ``aliases``."""
+    yield "reliability", rec.prompt, rec.target_new, ()
     for p in rec.rephrase_prompts:
-        yield "generalization", p, rec.target_new
+        yield "generalization", p, rec.target_new, ()
     for probe in rec.portability:
-        yield "portability", probe.prompt, probe.target
+        yield "portability", probe.prompt, probe.target, probe.aliases
     for probe in rec.locality:
-        yield "locality", probe.prompt, probe.target
+        yield "locality", probe.prompt, probe.target, probe.aliases
 
 
 def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbePlan:
@@ -92,7 +93,7 @@ def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbeP
         cmp[family][2].append(r)
 
     for r, rec in enumerate(records):
-        for family, prompt, target in answer_probes(rec):
+        for family, prompt, target, _ in answer_probes(rec):
             add_acc(family, r, prompt, target)
         if comparison and rec.has_true_target and rec.target_true.strip() != rec.target_new.strip():
             add_cmp("efficacy", r, rec.prompt, rec.target_new, rec.target_true)
@@ -113,11 +114,12 @@ def build_plan(records: Sequence[EditRecord], comparison: bool = True) -> ProbeP
 class GenerationPlan:
     """Unique generations to run (framed prompt, token cap) plus, per accuracy family, which
     generation each probe reads: ``families[family] = (seq, rec, references, prompts)`` with the
-    probes' reference answers and their unframed prompts (what a judge is shown)."""
+    probes' reference answers (a string, or a tuple ``(answer, *aliases)`` when the probe lists
+    aliases: any of them counts) and their unframed prompts (what a judge is shown)."""
 
     prompts: list[str] = field(default_factory=list)
     caps: list[int] = field(default_factory=list)
-    families: dict[str, tuple[torch.Tensor, torch.Tensor, list[str], list[str]]] = field(default_factory=dict)
+    families: dict[str, tuple[torch.Tensor, torch.Tensor, list[str | tuple[str, ...]], list[str]]] = field(default_factory=dict)
     num_records: int = 0
 
     def __len__(self) -> int:
@@ -137,7 +139,7 @@ def build_generation_plan(
     index: dict[tuple[str, int], int] = {}
     fams: dict[str, tuple[list[int], list[int], list[str], list[str]]] = {f: ([], [], [], []) for f in ACCURACY_FAMILIES}
 
-    def add(family: str, r: int, prompt: str, target: str) -> None:
+    def add(family: str, r: int, prompt: str, target: str, aliases: tuple[str, ...]) -> None:
         key = (frame(prompt), cap(target))
         if key not in index:
             index[key] = len(plan.prompts)
@@ -146,12 +148,12 @@ def build_generation_plan(
         seq, rec, refs, raw = fams[family]
         seq.append(index[key])
         rec.append(r)
-        refs.append(target)
+        refs.append((target, *aliases) if aliases else target)
         raw.append(prompt)
 
     for r, rec in enumerate(records):
-        for family, prompt, target in answer_probes(rec):
-            add(family, r, prompt, target)
+        for family, prompt, target, aliases in answer_probes(rec):
+            add(family, r, prompt, target, aliases)
     plan.families = {
         f: (torch.tensor(s, dtype=torch.long), torch.tensor(r, dtype=torch.long), refs, raw)
         for f, (s, r, refs, raw) in fams.items() if s

@@ -275,9 +275,10 @@ GENERATION_SCORES: dict[str, Callable[[str, str], float]] = {
 """Generation-mode scores by the name that labels them in metric keys (``…@generation_em``)."""
 
 
-def generation_scores(predictions: Sequence[str], references: Sequence[str], kind: str) -> Tensor:
+def generation_scores(predictions: Sequence[str], references: Sequence[str | Sequence[str]], kind: str) -> Tensor:
     """Per pair, the score ``kind`` (a key of :data:`GENERATION_SCORES`) of a generated answer
-    against its reference.
+    against its reference; a reference given as a sequence of alternatives (an answer and its
+    aliases) scores the best of them.
 
     Returns:
         [N] float64.
@@ -287,7 +288,15 @@ def generation_scores(predictions: Sequence[str], references: Sequence[str], kin
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     fn = GENERATION_SCORES[kind]
-    return torch.tensor([fn(p, r) for p, r in zip(predictions, references)], dtype=torch.float64)
+
+    def best(prediction: str, reference: str | Sequence[str]) -> float:
+        if isinstance(reference, str):
+            return fn(prediction, reference)
+        if not reference:
+            raise ValueError("a reference given as alternatives must list at least one")
+        return max(fn(prediction, alternative) for alternative in reference)
+
+    return torch.tensor([best(p, r) for p, r in zip(predictions, references)], dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------------ general ability

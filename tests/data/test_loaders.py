@@ -577,3 +577,66 @@ def test_load_piqa_shared_release():
         pytest.skip("PIQA not in the data directory")
     items = load_piqa("locality/piqa_valid.jsonl")
     assert len(items) == 1838 and {it.label for it in items} == {0, 1}
+
+
+# --------------------------------------------------------------------------------------------
+# MQuAKE
+# --------------------------------------------------------------------------------------------
+
+def _mquake_case(case_id: int = 7) -> dict[str, Any]:
+    def rw(prompt: str, subject: str, new: str, true: str, question: str) -> dict[str, Any]:
+        return {"prompt": prompt, "relation_id": "P1", "subject": subject, "question": question,
+                "target_new": {"str": new, "id": "Q1"}, "target_true": {"str": true, "id": "Q2"}}
+    return {
+        "case_id": case_id,
+        "requested_rewrite": [rw("{} was performed by", "Hey Jude", "Madonna", "The Beatles", "Who performed Hey Jude?"),
+                              rw("{} is a citizen of", "Madonna", "Australia", "USA", "Madonna is a citizen of?")],
+        "questions": ["Which country is the performer of Hey Jude a citizen of?", "Hey Jude's performer is from?"],
+        "answer": "United Kingdom", "answer_alias": ["UK"],
+        "new_answer": "Australia", "new_answer_alias": ["Commonwealth of Australia", "AU"],
+        "single_hops": [], "new_single_hops": [],
+    }
+
+
+def test_mquake_case_becomes_ordered_records_with_multi_hop_on_the_last(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "mq.json", [_mquake_case(7), _mquake_case(8)])
+    recs = loaders.load_mquake(path, limit=1)
+    assert [r.record_id for r in recs] == ["7:0", "7:1"]
+    first, last = recs
+    assert first.prompt == "Hey Jude was performed by" and first.subject == "Hey Jude"
+    assert first.target_new == "Madonna" and first.target_true == "The Beatles"
+    assert first.rephrase_prompts == ("Who performed Hey Jude?",) and first.portability == ()
+    assert [p.prompt for p in last.portability] == _mquake_case()["questions"]
+    assert {(p.target, p.aliases, p.group) for p in last.portability} == {
+        ("Australia", ("Commonwealth of Australia", "AU"), "multi_hop")}
+    assert last.extra["case_id"] == 7 and last.extra["case_size"] == 2 and last.extra["case_position"] == 1
+    assert [r.record_id for r in loaders.load_mquake(path, offset=1)] == ["8:0", "8:1"]
+
+
+def test_mquake_bad_rewrite_names_the_field(tmp_path: Path) -> None:
+    case = _mquake_case()
+    case["requested_rewrite"][1]["prompt"] = "no placeholder"
+    path = write_json(tmp_path / "mq.json", [case])
+    with pytest.raises(RecordError, match=r"record 0, field 'requested_rewrite\[1\]\.prompt'"):
+        loaders.load_mquake(path)
+
+
+def test_split_case_is_refused() -> None:
+    from editlab.data.records import check_complete_cases
+    recs = [EditRecord(f"1:{j}", f"P{j} is", "P", "x", extra={"case_id": 1, "case_size": 2}) for j in range(2)]
+    check_complete_cases(recs)
+    with pytest.raises(RecordError, match="1 of case 1's 2 edits"):
+        check_complete_cases(recs[:1])
+
+
+@pytest.mark.data
+def test_load_mquake_shared_release():
+    try:
+        folder = loaders.resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("no data directory")
+    if not (folder / "mquake" / "MQuAKE-hard.json").is_file():
+        pytest.skip("MQuAKE not in the data directory")
+    recs = loaders.load_mquake()
+    assert len(recs) == 4 * 429
+    assert all(len(r.portability) == 3 for r in recs[3::4]) and not any(r.portability for r in recs[0::4])

@@ -245,7 +245,14 @@ def test_scoring_modes_are_checked(tiny):
     with pytest.raises(ValueError, match="teacher_forced"):
         EditEvalModule(tiny("gpt2"), scoring_modes=["generation"])
     with pytest.raises(ValueError, match="generation_framing"):
-        EditEvalModule(tiny("gpt2"), generation_framing="chat")
+        EditEvalModule(tiny("gpt2"), generation_framing="wild")
+    bundle = tiny("gpt2")
+    with pytest.raises(ValueError, match="chat template"):
+        EditEvalModule(bundle, scoring_modes=MODES, generation_framing="chat")
+    bundle.tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    chat = EditEvalModule(bundle, scoring_modes=MODES, generation_framing="chat")
+    assert chat._frame("The capital of X is") == "<u>The capital of X is</u><a>"
+    assert "reliability@generation_chat_em" in chat.stage_metrics["post"]
     plain = EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced"])
     assert not plain.generation and not plain.probability_comparison
     assert "reliability@generation_em" not in plain.stage_metrics["post"]

@@ -169,3 +169,13 @@ def test_generation_scores_vector_and_errors() -> None:
         generation_scores(["a"], ["a"], "bleu")
     with pytest.raises(ValueError, match="references"):
         generation_scores(["a", "b"], ["a"], "em")
+
+
+def test_generation_scores_take_the_best_alias() -> None:
+    refs = [("Australia", "AU", "Commonwealth of Australia"), "Australia"]
+    em = generation_scores(["au", "AU"], refs, "em")
+    assert em.tolist() == [1.0, 0.0]
+    f1 = generation_scores(["the Commonwealth of Australia", "x"], refs, "f1")
+    assert f1[0] == 1.0 and f1[1] == 0.0  # "the" is an article: dropped by the normalisation
+    with pytest.raises(ValueError, match="at least one"):
+        generation_scores(["a"], [()], "em")
