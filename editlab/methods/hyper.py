@@ -14,6 +14,13 @@ Training (``editlab/lit/editor_train.py``) calls :meth:`TrainableEditor.training
 other editor, because a trainable editor is also an :class:`~editlab.methods.base.Editor`:
 :meth:`TrainableEditor.compute_deltas` returns ``new − old`` for the edited parameters.
 
+What the training module needs of *any* editor with trained parameters — bind to the base model,
+optimizer groups, training losses on an ``EditBatch``, the name of the base model — is
+:class:`LearnedEditor`; :class:`TrainableEditor` is the learned editor that edits by weight
+updates.  Editors that are trained but do not produce weight updates (SERAC's scope classifier and
+counterfactual model, :mod:`editlab.methods.serac`) derive from :class:`LearnedEditor` directly
+and return their :class:`~editlab.methods.base.Edit` from ``compute_edit``.
+
 The default objective is MEND's (Mitchell et al. 2022, eric-mitchell/mend ``editable_model`` /
 ``algs/mend.py``)::
 
@@ -40,6 +47,7 @@ from editlab.models.arch import arch_for
 
 __all__ = [
     "locality_terms",
+    "LearnedEditor",
     "TrainableEditor",
     "edited_forward",
     "edit_gradients",
@@ -126,8 +134,51 @@ def locality_terms(model: nn.Module, new: dict[str, torch.Tensor], batch: PairBa
     return kl, agree.detach()
 
 
-class TrainableEditor(nn.Module, Editor):
-    """A trained editor.  Subclasses define the networks and :meth:`edited_parameters`.
+class LearnedEditor(nn.Module, Editor):
+    """An editor with trained parameters: what :class:`~editlab.lit.editor_train.EditorTrainModule`
+    trains, checkpoints and :func:`~editlab.lit.editor_train.load_editor` rebuilds.
+
+    Subclasses implement :meth:`bind` (create the networks for a base model; idempotent) and
+    :meth:`training_losses`, and ``compute_deltas`` or ``compute_edit`` as any
+    :class:`~editlab.methods.base.Editor`.  The module's parameters and buffers are the trained
+    state (all of it goes into checkpoints; the base model never does).
+
+    Args:
+        base_model: the name of the base model the editor is trained for (kept in checkpoints).
+    """
+
+    def __init__(self, base_model: str | None = None) -> None:
+        nn.Module.__init__(self)
+        self.base_model = base_model
+
+    def apply(self, *args, **kwargs):  # type: ignore[override]
+        """``nn.Module.apply(fn)`` when given one function; otherwise :meth:`Editor.apply`
+        (``with editor.apply(model, tokenizer, records):`` edits the model inside the block)."""
+        if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], nn.Module):
+            return nn.Module.apply(self, args[0])
+        return Editor.apply(self, *args, **kwargs)
+
+    @abstractmethod
+    def bind(self, model: nn.Module, tokenizer=None) -> None:
+        """Build the editor's networks for ``model`` (``tokenizer``: the model's, for editors that
+        tokenise text themselves).  Idempotent; called before training, before loading a state
+        dict and before editing."""
+
+    def optimizer_groups(self, lr: float) -> list[dict]:
+        """Parameter groups for the training optimizer (``lr``: the base learning rate).  Editors
+        with separately-tuned parameters (MEND's learned edit learning rates) override this."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    @abstractmethod
+    def training_losses(self, model: nn.Module, batch: EditBatch) -> dict[str, torch.Tensor]:
+        """The training objective on one batch: ``loss`` (to minimise) and any scalar parts to
+        log (``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc`` are logged and validated by
+        name; other keys are logged as ``train/<key>``)."""
+
+
+class TrainableEditor(LearnedEditor):
+    """A trained editor that edits by weight updates.  Subclasses define the networks and
+    :meth:`edited_parameters`.
 
     Args:
         edit_params: names (as in ``model.named_parameters()``) of the base-model parameters the
@@ -139,7 +190,7 @@ class TrainableEditor(nn.Module, Editor):
 
     def __init__(self, edit_params: Sequence[str] | None = None, c_edit: float = 0.1, c_loc: float = 1.0,
                  base_model: str | None = None) -> None:
-        nn.Module.__init__(self)
+        LearnedEditor.__init__(self, base_model=base_model)
         if edit_params is not None and not edit_params:
             raise ValueError("edit_params must name at least one parameter (or be None for the default)")
         if isinstance(edit_params, str):
@@ -147,20 +198,13 @@ class TrainableEditor(nn.Module, Editor):
         self.edit_params: list[str] | None = list(edit_params) if edit_params is not None else None
         self.c_edit = c_edit
         self.c_loc = c_loc
-        self.base_model = base_model
         self._bound = False
 
-    def apply(self, *args, **kwargs):  # type: ignore[override]
-        """``nn.Module.apply(fn)`` when given one function; otherwise :meth:`Editor.apply`
-        (``with editor.apply(model, tokenizer, records):`` edits the model inside the block)."""
-        if len(args) == 1 and not kwargs and callable(args[0]) and not isinstance(args[0], nn.Module):
-            return nn.Module.apply(self, args[0])
-        return Editor.apply(self, *args, **kwargs)
-
     # ---------------------------------------------------------------- setup
-    def bind(self, model: nn.Module) -> None:
-        """Build the editor's networks for ``model``'s parameter shapes.  Idempotent; must be
-        called before training, before loading a state dict and before editing."""
+    def bind(self, model: nn.Module, tokenizer=None) -> None:
+        """Build the editor's networks for ``model``'s parameter shapes (``tokenizer`` is not
+        needed).  Idempotent; must be called before training, before loading a state dict and
+        before editing."""
         if self._bound:
             return
         names = self.edit_params if self.edit_params is not None else self.default_edit_params(model)
@@ -223,11 +267,6 @@ class TrainableEditor(nn.Module, Editor):
         return deltas
 
     # ---------------------------------------------------------------- training
-    def optimizer_groups(self, lr: float) -> list[dict]:
-        """Parameter groups for the training optimizer (``lr``: the base learning rate).  Editors
-        with separately-tuned parameters (MEND's learned edit learning rates) override this."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
-
     def training_losses(self, model: nn.Module, batch: EditBatch) -> dict[str, torch.Tensor]:
         """MEND's objective on one training batch; returns ``loss`` (to minimise) and the parts
         (``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``: accuracies are teacher-forced)."""

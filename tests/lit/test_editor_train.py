@@ -27,8 +27,10 @@ from editlab.data.records import EditRecord, Probe
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing, load_editor, read_editor_checkpoint
-from editlab.methods.hyper import TrainableEditor
+from editlab.methods.hyper import LearnedEditor
 from editlab.methods.mend import MEND
+from editlab.methods.serac import SERAC
+from editlab.models.encoder import SentenceEncoder
 from editlab.train import run
 
 from conftest import assert_state_equal, state_copy
@@ -40,6 +42,7 @@ TEST_CONFIGS = ROOT / "tests" / "configs"
 HERE = Path(__file__).resolve().parent
 EDIT_PARAMS = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
 EDITOR_CONFIG = {"_target_": "learned_step.LearnedStep", "edit_params": EDIT_PARAMS, "init_lr": 1e-3}
+TINY_ENCODER = "editlab.models.encoder.SentenceEncoder.tiny"
 
 
 def _editor() -> LearnedStep:
@@ -264,7 +267,7 @@ def test_only_trainable_experiments_fit():
     """The ``fit`` node (no method name) decides whether an experiment trains; ft/rome/memit/kn don't."""
     for path in sorted((CONFIGS / "experiment").glob("*.yaml")):
         cfg = _compose([f"experiment={path.stem}"])
-        trainable = issubclass(hydra.utils.get_class(cfg.method._target_), TrainableEditor)
+        trainable = issubclass(hydra.utils.get_class(cfg.method._target_), LearnedEditor)
         assert (cfg.get("fit") is not None) == trainable, path.stem
         if trainable:
             assert cfg.data.get("train") is not None and cfg.data.get("val") is not None, path.stem
@@ -308,11 +311,17 @@ def test_train_then_test_then_test_only_then_resume(tmp_path):
 @pytest.mark.parametrize("experiment,extra", [
     ("mend_smollm2_counterfact", ["method.rank=8"]),
     ("ke_smollm2_counterfact", ["method.hidden_dim=8", "method.condition_dim=16"]),
+    ("serac_smollm2_counterfact", [f"method.encoder={{_target_:{TINY_ENCODER}}}"]),
+    ("serac_smollm2_zsre", [f"method.encoder={{_target_:{TINY_ENCODER}}}", "method.cross_attend=true"]),
 ])
 def test_trainable_experiments_run_end_to_end(tmp_path, experiment, extra):
-    """The MEND and KE experiments (train, then test in the edit loop) on a tiny model, few steps."""
+    """The MEND, KE and SERAC experiments (train, then test in the edit loop) on a tiny model, few
+    steps (the zsRE experiment reads the same EasyEdit-schema fixture: only its data paths differ)."""
     drop = ("method=", "fit=", "data=", "model=")
     overrides = [o for o in _tiny_overrides(tmp_path) if not o.startswith(drop)]
+    if experiment.endswith("_zsre"):  # the fixture is in CounterFact's EasyEdit schema
+        overrides += [f"data.{split}._target_=editlab.data.loaders.load_counterfact_easyedit"
+                      for split in ("train", "val", "test")]
     cfg = _compose([f"experiment={experiment}", "model=tiny_llama", *overrides,
                     "fit.trainer.accumulate_grad_batches=1", "fit.module.lr=1e-3", *extra])
     summary = _run(cfg, tmp_path / "out")
@@ -376,18 +385,26 @@ def _check_ranks(dump: Path, tiny, tmp_path: Path, world: int, make_editor=_edit
         assert val[key] == pytest.approx(single[key], rel=1e-5, abs=1e-6), key
 
 
+DDP_METHODS = {  # method -> (overrides, editor to load the ranks' state into)
+    "learned_step": ([], _editor),
+    "mend": (["method=mend", "method.rank=8", "fit.module.lr=1e-3"], partial(MEND, rank=8)),
+    "serac": (["method=serac", f"method.encoder={{_target_:{TINY_ENCODER}}}", "fit.module.lr=1e-3"],
+              lambda: SERAC(encoder=SentenceEncoder.tiny())),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["learned_step", "mend"])
+@pytest.mark.parametrize("method", list(DDP_METHODS))
 def test_ddp_two_gloo_processes(tiny, tmp_path, method):
     """``trainer=ddp`` with 2 CPU processes (Lightning launches the second), fit then test; MEND
-    too (its normalisation statistics are buffers it replaces at every training call)."""
+    too (its normalisation statistics are buffers it replaces at every training call), and SERAC
+    (a trained classifier and counterfactual model, edits by memory)."""
     out, dump = tmp_path / "ddp", tmp_path / "dump"
-    choice = ["method=mend", "method.rank=8", "fit.module.lr=1e-3"] if method == "mend" else []
+    choice, make_editor = DDP_METHODS[method]
     launch = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
     cmd = [sys.executable, "-m", "editlab.train", *_cli(tmp_path, out, dump, launch, choice)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    make_editor = partial(MEND, rank=8) if method == "mend" else _editor
     _check_ranks(dump, tiny, tmp_path, world=2, make_editor=make_editor)
     rows = [json.loads(x) for f in sorted(out.glob("records*.jsonl")) for x in f.read_text().splitlines()]
     assert sorted(r["record_id"] for r in rows) == [12, 13]  # the test split, each record once

@@ -1,0 +1,464 @@
+"""The model as a memory-based editor shows it: each input routed to a model and given a context.
+
+Memory-based editors (IKE, SERAC) change *how an input is answered*, not the weights.
+:class:`ConditionedLM` is their common view of the model: a *router* looks at every input row (its
+real tokens decoded to text) and returns, per row, the index of the model that answers it (0 = the
+base model; SERAC adds a counterfactual model) and a *prefix* text to put before it (IKE's
+demonstrations and new facts; SERAC's edit; ``""`` for none).  The row is then run as
+``tokenize(prefix) + the row's own tokens`` — a token concatenation, so the scored tokens are
+exactly the original ones — and the logits at the row's own positions come back aligned with the
+input (right or left padding; padded positions are zero).  Every metric therefore scores through
+the wrapper unchanged (:func:`editlab.scoring.lm_logits_at` dispatches on ``is_edit_wrapper``).
+
+BOS: a non-empty prefix carries the tokenizer's BOS token when the tokenizer puts one before a text
+(Llama, Gemma); a row's own leading BOS is then dropped, and its logits (those that predict the
+row's first real token) are read at the prefix's last token.  An empty prefix leaves a row exactly
+as it is, so the wrapper reproduces the model's logits.
+
+``text_join=True`` (IKE) runs a row instead as the tokenizer encodes ``prefix + row text`` whenever
+that encoding still ends with the row's own tokens after its first word — a prefix ending in
+``"Prompt: "`` then meets the row as running text does (``": The"``, not ``": "`` + ``"The"``).
+
+Speed: rows that share a prefix (IKE: all of them) run the prefix once into a key/value cache and
+only their own tokens against copies of it (the cache is kept across calls while gradients are off
+and the model is unchanged); the LM head is applied only at the rows' real positions.  Rows are run with right padding (every real token at the position an unpadded forward
+gives it) in sub-batches of at most ``max_batch_tokens`` tokens, prefix included.
+
+:meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left
+padding) and returns ``[input_ids | new tokens]`` in the input's frame, as Hugging Face
+``generate`` does, with stopping criteria that see the input-frame ids; so
+:func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
+
+Decoder-only models only: an encoder-decoder model raises ``TypeError``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutput
+
+from editlab.models.arch import arch_for
+from editlab.scoring import head_logits
+from editlab.tracing import CallRecorder
+
+__all__ = ["ConditionedLM", "Router", "default_bos"]
+
+log = logging.getLogger(__name__)
+
+_KV_ENTRIES = 4  # prefixes whose keys/values a wrapper keeps across calls
+
+Router = Callable[[list[str]], Sequence[tuple[int, str]]]
+"""``texts → [(model_index, prefix_text), ...]``, one pair per input row."""
+
+
+def default_bos(tokenizer) -> int | None:
+    """The BOS id when ``tokenizer`` puts one before a text by default (Llama, Gemma), else None."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    ids = tokenizer("a")["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def _max_positions(model: nn.Module) -> int | None:
+    config = model.config
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(limit) if limit else None
+
+
+@dataclass
+class _Row:
+    """One input row as the wrapper runs it."""
+
+    index: int                # row in the input batch
+    model: int                # index into ConditionedLM.models
+    prefix: tuple[int, ...]   # prefix token ids (BOS first when the tokenizer adds one)
+    tail: list[int]           # what runs after the prefix; it ends with the row's last `kept` tokens
+    columns: list[int]        # the input columns of the row's real tokens
+    dropped: bool             # the row's leading BOS was dropped (its logits: the token before the row's)
+    body: int                 # the row's real tokens, leading BOS not counted
+
+    @property
+    def sequence(self) -> list[int]:
+        return list(self.prefix) + self.tail
+
+    def new_positions(self) -> list[int]:
+        """Position, in :attr:`sequence`, of the logits for each real token of the input row: the
+        row's tokens are the last of the sequence (a re-encoded first token: the last token of its
+        re-encoding; a dropped BOS: the token before the row)."""
+        start = len(self.prefix) + len(self.tail) - self.body - int(self.dropped)
+        return [max(0, start + j) for j in range(len(self.columns))]
+
+
+class _InputFrame(StoppingCriteria):
+    """Show stopping criteria the ids in the input's frame: ``[original row | new tokens]``.
+
+    ``criteria`` receives all ``n_rows`` rows of the original batch; rows outside ``rows`` (run by
+    another model or in another sub-batch) carry ``pad`` as their new tokens.
+    """
+
+    def __init__(self, criteria: StoppingCriteriaList, original: torch.Tensor, rows: list[int], width: int,
+                 pad: int) -> None:
+        self.criteria = criteria
+        self.original = original
+        self.rows = torch.tensor(rows, device=original.device)
+        self.width = width
+        self.pad = pad
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        new = input_ids[:, self.width:]
+        full = torch.full((self.original.shape[0], new.shape[1]), self.pad, dtype=new.dtype, device=new.device)
+        full[self.rows.to(new.device)] = new
+        done = self.criteria(torch.cat([self.original.to(new.device), full], dim=1), scores, **kwargs)
+        if isinstance(done, bool):
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        return done[self.rows.to(done.device)]
+
+
+class ConditionedLM(nn.Module):
+    """A routed, prefix-conditioned view of one or more causal LMs, called like the base model.
+
+    Args:
+        model: the base model (``models[0]``); its config, LM head and device are the wrapper's.
+        tokenizer: the tokenizer of every model (rows are decoded with it for the router, and
+            prefixes encoded with it).
+        router: ``texts → [(model_index, prefix), ...]`` (:data:`Router`).
+        models: every model a row may be routed to, the base model first (default: just it).
+        max_batch_tokens: rows run together hold at most this many tokens (prefix included), which
+            bounds the key/value cache of a long prefix; a single longer row still runs alone.
+        prefix_cache: run a prefix shared by several rows once and reuse its keys/values (exact up
+            to float rounding); False runs every row whole.
+        text_join: run a row as the tokenizer encodes ``prefix + row text`` whenever that encoding
+            ends with the row's own tokens — all of them, or all but those of its first word,
+            which then merges with a space that ends the prefix (``"Prompt: " + "The"`` →
+            ``": The"``, as in running text); otherwise, and by default, as the token
+            concatenation.  Every row token after the first word is the row's own either way; the
+            logits that predict the second word are read at the re-encoded first word's last token
+            (the other first-word positions repeat the nearest earlier position's logits).
+
+    Attributes:
+        context_tokens / context_rows: prefix tokens added, and rows run, by :meth:`forward` and
+            :meth:`generate` so far (their ratio is the mean context cost per query).
+    """
+
+    is_edit_wrapper = True
+
+    def __init__(self, model: nn.Module, tokenizer, router: Router, models: Sequence[nn.Module] | None = None,
+                 *, max_batch_tokens: int = 8192, prefix_cache: bool = True, text_join: bool = False) -> None:
+        super().__init__()
+        models = [model] if models is None else list(models)
+        if not models or models[0] is not model:
+            raise ValueError("models[0] must be the base model")
+        for i, m in enumerate(models):
+            if getattr(getattr(m, "config", None), "is_encoder_decoder", False):
+                raise TypeError(f"ConditionedLM supports decoder-only models; model {i} ({type(m).__name__}) "
+                                "is an encoder-decoder model")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
+        self.models = nn.ModuleList(models)
+        self.tokenizer = tokenizer
+        self.router = router
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.prefix_cache = bool(prefix_cache)
+        self.text_join = bool(text_join)
+        self.bos = default_bos(tokenizer)
+        self.context_tokens = 0
+        self.context_rows = 0
+        self._prefix_ids: dict[str, tuple[int, ...]] = {}
+        self._kv: OrderedDict[tuple[int, tuple[int, ...]], tuple] = OrderedDict()
+
+    # ------------------------------------------------------------- model-like
+    @property
+    def base(self) -> nn.Module:
+        return self.models[0]
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    # --------------------------------------------------------------- planning
+    def prefix_ids(self, prefix: str) -> tuple[int, ...]:
+        """Token ids of a prefix: ``()`` for ``""``, else BOS (when the tokenizer adds one) + its tokens."""
+        if not prefix:
+            return ()
+        ids = self._prefix_ids.get(prefix)
+        if ids is None:
+            body = self.tokenizer(prefix, add_special_tokens=False)["input_ids"]
+            ids = tuple(([self.bos] if self.bos is not None else []) + list(body))
+            if len(self._prefix_ids) >= 64:
+                self._prefix_ids.clear()
+            self._prefix_ids[prefix] = ids
+        return ids
+
+    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[_Row]:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        ids_cpu, mask_cpu = input_ids.cpu(), mask.cpu()
+        columns = [torch.nonzero(mask_cpu[i]).flatten().tolist() for i in range(input_ids.shape[0])]
+        tokens = [ids_cpu[i, cols].tolist() for i, cols in enumerate(columns)]
+        texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        routes = list(self.router(list(texts)))
+        if len(routes) != len(texts):
+            raise ValueError(f"the router returned {len(routes)} routes for {len(texts)} rows")
+        rows = []
+        for i, (route, toks, cols) in enumerate(zip(routes, tokens, columns)):
+            try:
+                index, prefix = route
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"route of row {i} must be (model_index, prefix), got {route!r}") from err
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.models):
+                raise ValueError(f"route of row {i}: model index {index!r} is not in [0, {len(self.models)})")
+            if not isinstance(prefix, str):
+                raise ValueError(f"route of row {i}: prefix must be a string, got {type(prefix).__name__}")
+            row = self._join(i, index, prefix, toks, cols, texts[i])
+            limit = _max_positions(self.models[index])
+            if limit is not None and len(row.sequence) > limit:
+                raise ValueError(f"row {i} with its prefix has {len(row.sequence)} tokens; model {index} "
+                                 f"takes at most {limit} positions")
+            rows.append(row)
+        return rows
+
+    def _encode(self, text: str) -> list[int]:
+        """``text`` as the tokenizer encodes a whole input: BOS (when it adds one) + its tokens."""
+        return ([self.bos] if self.bos is not None else []) + list(
+            self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _join(self, i: int, index: int, prefix: str, toks: list[int], cols: list[int], text: str) -> _Row:
+        """How row ``i`` runs behind ``prefix`` (see :class:`ConditionedLM`, ``text_join``)."""
+        full = self.prefix_ids(prefix)
+        dropped = bool(full) and self.bos is not None and bool(toks) and toks[0] == self.bos
+        body = toks[1:] if dropped else toks
+        n = len(body)
+        if self.text_join and full and n:
+            base = self.prefix_ids(prefix.rstrip(" "))
+            joint = self._encode(prefix + text)
+            if joint[: len(base)] == list(base):
+                rest = joint[len(base):]
+                # the row's tokens as they are, or all but the tokens of its first word, re-encoded
+                for kept in range(n, -1, -1):
+                    if kept < n and any(c.isspace() for c in self.tokenizer.decode(body[: n - kept]).strip()):
+                        break
+                    if len(rest) >= kept + (kept < n) and rest[len(rest) - kept:] == body[n - kept:]:
+                        return _Row(i, index, base, rest, cols, dropped, n)
+        return _Row(i, index, full, body, cols, dropped, n)
+
+    def _chunks(self, rows: list[_Row]) -> list[list[_Row]]:
+        """Rows grouped by model and prefix (first-appearance order), each group cut into
+        sub-batches of at most ``max_batch_tokens`` tokens (sorted by length, so little padding)."""
+        chunks: list[list[_Row]] = []
+        for key in dict.fromkeys((r.model, r.prefix) for r in rows):
+            group = sorted((r for r in rows if (r.model, r.prefix) == key), key=lambda r: len(r.sequence))
+            current: list[_Row] = []
+            for row in group:
+                width = max([len(row.sequence)] + [len(r.sequence) for r in current])
+                if current and width * (len(current) + 1) > self.max_batch_tokens:
+                    chunks.append(current)
+                    current = []
+                current.append(row)
+            if current:
+                chunks.append(current)
+        return chunks
+
+    def _count(self, rows: list[_Row]) -> None:
+        self.context_rows += len(rows)
+        self.context_tokens += sum(len(r.sequence) - len(r.columns) for r in rows)
+
+    # ---------------------------------------------------------------- forward
+    def _pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else 0
+
+    def _head_inputs(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The LM head's input ``[B, L, d]`` (the vocabulary projection is never computed)."""
+        with CallRecorder(model, [], stop_at=arch_for(model).lm_head) as rec:
+            model(input_ids=ids, attention_mask=mask, **kwargs)
+        if rec.stopped_input is None:
+            raise RuntimeError("the forward pass never reached the LM head")
+        return rec.stopped_input
+
+    def _can_share_prefix(self, model: nn.Module, rows: list[_Row]) -> bool:
+        prefix = rows[0].prefix
+        if not self.prefix_cache or not prefix or any(r.prefix != prefix for r in rows):
+            return False
+        window = getattr(model.config, "sliding_window", None)
+        longest = max(len(r.sequence) for r in rows)
+        return not (window and longest >= int(window))  # a sliding window would truncate the cache
+
+    def _hidden_whole(self, model: nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
+        """Per row, the LM-head inputs at its real positions, running each row whole (right padding)."""
+        device = next(model.parameters()).device
+        width = max(len(r.sequence) for r in rows)
+        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            seq = r.sequence
+            ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[j, : len(seq)] = 1
+        hidden = self._head_inputs(model, ids.to(device), mask.to(device), use_cache=False)
+        return [hidden[j, r.new_positions()] for j, r in enumerate(rows)]
+
+    @staticmethod
+    def _state_key(model: nn.Module) -> tuple:
+        """Changes whenever the model's outputs may: parameter storage and in-place versions, hooks."""
+        params = tuple((p.data_ptr(), p._version) for p in model.parameters())
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+        return params, hooks, model.training
+
+    def _prefix_state(self, index: int, model: nn.Module, prefix: tuple[int, ...]):
+        """The LM-head inputs ``[P, d]`` and per-layer keys/values of ``prefix`` run alone.
+
+        Kept across calls (last :data:`_KV_ENTRIES` prefixes) while gradients are off and the
+        model is unchanged (same parameter storage and versions, same hooks); recomputed otherwise.
+        """
+        keep = not torch.is_grad_enabled()
+        key = (index, prefix)
+        state_key = self._state_key(model) if keep else None
+        hit = self._kv.get(key) if keep else None
+        if hit is not None and hit[0] == state_key:
+            self._kv.move_to_end(key)
+            return hit[1], hit[2]
+        device = next(model.parameters()).device
+        ids = torch.tensor([prefix], dtype=torch.long, device=device)
+        cache = DynamicCache(config=model.config)
+        hidden = self._head_inputs(model, ids, torch.ones_like(ids), cache=cache, use_cache=True)[0]
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+        if keep:
+            self._kv[key] = (state_key, hidden, layers)
+            while len(self._kv) > _KV_ENTRIES:
+                self._kv.popitem(last=False)
+        return hidden, layers
+
+    def _hidden_shared(self, index: int, model: nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
+        """As :meth:`_hidden_whole` for rows sharing one prefix: the prefix runs once into a
+        key/value cache (kept across calls, see :meth:`_prefix_state`), the rows' own tokens run
+        against copies of it."""
+        device = next(model.parameters()).device
+        prefix_hidden, layers = self._prefix_state(index, model, rows[0].prefix)
+        n_prefix = len(rows[0].prefix)
+        width = max(len(r.tail) for r in rows)
+        suffix_hidden = None
+        if width > 0:
+            ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+            mask = torch.zeros((len(rows), n_prefix + width), dtype=torch.long)
+            mask[:, :n_prefix] = 1
+            for j, r in enumerate(rows):
+                ids[j, : len(r.tail)] = torch.tensor(r.tail, dtype=torch.long)
+                mask[j, n_prefix: n_prefix + len(r.tail)] = 1
+            rows_cache = DynamicCache(config=model.config)
+            for i, (k, v) in enumerate(layers):
+                rows_cache.update(k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:]), i)
+            positions = (n_prefix + torch.arange(width)).unsqueeze(0).expand(len(rows), width)
+            suffix_hidden = self._head_inputs(model, ids.to(device), mask.to(device),
+                                              position_ids=positions.to(device), cache=rows_cache, use_cache=True)
+        out = []
+        for j, r in enumerate(rows):
+            parts = []
+            for pos in r.new_positions():
+                parts.append(prefix_hidden[pos] if pos < n_prefix else suffix_hidden[j, pos - n_prefix])
+            out.append(torch.stack(parts) if parts else prefix_hidden[:0])
+        return out
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs) -> CausalLMOutput:
+        """Logits ``[N, L, V]`` (float32) aligned with ``input_ids``; padded positions are zero.
+
+        Row ``i``'s logits at its real positions are those the routed model gives the prefixed row
+        there; ``use_cache`` is ignored (nothing is cached across calls).
+        """
+        if kwargs:
+            raise TypeError(f"ConditionedLM.forward does not take {sorted(kwargs)}")
+        rows = self._plan(input_ids, attention_mask)
+        vocab = int(self.get_output_embeddings().weight.shape[0])
+        logits = None
+        for chunk in self._chunks([r for r in rows if r.columns]):
+            model = self.models[chunk[0].model]
+            if self._can_share_prefix(model, chunk):
+                hidden = self._hidden_shared(chunk[0].model, model, chunk)
+            else:
+                hidden = self._hidden_whole(model, chunk)
+            flat = head_logits(model, torch.cat(hidden, dim=0))
+            if flat.shape[-1] != vocab:
+                raise ValueError(f"model {chunk[0].model} has a vocabulary of {flat.shape[-1]}, the base model {vocab}")
+            if logits is None:
+                logits = torch.zeros((*input_ids.shape, vocab), dtype=flat.dtype, device=flat.device)
+            row_idx = torch.cat([torch.full((len(r.columns),), r.index, dtype=torch.long) for r in chunk])
+            col_idx = torch.cat([torch.tensor(r.columns, dtype=torch.long) for r in chunk])
+            logits[row_idx.to(flat.device), col_idx.to(flat.device)] = flat
+        if logits is None:
+            logits = torch.zeros((*input_ids.shape, vocab), dtype=torch.float32, device=input_ids.device)
+        self._count(rows)
+        return CausalLMOutput(logits=logits)
+
+    # --------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 max_new_tokens: int = 20, do_sample: bool = False, pad_token_id: int | None = None,
+                 stopping_criteria: StoppingCriteriaList | None = None, **kwargs) -> torch.Tensor:
+        """``[input_ids | new tokens]``, as Hugging Face ``generate`` returns it for decoder-only models.
+
+        Each routed model generates for its prefixed rows with its own ``generate`` (left padding);
+        new tokens of rows that finished early, or whose sub-batch finished early, are
+        ``pad_token_id``.  ``stopping_criteria`` see ids in the input's frame (``[input_ids | new]``,
+        all rows).  When rows run in several sub-batches (several models, or more tokens than
+        ``max_batch_tokens``), each sub-batch consults a copy of the criteria, and the criteria
+        themselves are then replayed over the combined output step by step (with ``scores=None``),
+        so criteria with per-row state (e.g. the edit loop's answer stop) end in the state a single
+        batch would have left.
+        """
+        pad = pad_token_id if pad_token_id is not None else self._pad_id()
+        rows = self._plan(input_ids, attention_mask)
+        for r in rows:
+            if not r.sequence:
+                raise ValueError(f"row {r.index} has no tokens to generate from")
+        chunks = self._chunks(rows)
+        single = len(chunks) == 1
+        results: dict[int, torch.Tensor] = {}
+        for chunk in chunks:
+            model = self.models[chunk[0].model]
+            device = next(model.parameters()).device
+            width = max(len(r.sequence) for r in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, r in enumerate(chunk):
+                seq = r.sequence
+                ids[j, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                mask[j, width - len(seq):] = 1
+            criteria = None
+            if stopping_criteria is not None:
+                inner = stopping_criteria if single else copy.deepcopy(stopping_criteria)
+                criteria = StoppingCriteriaList([_InputFrame(inner, input_ids, [r.index for r in chunk], width, pad)])
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                                 stopping_criteria=criteria, **kwargs)
+            for j, r in enumerate(chunk):
+                results[r.index] = out[j, width:]
+        steps = max((t.shape[0] for t in results.values()), default=0)
+        new = torch.full((input_ids.shape[0], steps), pad, dtype=input_ids.dtype, device=input_ids.device)
+        for i, tokens in results.items():
+            new[i, : tokens.shape[0]] = tokens.to(new.device)
+        if stopping_criteria is not None and not single:
+            for t in range(1, steps + 1):
+                done = stopping_criteria(torch.cat([input_ids, new[:, :t]], dim=1), None)
+                if bool(torch.as_tensor(done).all()):
+                    break
+        self._count(rows)
+        return torch.cat([input_ids, new], dim=1)
