@@ -1,9 +1,10 @@
 """Architecture facts, in one place, keyed by the Hugging Face ``config.model_type``.
 
 Every method that touches a model's internals asks this table where things are: the list of
-transformer blocks, the MLP input/output projections and attention output inside a block, the
-embeddings, the final norm and the LM head, and whether weight matrices are stored transposed
-(GPT-2's ``Conv1D`` keeps ``(in_features, out_features)``).  Nothing else in editlab names a
+transformer blocks, the whole MLP and its input/output projections and the attention output inside
+a block, the embeddings, the final norm and the LM head, which config field names the MLP's
+activation function, and whether weight matrices are stored transposed (GPT-2's ``Conv1D`` keeps
+``(in_features, out_features)``).  Nothing else in editlab names a
 module path of a particular architecture.  (Compare peft's per-architecture constants.)
 
 Paths inside a block are relative to the block.  A role may list several candidate paths when
@@ -39,6 +40,9 @@ class ArchSpec:
     Attributes:
         layers: dotted path of the ``ModuleList`` of blocks whose MLPs are edited (the decoder for
             decoder-only models and for T5).
+        mlp: the whole MLP (feed-forward) module, relative to a block: called with the normed
+            residual stream (``[..., d_model]``), returns its contribution to it (``[..., d_model]``).
+            Parameter-adding editors (T-Patcher, CaliNet) attach their modules beside it.
         mlp_in: the MLP's input (up) projection(s), relative to a block.
         mlp_out: the MLP's output (down) projection, relative to a block: the "value" matrix that
             ROME/MEMIT/FT-L edit.  Its input is the MLP key space.
@@ -47,15 +51,18 @@ class ArchSpec:
         final_norm: the norm applied to the last block's output before the LM head.
         lm_head: the output projection to the vocabulary.
         mlp_gate: the gate projection of gated MLPs (SwiGLU / GeGLU), when there is one.
+        mlp_act: config attribute(s) naming the MLP's activation function (a key of
+            ``transformers.activations.ACT2FN``); the first one set wins.
         transposed: weights stored as ``(in, out)`` (GPT-2 ``Conv1D``) instead of ``(out, in)``.
-        encoder_layers / encoder_mlp_in / encoder_mlp_out: the encoder stack of encoder-decoder
-            models (T5), for methods that edit both stacks.
+        encoder_layers / encoder_mlp / encoder_mlp_in / encoder_mlp_out: the encoder stack of
+            encoder-decoder models (T5), for methods that edit both stacks.
         is_encoder_decoder: True for seq2seq models.
         residual: the module whose output is the residual stream after a block, relative to a
             block ("" = the block itself).
     """
 
     layers: str
+    mlp: Paths
     mlp_in: Paths
     mlp_out: Paths
     attn_out: Paths
@@ -63,8 +70,10 @@ class ArchSpec:
     final_norm: str
     lm_head: str = "lm_head"
     mlp_gate: Paths = ()
+    mlp_act: Paths = ("hidden_act",)
     transposed: bool = False
     encoder_layers: str | None = None
+    encoder_mlp: Paths = ()
     encoder_mlp_in: Paths = ()
     encoder_mlp_out: Paths = ()
     is_encoder_decoder: bool = False
@@ -93,7 +102,7 @@ class ArchSpec:
         return True
 
     def module_path(self, model: nn.Module, role: str, layer: int, encoder: bool = False) -> str:
-        """Full dotted path of ``role`` (``mlp_in``, ``mlp_out``, ``attn_out``, ``mlp_gate``,
+        """Full dotted path of ``role`` (``mlp``, ``mlp_in``, ``mlp_out``, ``attn_out``, ``mlp_gate``,
         ``residual``) in block ``layer`` of ``model``; :class:`UnknownArchitecture` when absent."""
         base = self.layer_path(layer, encoder)
         if role == "residual":
@@ -106,6 +115,19 @@ class ArchSpec:
         raise UnknownArchitecture(
             f"none of {[f'{base}.{c}' for c in candidates]} exists in {type(model).__name__} "
             f"(role {role!r}); fix the entry for model_type {model.config.model_type!r} in editlab/models/arch.py"
+        )
+
+    def mlp_activation(self, model: nn.Module) -> str:
+        """Name of the MLP's activation function (``gelu_new``, ``silu``, ``relu``, ...), read
+        from the config attribute listed in ``mlp_act``; a key of ``transformers.activations.ACT2FN``."""
+        config = model.config
+        for name in self.mlp_act:
+            value = getattr(config, name, None)
+            if isinstance(value, str) and value:
+                return value
+        raise UnknownArchitecture(
+            f"none of the config attributes {list(self.mlp_act)} names the MLP activation of "
+            f"{type(model).__name__}; fix the entry for model_type {config.model_type!r} in editlab/models/arch.py"
         )
 
     def num_layers(self, model: nn.Module, encoder: bool = False) -> int:
@@ -125,8 +147,11 @@ class ArchSpec:
 
 _LLAMA_LIKE = ArchSpec(
     layers="model.layers",
+    mlp=("mlp",),
     mlp_in=("mlp.up_proj",),
     mlp_gate=("mlp.gate_proj",),
+    # Gemma-2/3 name the MLP activation `hidden_activation`; Llama, Mistral, Qwen2, Gemma `hidden_act`
+    mlp_act=("hidden_activation", "hidden_act"),
     mlp_out=("mlp.down_proj",),
     attn_out=("self_attn.o_proj",),
     embeddings="model.embed_tokens",
@@ -136,8 +161,10 @@ _LLAMA_LIKE = ArchSpec(
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         layers="transformer.h",
+        mlp=("mlp",),
         mlp_in=("mlp.c_fc",),
         mlp_out=("mlp.c_proj",),
+        mlp_act=("activation_function",),
         attn_out=("attn.c_proj",),
         embeddings="transformer.wte",
         final_norm="transformer.ln_f",
@@ -145,14 +172,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
     "gptj": ArchSpec(
         layers="transformer.h",
+        mlp=("mlp",),
         mlp_in=("mlp.fc_in",),
         mlp_out=("mlp.fc_out",),
+        mlp_act=("activation_function",),
         attn_out=("attn.out_proj",),
         embeddings="transformer.wte",
         final_norm="transformer.ln_f",
     ),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers",
+        mlp=("mlp",),
         mlp_in=("mlp.dense_h_to_4h",),
         mlp_out=("mlp.dense_4h_to_h",),
         attn_out=("attention.dense",),
@@ -170,14 +200,18 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "t5": ArchSpec(
         layers="decoder.block",
         # decoder block: layer.0 self-attention, layer.1 cross-attention, layer.2 feed-forward
+        # (layer.2 is norm + MLP + residual add; DenseReluDense, also the gated variant, is the MLP)
+        mlp=("layer.2.DenseReluDense",),
         mlp_in=("layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wi_1"),
         mlp_gate=("layer.2.DenseReluDense.wi_0",),
         mlp_out=("layer.2.DenseReluDense.wo",),
+        mlp_act=("dense_act_fn",),  # relu (T5 v1.0), gelu_new (v1.1 "gated-gelu")
         attn_out=("layer.0.SelfAttention.o",),
         embeddings="shared",
         final_norm="decoder.final_layer_norm",
         encoder_layers="encoder.block",
         # encoder block: layer.0 self-attention, layer.1 feed-forward
+        encoder_mlp=("layer.1.DenseReluDense",),
         encoder_mlp_in=("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_1"),
         encoder_mlp_out=("layer.1.DenseReluDense.wo",),
         is_encoder_decoder=True,

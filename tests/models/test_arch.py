@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from editlab.models.arch import ARCHITECTURES, UnknownArchitecture, arch_for, get_module
 from editlab.models.tiny import TINY_MODEL_TYPES, tiny_model
 
-ROLES = ("mlp_in", "mlp_out", "attn_out")
+ROLES = ("mlp", "mlp_in", "mlp_out", "attn_out")
 
 
 @pytest.fixture(scope="module", params=TINY_MODEL_TYPES)
@@ -65,6 +67,54 @@ def test_block_roles_resolve_in_every_layer(bundle) -> None:
         elif spec.mlp_gate:  # listed for a gated variant (T5 v1.1) that this model is not
             with pytest.raises(UnknownArchitecture):
                 spec.module_path(model, "mlp_gate", layer)
+
+
+@torch.no_grad()
+def test_mlp_is_the_whole_feed_forward_with_d_model_in_and_out(bundle) -> None:
+    """The ``mlp`` role is the module whose output the residual stream receives: called with
+    ``[..., d_model]`` it returns ``[..., d_model]``, it owns the up/down projections, and its
+    activation is the one the config names (what T-Patcher / CaliNet attach beside)."""
+    model = bundle.model
+    spec = arch_for(model)
+    hidden = _hidden(model)
+    for layer in range(spec.num_layers(model)):
+        path = spec.module_path(model, "mlp", layer)
+        mlp = get_module(model, path)
+        assert path == f"{spec.layer_path(layer)}.{spec.mlp[0]}"
+        for role in ("mlp_in", "mlp_out"):
+            assert spec.module_path(model, role, layer).startswith(path + ".")
+        seen = {}
+        handle = mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+        try:
+            ids = torch.tensor([[5, 6, 7]])
+            extra = {"decoder_input_ids": ids} if bundle.is_encoder_decoder else {}
+            model(input_ids=ids, use_cache=False, **extra)
+        finally:
+            handle.remove()
+        assert isinstance(seen["x"], torch.Tensor) and seen["x"].shape == (1, 3, hidden)
+        assert isinstance(seen["y"], torch.Tensor) and seen["y"].shape == (1, 3, hidden)
+        # the MLP applied to its input gives back what the block received from it
+        assert torch.allclose(mlp(seen["x"]), seen["y"])
+    assert spec.mlp_activation(model) in ACT2FN
+    expected = {"gpt2": "gelu_new", "gptj": "gelu_new", "gpt_neox": "gelu", "llama": "silu", "mistral": "silu",
+                "qwen2": "silu", "gemma": "gelu_pytorch_tanh", "gemma2": "gelu_pytorch_tanh",
+                "gemma3_text": "gelu_pytorch_tanh", "t5": "relu"}
+    assert spec.mlp_activation(model) == expected[bundle.model_type]
+
+
+def test_t5_mlp_roles_in_both_stacks_and_gated_activation() -> None:
+    model = tiny_model("t5", feed_forward_proj="gated-gelu").model
+    spec = arch_for(model)
+    assert spec.module_path(model, "mlp", 1) == "decoder.block.1.layer.2.DenseReluDense"
+    assert spec.module_path(model, "mlp", 1, encoder=True) == "encoder.block.1.layer.1.DenseReluDense"
+    assert spec.mlp_activation(model) == "gelu_new"
+    assert spec.has_role(model, "mlp_gate", 0)
+
+
+def test_missing_activation_attribute_names_the_entry() -> None:
+    model = tiny_model("llama").model
+    with pytest.raises(UnknownArchitecture, match="arch.py"):
+        ARCHITECTURES["t5"].mlp_activation(model)
 
 
 def test_transposed_only_for_gpt2(bundle) -> None:
