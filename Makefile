@@ -4,7 +4,7 @@ PIP = $(PYTHON) -m pip
 # The CPU build of torch (on the dev/CI machines it installs from local disk); skip when torch exists.
 TORCH ?= torch==2.13.0
 
-.PHONY: install main test test-slow bench
+.PHONY: install main test test-slow bench table
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH)"
@@ -28,3 +28,10 @@ test-slow: install
 
 bench: install
 	$(PYTHON) benchmarks/ft_smollm2.py
+
+# The reference table (Yao et al. 2023, Table 1) for every method on SmolLM2-135M: runs each
+# <method>_smollm2_{counterfact,zsre} experiment that has no finished run yet (trainable editors
+# train first: hours on a CPU), then writes experiments/table1_smollm2.md.
+TABLE_EXPERIMENTS = $(sort $(basename $(notdir $(wildcard configs/experiment/*_smollm2_counterfact.yaml configs/experiment/*_smollm2_zsre.yaml))))
+table: install
+	$(PYTHON) -m editlab.report --run $(TABLE_EXPERIMENTS) --model smollm2 --out experiments/table1_smollm2.md
