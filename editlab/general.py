@@ -38,7 +38,7 @@ from editlab.data.collate import target_text
 from editlab.data.loaders import ChoiceItem, load_piqa
 from editlab.metrics.general import MultipleChoiceAccuracy, Perplexity
 from editlab.models.arch import arch_for
-from editlab.scoring import head_logits, is_edit_wrapper, score_pairs
+from editlab.scoring import head_logits, is_edit_wrapper, score_pairs, wrapper_logits_at
 from editlab.stats import Corpus, WikipediaSample, batch_rows, effective_seq_len, pack_rows
 from editlab.tracing import CallRecorder
 
@@ -54,17 +54,24 @@ def token_nll(model: nn.Module, ids: torch.Tensor, logit_rows: int = 512) -> tor
     """Negative log-likelihood of ``ids[:, 1:]`` given the tokens before them (``[B, L]`` →
     ``[B, L-1]``, float32), without materialising more than ``logit_rows`` rows of logits.
 
-    A memory-based editor's wrapper (:func:`editlab.scoring.is_edit_wrapper`) returns logits for
-    every position, so it is called on as many whole rows at a time as fit in ``logit_rows``
-    positions (at least one row)."""
+    A memory-based editor's wrapper (:func:`editlab.scoring.is_edit_wrapper`) runs whole rows, so
+    it is called on as many rows at a time as fit in ``logit_rows`` scored positions (at least
+    one row), with the LM head applied at those positions only
+    (:func:`editlab.scoring.wrapper_logits_at`)."""
     if is_edit_wrapper(model):
-        out = torch.empty((ids.shape[0], ids.shape[1] - 1), dtype=torch.float32, device=ids.device)
-        step = max(1, logit_rows // max(1, ids.shape[1]))
+        n_pos = ids.shape[1] - 1
+        out = torch.empty((ids.shape[0], n_pos), dtype=torch.float32, device=ids.device)
+        step = max(1, logit_rows // max(1, n_pos))
         for lo in range(0, ids.shape[0], step):
             rows = ids[lo: lo + step]
-            logits = model(input_ids=rows, attention_mask=torch.ones_like(rows), use_cache=False).logits[:, :-1]
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            out[lo: lo + step] = -logp.gather(2, rows[:, 1:].unsqueeze(2)).squeeze(2).to(out.device)
+            n = rows.shape[0]
+            row_idx = torch.arange(n, device=ids.device).repeat_interleave(n_pos)
+            pos_idx = torch.arange(n_pos, device=ids.device).repeat(n)
+            logits = wrapper_logits_at(model, row_idx, pos_idx,
+                                       {"input_ids": rows, "attention_mask": torch.ones_like(rows)})
+            targets = rows[:, 1:].reshape(-1, 1).to(logits.device)
+            nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, targets).squeeze(1)
+            out[lo: lo + n] = nll.view(n, n_pos).to(out.device)
         return out
     head = arch_for(model).lm_head
     with CallRecorder(model, [], stop_at=head) as rec:

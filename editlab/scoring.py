@@ -26,7 +26,7 @@ from editlab.tracing import CallRecorder
 
 __all__ = [
     "ANSWER_END", "ProbeScores", "ScoreCache", "answer_token_table", "cut_answer", "greedy_generate", "head_logits",
-    "head_nll", "is_edit_wrapper", "lm_logits_at", "score_pairs",
+    "head_nll", "is_edit_wrapper", "lm_logits_at", "score_pairs", "wrapper_logits_at",
 ]
 
 
@@ -125,11 +125,23 @@ def is_edit_wrapper(model: nn.Module) -> bool:
     return bool(getattr(model, "is_edit_wrapper", False))
 
 
+def wrapper_logits_at(model: nn.Module, rows: torch.Tensor, positions: torch.Tensor,
+                      inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """An edit wrapper's logits (float32 ``[M, V]``) at ``(rows, positions)`` of ``model(**inputs)``:
+    through its ``logits_at`` (the LM head only where asked, e.g.
+    :meth:`editlab.methods.conditioned.ConditionedLM.logits_at`) when it has one, else by
+    indexing its full aligned logits."""
+    at = getattr(model, "logits_at", None)
+    if callable(at):
+        return at(rows, positions, **inputs).float()
+    return model(**inputs, use_cache=False).logits[rows, positions].float()
+
+
 def lm_logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
     """Logits (float32) at every real target position of ``batch``, row-major: ``[M, V]``."""
     rows, pos = batch.gather_index()
     if is_edit_wrapper(model):
-        return model(**batch.model_inputs(), use_cache=False).logits[rows, pos].float()
+        return wrapper_logits_at(model, rows, pos, batch.model_inputs())
     hidden = lm_head_input(model, batch)
     return head_logits(model, hidden[rows, pos])
 

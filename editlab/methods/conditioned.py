@@ -24,12 +24,22 @@ only their own tokens against copies of it (the cache is kept across calls while
 and the model is unchanged); the LM head is applied only at the rows' real positions.  Rows are run with right padding (every real token at the position an unpadded forward
 gives it) in sub-batches of at most ``max_batch_tokens`` tokens, prefix included.
 
+:meth:`ConditionedLM.logits_at` computes the LM head only at requested ``(row, position)`` pairs
+(``[M, V]``, what :func:`editlab.scoring.lm_logits_at` and :func:`editlab.general.token_nll` read);
+the plain forward returns the full aligned ``[N, L, V]`` logits.
+
 :meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left
 padding) and returns ``[input_ids | new tokens]`` in the input's frame, as Hugging Face
 ``generate`` does, with stopping criteria that see the input-frame ids; so
 :func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
 
-Decoder-only models only: an encoder-decoder model raises ``TypeError``.
+Encoder-decoder models (T5; ``config.is_encoder_decoder``, every wrapped model alike): the prefix
+goes before the row's *encoder* tokens (``text_join``: the encoder reads the tokenizer's encoding
+of ``prefix + row text``, special tokens included — its positions are never scored, so nothing
+needs to line up), the decoder input is the caller's, unchanged, and logits are the decoder's,
+aligned with ``decoder_input_ids``.  There is no prefix cache (the encoder reads the prefix and
+the row together).  :meth:`~ConditionedLM.generate` returns decoder ids that start with the
+decoder start token, as Hugging Face seq2seq ``generate`` does.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
 from editlab.models.arch import arch_for
 from editlab.scoring import head_logits
@@ -68,6 +78,10 @@ def default_bos(tokenizer) -> int | None:
     return bos if ids and ids[0] == bos else None
 
 
+def _is_seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def _max_positions(model: nn.Module) -> int | None:
     config = model.config
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -82,12 +96,14 @@ class _Row:
     model: int                # index into ConditionedLM.models
     prefix: tuple[int, ...]   # prefix token ids (BOS first when the tokenizer adds one)
     tail: list[int]           # what runs after the prefix; it ends with the row's last `kept` tokens
-    columns: list[int]        # the input columns of the row's real tokens
+    columns: list[int]        # the columns whose logits the row returns: its real tokens (seq2seq: the decoder's)
     dropped: bool             # the row's leading BOS was dropped (its logits: the token before the row's)
     body: int                 # the row's real tokens, leading BOS not counted
+    own: int                  # the row's real input tokens (the context added is len(sequence) - own)
 
     @property
     def sequence(self) -> list[int]:
+        """What the routed model runs (seq2seq: its encoder input)."""
         return list(self.prefix) + self.tail
 
     def new_positions(self) -> list[int]:
@@ -99,10 +115,12 @@ class _Row:
 
 
 class _InputFrame(StoppingCriteria):
-    """Show stopping criteria the ids in the input's frame: ``[original row | new tokens]``.
+    """Show stopping criteria the ids in the input's frame: ``[original row | new tokens]``
+    (seq2seq: ``original`` is the decoder start column, ``width`` 1).
 
     ``criteria`` receives all ``n_rows`` rows of the original batch; rows outside ``rows`` (run by
-    another model or in another sub-batch) carry ``pad`` as their new tokens.
+    another model or in another sub-batch) carry ``pad`` as their new tokens.  The first ``width``
+    columns of the ids the model generates are not new tokens (its prefixed input, or its decoder start).
     """
 
     def __init__(self, criteria: StoppingCriteriaList, original: torch.Tensor, rows: list[int], width: int,
@@ -124,7 +142,8 @@ class _InputFrame(StoppingCriteria):
 
 
 class ConditionedLM(nn.Module):
-    """A routed, prefix-conditioned view of one or more causal LMs, called like the base model.
+    """A routed, prefix-conditioned view of one or more LMs (all causal, or all encoder-decoder),
+    called like the base model.
 
     Args:
         model: the base model (``models[0]``); its config, LM head and device are the wrapper's.
@@ -143,10 +162,13 @@ class ConditionedLM(nn.Module):
             concatenation.  Every row token after the first word is the row's own either way; the
             logits that predict the second word are read at the re-encoded first word's last token
             (the other first-word positions repeat the nearest earlier position's logits).
+            Encoder-decoder models: the encoder reads ``tokenizer(prefix + row text)`` (special
+            tokens included) whenever the prefix is non-empty.
 
     Attributes:
-        context_tokens / context_rows: prefix tokens added, and rows run, by :meth:`forward` and
-            :meth:`generate` so far (their ratio is the mean context cost per query).
+        seq2seq: the models are encoder-decoder models (``config.is_encoder_decoder``).
+        context_tokens / context_rows: prefix tokens added, and rows run, by :meth:`forward`,
+            :meth:`logits_at` and :meth:`generate` so far (their ratio is the mean context cost per query).
     """
 
     is_edit_wrapper = True
@@ -157,10 +179,11 @@ class ConditionedLM(nn.Module):
         models = [model] if models is None else list(models)
         if not models or models[0] is not model:
             raise ValueError("models[0] must be the base model")
-        for i, m in enumerate(models):
-            if getattr(getattr(m, "config", None), "is_encoder_decoder", False):
-                raise TypeError(f"ConditionedLM supports decoder-only models; model {i} ({type(m).__name__}) "
-                                "is an encoder-decoder model")
+        kinds = [_is_seq2seq(m) for m in models]
+        if any(k != kinds[0] for k in kinds):
+            names = ", ".join(f"{i}: {type(m).__name__} ({'encoder-decoder' if k else 'decoder-only'})"
+                              for i, (m, k) in enumerate(zip(models, kinds)))
+            raise TypeError(f"ConditionedLM's models must all be decoder-only or all encoder-decoder; got {names}")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be positive, got {max_batch_tokens}")
         self.models = nn.ModuleList(models)
@@ -169,6 +192,7 @@ class ConditionedLM(nn.Module):
         self.max_batch_tokens = int(max_batch_tokens)
         self.prefix_cache = bool(prefix_cache)
         self.text_join = bool(text_join)
+        self.seq2seq = kinds[0]
         self.bos = default_bos(tokenizer)
         self.context_tokens = 0
         self.context_rows = 0
@@ -208,12 +232,26 @@ class ConditionedLM(nn.Module):
             self._prefix_ids[prefix] = ids
         return ids
 
-    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[_Row]:
+    def _plan(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+              decoder_input_ids: torch.Tensor | None = None,
+              decoder_attention_mask: torch.Tensor | None = None) -> list[_Row]:
+        """How every row runs.  Seq2seq: a row's ``columns`` are its decoder input's real
+        positions (all of them without ``decoder_attention_mask``; none without a decoder input)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         ids_cpu, mask_cpu = input_ids.cpu(), mask.cpu()
         columns = [torch.nonzero(mask_cpu[i]).flatten().tolist() for i in range(input_ids.shape[0])]
+        outputs = columns
+        if self.seq2seq:
+            outputs = [[] for _ in columns]
+            if decoder_input_ids is not None:
+                if decoder_input_ids.dim() != 2 or decoder_input_ids.shape[0] != input_ids.shape[0]:
+                    raise ValueError(f"decoder_input_ids must be [{input_ids.shape[0]}, length], "
+                                     f"got shape {tuple(decoder_input_ids.shape)}")
+                dec = (torch.ones_like(decoder_input_ids, dtype=torch.bool) if decoder_attention_mask is None
+                       else decoder_attention_mask.bool()).cpu()
+                outputs = [torch.nonzero(dec[i]).flatten().tolist() for i in range(dec.shape[0])]
         tokens = [ids_cpu[i, cols].tolist() for i, cols in enumerate(columns)]
         texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
         routes = list(self.router(list(texts)))
@@ -229,7 +267,7 @@ class ConditionedLM(nn.Module):
                 raise ValueError(f"route of row {i}: model index {index!r} is not in [0, {len(self.models)})")
             if not isinstance(prefix, str):
                 raise ValueError(f"route of row {i}: prefix must be a string, got {type(prefix).__name__}")
-            row = self._join(i, index, prefix, toks, cols, texts[i])
+            row = self._join(i, index, prefix, toks, outputs[i], texts[i])
             limit = _max_positions(self.models[index])
             if limit is not None and len(row.sequence) > limit:
                 raise ValueError(f"row {i} with its prefix has {len(row.sequence)} tokens; model {index} "
@@ -248,6 +286,11 @@ class ConditionedLM(nn.Module):
         dropped = bool(full) and self.bos is not None and bool(toks) and toks[0] == self.bos
         body = toks[1:] if dropped else toks
         n = len(body)
+        if self.seq2seq:
+            if self.text_join and full:
+                # the encoder's positions are never scored: it reads prefix + text as the tokenizer encodes it
+                return _Row(i, index, (), list(self.tokenizer(prefix + text)["input_ids"]), cols, False, n, len(toks))
+            return _Row(i, index, full, body, cols, dropped, n, len(toks))
         if self.text_join and full and n:
             base = self.prefix_ids(prefix.rstrip(" "))
             joint = self._encode(prefix + text)
@@ -258,8 +301,8 @@ class ConditionedLM(nn.Module):
                     if kept < n and any(c.isspace() for c in self.tokenizer.decode(body[: n - kept]).strip()):
                         break
                     if len(rest) >= kept + (kept < n) and rest[len(rest) - kept:] == body[n - kept:]:
-                        return _Row(i, index, base, rest, cols, dropped, n)
-        return _Row(i, index, full, body, cols, dropped, n)
+                        return _Row(i, index, base, rest, cols, dropped, n, len(toks))
+        return _Row(i, index, full, body, cols, dropped, n, len(toks))
 
     def _chunks(self, rows: list[_Row]) -> list[list[_Row]]:
         """Rows grouped by model and prefix (first-appearance order), each group cut into
@@ -280,7 +323,7 @@ class ConditionedLM(nn.Module):
 
     def _count(self, rows: list[_Row]) -> None:
         self.context_rows += len(rows)
-        self.context_tokens += sum(len(r.sequence) - len(r.columns) for r in rows)
+        self.context_tokens += sum(len(r.sequence) - r.own for r in rows)
 
     # ---------------------------------------------------------------- forward
     def _pad_id(self) -> int:
@@ -297,7 +340,7 @@ class ConditionedLM(nn.Module):
 
     def _can_share_prefix(self, model: nn.Module, rows: list[_Row]) -> bool:
         prefix = rows[0].prefix
-        if not self.prefix_cache or not prefix or any(r.prefix != prefix for r in rows):
+        if self.seq2seq or not self.prefix_cache or not prefix or any(r.prefix != prefix for r in rows):
             return False
         window = getattr(model.config, "sliding_window", None)
         longest = max(len(r.sequence) for r in rows)
@@ -377,48 +420,138 @@ class ConditionedLM(nn.Module):
             out.append(torch.stack(parts) if parts else prefix_hidden[:0])
         return out
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                use_cache: bool | None = None, return_dict: bool | None = None, **kwargs) -> CausalLMOutput:
-        """Logits ``[N, L, V]`` (float32) aligned with ``input_ids``; padded positions are zero.
+    def _hidden_seq2seq(self, model: nn.Module, rows: list[_Row], decoder_input_ids: torch.Tensor,
+                        decoder_attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """Per row, the LM-head inputs at its decoder columns: the encoder reads the prefixed row
+        (right padding), the decoder the row's own decoder input."""
+        device = next(model.parameters()).device
+        width = max(1, max(len(r.sequence) for r in rows))
+        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            seq = r.sequence
+            ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[j, : len(seq)] = 1
+        index = torch.tensor([r.index for r in rows], dtype=torch.long, device=decoder_input_ids.device)
+        dec_ids = decoder_input_ids.index_select(0, index).to(device)
+        dec_mask = (None if decoder_attention_mask is None
+                    else decoder_attention_mask.index_select(0, index.to(decoder_attention_mask.device)).to(device))
+        hidden = self._head_inputs(model, ids.to(device), mask.to(device), decoder_input_ids=dec_ids,
+                                   decoder_attention_mask=dec_mask, use_cache=False)
+        return [hidden[j, r.columns] for j, r in enumerate(rows)]
 
-        Row ``i``'s logits at its real positions are those the routed model gives the prefixed row
-        there; ``use_cache`` is ignored (nothing is cached across calls).
-        """
-        if kwargs:
-            raise TypeError(f"ConditionedLM.forward does not take {sorted(kwargs)}")
-        rows = self._plan(input_ids, attention_mask)
-        vocab = int(self.get_output_embeddings().weight.shape[0])
-        logits = None
-        for chunk in self._chunks([r for r in rows if r.columns]):
+    def _run(self, rows: list[_Row], decoder_input_ids: torch.Tensor | None,
+             decoder_attention_mask: torch.Tensor | None):
+        """``(chunk, hidden)`` per sub-batch of ``rows``: ``hidden[j]`` is ``[len(chunk[j].columns), d]``,
+        the LM head's input at the row's columns, from the model the chunk is routed to."""
+        for chunk in self._chunks(rows):
             model = self.models[chunk[0].model]
-            if self._can_share_prefix(model, chunk):
+            if self.seq2seq:
+                hidden = self._hidden_seq2seq(model, chunk, decoder_input_ids, decoder_attention_mask)
+            elif self._can_share_prefix(model, chunk):
                 hidden = self._hidden_shared(chunk[0].model, model, chunk)
             else:
                 hidden = self._hidden_whole(model, chunk)
-            flat = head_logits(model, torch.cat(hidden, dim=0))
-            if flat.shape[-1] != vocab:
-                raise ValueError(f"model {chunk[0].model} has a vocabulary of {flat.shape[-1]}, the base model {vocab}")
+            yield chunk, hidden
+
+    def _head(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Model ``index``'s LM head on ``[M, d]`` hidden states (float32 ``[M, V]``)."""
+        vocab = int(self.get_output_embeddings().weight.shape[0])
+        flat = head_logits(self.models[index], hidden)
+        if flat.shape[-1] != vocab:
+            raise ValueError(f"model {index} has a vocabulary of {flat.shape[-1]}, the base model {vocab}")
+        return flat
+
+    def _check_inputs(self, decoder_input_ids: torch.Tensor | None, kwargs: dict, name: str) -> None:
+        if kwargs:
+            raise TypeError(f"ConditionedLM.{name} does not take {sorted(kwargs)}")
+        if self.seq2seq and decoder_input_ids is None:
+            raise ValueError(f"ConditionedLM.{name} of an encoder-decoder model needs decoder_input_ids")
+        if not self.seq2seq and decoder_input_ids is not None:
+            raise TypeError(f"ConditionedLM.{name} of a decoder-only model does not take decoder_input_ids")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None, decoder_attention_mask: torch.Tensor | None = None,
+                use_cache: bool | None = None, return_dict: bool | None = None,
+                **kwargs) -> CausalLMOutput | Seq2SeqLMOutput:
+        """Logits ``[N, L, V]`` (float32) aligned with ``input_ids`` (seq2seq: with
+        ``decoder_input_ids``, ``[N, T, V]``); padded positions are zero.
+
+        Row ``i``'s logits at its real positions are those the routed model gives the prefixed row
+        there; ``use_cache`` is ignored (nothing is cached across calls).  Scoring a few positions?
+        :meth:`logits_at` projects only those to the vocabulary.
+        """
+        self._check_inputs(decoder_input_ids, kwargs, "forward")
+        rows = self._plan(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+        shape = tuple((decoder_input_ids if self.seq2seq else input_ids).shape)
+        vocab = int(self.get_output_embeddings().weight.shape[0])
+        logits = None
+        for chunk, hidden in self._run([r for r in rows if r.columns], decoder_input_ids, decoder_attention_mask):
+            flat = self._head(chunk[0].model, torch.cat(hidden, dim=0))
             if logits is None:
-                logits = torch.zeros((*input_ids.shape, vocab), dtype=flat.dtype, device=flat.device)
+                logits = torch.zeros((*shape, vocab), dtype=flat.dtype, device=flat.device)
             row_idx = torch.cat([torch.full((len(r.columns),), r.index, dtype=torch.long) for r in chunk])
             col_idx = torch.cat([torch.tensor(r.columns, dtype=torch.long) for r in chunk])
             logits[row_idx.to(flat.device), col_idx.to(flat.device)] = flat
         if logits is None:
-            logits = torch.zeros((*input_ids.shape, vocab), dtype=torch.float32, device=input_ids.device)
+            logits = torch.zeros((*shape, vocab), dtype=torch.float32, device=input_ids.device)
         self._count(rows)
-        return CausalLMOutput(logits=logits)
+        return Seq2SeqLMOutput(logits=logits) if self.seq2seq else CausalLMOutput(logits=logits)
+
+    def logits_at(self, rows: torch.Tensor, positions: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None, decoder_input_ids: torch.Tensor | None = None,
+                  decoder_attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """``forward(...).logits[rows, positions]`` (float32 ``[M, V]``) without the ``[N, L, V]``
+        tensor: the LM head runs only at the requested positions, and only rows with a requested
+        position are run.  ``positions`` index the input's columns (seq2seq: the decoder input's)
+        and must be real (unpadded) positions.
+        """
+        kwargs.pop("use_cache", None)
+        self._check_inputs(decoder_input_ids, kwargs, "logits_at")
+        rows_t, pos_t = torch.as_tensor(rows).flatten(), torch.as_tensor(positions).flatten()
+        if rows_t.shape != pos_t.shape:
+            raise ValueError(f"{rows_t.numel()} rows for {pos_t.numel()} positions")
+        plan = self._plan(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask)
+        wanted: dict[int, list[tuple[int, int]]] = {}
+        for k, (row, col) in enumerate(zip(rows_t.tolist(), pos_t.tolist())):
+            if not 0 <= row < len(plan):
+                raise ValueError(f"row {row} is not in [0, {len(plan)})")
+            wanted.setdefault(row, []).append((k, col))
+        run = [r for r in plan if r.index in wanted]
+        for r in run:
+            real = set(r.columns)
+            bad = [col for _, col in wanted[r.index] if col not in real]
+            if bad:
+                raise ValueError(f"position {bad[0]} of row {r.index} is padding, not a real token")
+        vocab = int(self.get_output_embeddings().weight.shape[0])
+        out = None
+        for chunk, hidden in self._run(run, decoder_input_ids, decoder_attention_mask):
+            parts, order = [], []
+            for r, h in zip(chunk, hidden):
+                where = {col: j for j, col in enumerate(r.columns)}
+                parts.append(h[[where[col] for _, col in wanted[r.index]]])
+                order.extend(k for k, _ in wanted[r.index])
+            flat = self._head(chunk[0].model, torch.cat(parts, dim=0))
+            if out is None:
+                out = torch.zeros((rows_t.numel(), vocab), dtype=flat.dtype, device=flat.device)
+            out[torch.tensor(order, dtype=torch.long, device=flat.device)] = flat
+        if out is None:
+            out = torch.zeros((0, vocab), dtype=torch.float32, device=next(self.base.parameters()).device)
+        self._count(run)
+        return out
 
     # --------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  max_new_tokens: int = 20, do_sample: bool = False, pad_token_id: int | None = None,
                  stopping_criteria: StoppingCriteriaList | None = None, **kwargs) -> torch.Tensor:
-        """``[input_ids | new tokens]``, as Hugging Face ``generate`` returns it for decoder-only models.
+        """``[input_ids | new tokens]``, as Hugging Face ``generate`` returns it for decoder-only
+        models; seq2seq: ``[decoder start | new tokens]``, as it returns it for encoder-decoder models.
 
         Each routed model generates for its prefixed rows with its own ``generate`` (left padding);
         new tokens of rows that finished early, or whose sub-batch finished early, are
-        ``pad_token_id``.  ``stopping_criteria`` see ids in the input's frame (``[input_ids | new]``,
-        all rows).  When rows run in several sub-batches (several models, or more tokens than
+        ``pad_token_id``.  ``stopping_criteria`` see ids in the returned frame (``[input_ids | new]``
+        or ``[decoder start | new]``, all rows).  When rows run in several sub-batches (several models, or more tokens than
         ``max_batch_tokens``), each sub-batch consults a copy of the criteria, and the criteria
         themselves are then replayed over the combined output step by step (with ``scores=None``),
         so criteria with per-row state (e.g. the edit loop's answer stop) end in the state a single
@@ -429,6 +562,11 @@ class ConditionedLM(nn.Module):
         for r in rows:
             if not r.sequence:
                 raise ValueError(f"row {r.index} has no tokens to generate from")
+        frame = input_ids  # what the returned ids (and the stopping criteria) start with
+        if self.seq2seq:
+            start = getattr(self.config, "decoder_start_token_id", None)
+            start = pad if start is None else int(start)
+            frame = torch.full((input_ids.shape[0], 1), start, dtype=input_ids.dtype, device=input_ids.device)
         chunks = self._chunks(rows)
         single = len(chunks) == 1
         results: dict[int, torch.Tensor] = {}
@@ -445,20 +583,22 @@ class ConditionedLM(nn.Module):
             criteria = None
             if stopping_criteria is not None:
                 inner = stopping_criteria if single else copy.deepcopy(stopping_criteria)
-                criteria = StoppingCriteriaList([_InputFrame(inner, input_ids, [r.index for r in chunk], width, pad)])
+                # seq2seq: the model's own ids are [decoder start | new]
+                skip = 1 if self.seq2seq else width
+                criteria = StoppingCriteriaList([_InputFrame(inner, frame, [r.index for r in chunk], skip, pad)])
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
                                  stopping_criteria=criteria, **kwargs)
             for j, r in enumerate(chunk):
-                results[r.index] = out[j, width:]
+                results[r.index] = out[j, (1 if self.seq2seq else width):]
         steps = max((t.shape[0] for t in results.values()), default=0)
         new = torch.full((input_ids.shape[0], steps), pad, dtype=input_ids.dtype, device=input_ids.device)
         for i, tokens in results.items():
             new[i, : tokens.shape[0]] = tokens.to(new.device)
         if stopping_criteria is not None and not single:
             for t in range(1, steps + 1):
-                done = stopping_criteria(torch.cat([input_ids, new[:, :t]], dim=1), None)
+                done = stopping_criteria(torch.cat([frame, new[:, :t]], dim=1), None)
                 if bool(torch.as_tensor(done).all()):
                     break
         self._count(rows)
-        return torch.cat([input_ids, new], dim=1)
+        return torch.cat([frame, new], dim=1)

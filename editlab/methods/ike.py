@@ -43,6 +43,10 @@ input text`` — as the reference and EasyEdit tokenise their prompts — whenev
 with the input's own tokens after its first word (which merges with ``"Prompt: "``'s space:
 ``": The"``); so every scored token is the one the unedited model is scored on.  Off, the input's
 tokens follow the context's as they are (``" "`` then ``"The"``).
+
+Encoder-decoder models (T5): the context goes before the input on the encoder side (the encoder
+reads ``tokenizer(context + input text)``); the decoder scores and generates the answer as it does
+without the context (:class:`ConditionedLM`).
 """
 
 from __future__ import annotations
@@ -334,8 +338,6 @@ class IKE(Editor):
         for i, rec in enumerate(records):
             if not isinstance(rec, EditRecord):
                 raise TypeError(f"record {i} is a {type(rec).__name__}, not an EditRecord")
-        if getattr(model.config, "is_encoder_decoder", False):
-            raise EditError(f"IKE supports decoder-only models; {type(model).__name__} is an encoder-decoder model")
         if self.k > 0:
             device = next(model.parameters()).device
             self._ensure_pool(device)

@@ -64,8 +64,12 @@ Deviations from the reference, each deliberate:
   both parts (and DDP sees a gradient for every parameter).
 * the cross-encoder is the encoder's embedding and a linear head (one logit, ``logsigmoid``); the
   reference uses ``AutoModelForSequenceClassification`` with two classes.
-* decoder-only base models only (:class:`ConditionedLM` runs decoder-only models); an
-  encoder-decoder base (T5) raises ``TypeError`` at :meth:`SERAC.bind`.
+
+Encoder-decoder models (T5, the reference's T5 setting: a T5 base with t5-small as the
+counterfactual model): the edit's prefix goes before the query's *encoder* tokens, the decoder
+input is the target's, unchanged (:class:`ConditionedLM` for seq2seq models; training builds the
+same inputs with :func:`prefixed_batch`), and the classifier reads the encoder text (the prompt).
+The counterfactual model must be of the same kind as the base model.
 """
 
 from __future__ import annotations
@@ -96,6 +100,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_DROPOUT_RATES = ("dropout", "attention_dropout", "attn_dropout", "activation_dropout")
+"""Float dropout-rate attributes of Hugging Face modules that apply dropout functionally."""
 
 EncoderSource = str | SentenceEncoder | Callable[[], SentenceEncoder] | None
 ModelSource = str | ModelBundle | nn.Module | Callable[[], ModelBundle | nn.Module] | None
@@ -193,11 +200,11 @@ def prefix_ids(tokenizer, prefix: str) -> tuple[int, ...]:
 
 
 def prefixed_batch(tokenizer, batch: PairBatch, prefixes: Sequence[str]) -> PairBatch:
-    """``batch`` (causal, right-padded) with ``prefixes[i]`` put before row ``i`` exactly as
+    """``batch`` (right-padded) with ``prefixes[i]`` put before row ``i`` exactly as
     :class:`ConditionedLM` runs a routed row: prefix tokens, then the row's real tokens (its
-    leading BOS dropped after a non-empty prefix); target positions shifted accordingly."""
-    if batch.decoder_input_ids is not None:
-        raise TypeError("prefixed_batch: causal batches only")
+    leading BOS dropped after a non-empty prefix); causal: target positions shifted accordingly;
+    seq2seq: the prefix goes before the encoder input, the decoder input and positions are kept."""
+    seq2seq = batch.decoder_input_ids is not None
     if len(prefixes) != len(batch):
         raise ValueError(f"{len(prefixes)} prefixes for {len(batch)} rows")
     bos = default_bos(tokenizer)
@@ -216,11 +223,13 @@ def prefixed_batch(tokenizer, batch: PairBatch, prefixes: Sequence[str]) -> Pair
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     shift = torch.tensor(shifts, dtype=torch.long, device=batch.positions.device).unsqueeze(1)
-    positions = torch.where(batch.target_mask, batch.positions + shift, torch.zeros_like(batch.positions))
+    positions = (batch.positions if seq2seq
+                 else torch.where(batch.target_mask, batch.positions + shift, torch.zeros_like(batch.positions)))
     device = batch.input_ids.device
     return PairBatch(input_ids=ids.to(device), attention_mask=mask.to(device), target_ids=batch.target_ids,
                      target_mask=batch.target_mask, positions=positions,
-                     prompt_lengths=batch.prompt_lengths + shift.squeeze(1).to(batch.prompt_lengths.device))
+                     prompt_lengths=batch.prompt_lengths + shift.squeeze(1).to(batch.prompt_lengths.device),
+                     decoder_input_ids=batch.decoder_input_ids, decoder_attention_mask=batch.decoder_attention_mask)
 
 
 def target_nll_at_targets(model: nn.Module, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,8 +342,9 @@ class SERAC(LearnedEditor):
             (reference: 0.5).
         edit_template: the classifier's text of an edit (``{prompt}``, ``{target}``).
         prefix_template: the counterfactual model's context for an edit (``{prompt}``, ``{target}``).
-        dropout: dropout probability set in the encoder and the counterfactual model (reference
-            ``dropout: 0.0``).
+        dropout: dropout probability set in the encoder and the counterfactual model: every
+            ``nn.Dropout`` and every float attention-dropout rate (T5's attention ``dropout``)
+            (reference ``dropout: 0.0``).
         base_model: the name of the base model the editor is trained for (kept in checkpoints).
     """
 
@@ -400,9 +410,6 @@ class SERAC(LearnedEditor):
             self._tokenizer = tokenizer
         if self._bound:
             return
-        if is_seq2seq(model):
-            raise TypeError("SERAC routes queries through ConditionedLM, which runs decoder-only models; "
-                            f"{type(model).__name__} is an encoder-decoder model")
         device = next(model.parameters()).device
         encoder = self._load_encoder()
         encoder.requires_grad_(True)
@@ -421,6 +428,9 @@ class SERAC(LearnedEditor):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = self.dropout
+            for name in _DROPOUT_RATES:  # attention dropout kept as a float (T5's `dropout`, Llama's)
+                if isinstance(getattr(module, name, None), float):
+                    setattr(module, name, float(self.dropout))
         self.to(device)
         self.train(self.training)
         self._sources = {}
@@ -455,8 +465,10 @@ class SERAC(LearnedEditor):
                 cf = source
             else:
                 raise TypeError(f"counterfactual must give a ModelBundle or a model, got {type(source).__name__}")
-        if is_seq2seq(cf):
-            raise TypeError(f"the counterfactual model ({type(cf).__name__}) must be a decoder-only model")
+        if is_seq2seq(cf) != is_seq2seq(model):
+            kind = "an encoder-decoder" if is_seq2seq(model) else "a decoder-only"
+            raise TypeError(f"the counterfactual model ({type(cf).__name__}) must be {kind} model, "
+                            f"as the base model ({type(model).__name__})")
         if tokenizer is not None and self._tokenizer is not None:
             base_vocab = self._tokenizer.get_vocab()
             clash = [t for t, i in tokenizer.get_vocab().items() if base_vocab.get(t) != i]
@@ -527,12 +539,15 @@ class SERAC(LearnedEditor):
             raise EditError("SERAC has no tokenizer: bind(model, tokenizer) first")
         records = list(batch.records)
         device = next(self.classifier.parameters()).device
+        seq2seq = is_seq2seq(model)
+        pairs_kw = {"seq2seq": seq2seq,
+                    "decoder_start_token_id": getattr(model.config, "decoder_start_token_id", None) if seq2seq else None}
         # in-scope inputs (one per record) and out-of-scope locality inputs, as the scorer runs them
         inscope = encode_pairs(tok, [r.rephrase_prompts[0] if r.rephrase_prompts else r.prompt for r in records],
-                               [r.target_new for r in records]).to(device)
+                               [r.target_new for r in records], **pairs_kw).to(device)
         loc_owner = [i for i, r in enumerate(records) if r.locality]
         locality = (encode_pairs(tok, [records[i].locality[0].prompt for i in loc_owner],
-                                 [records[i].locality[0].target for i in loc_owner]).to(device)
+                                 [records[i].locality[0].target for i in loc_owner], **pairs_kw).to(device)
                     if loc_owner else None)
 
         # counterfactual model: NLL of the new target on the in-scope inputs, given their own edit

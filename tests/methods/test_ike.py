@@ -11,12 +11,11 @@ from editlab.data.datamodule import EditDataModule
 from editlab.data.records import EditRecord, Probe, RecordError
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
-from editlab.methods.base import EditError
 from editlab.methods.conditioned import ConditionedLM
 from editlab.methods.ike import IKE
 from editlab.models.encoder import SentenceEncoder
 from editlab.models.tiny import tiny_model
-from editlab.scoring import score_pairs
+from editlab.scoring import greedy_generate, score_pairs
 
 from conftest import assert_state_equal, make_records, state_copy
 
@@ -205,9 +204,6 @@ def test_bad_input_is_a_clear_error(bundle, encoder, tmp_path):
         IKE(train_data=training_records(), demo_ratio=(1, 2))
     with pytest.raises(TypeError, match="record 1 is a dict"):
         ike(encoder, tmp_path, k=0).compute_edit(bundle.model, bundle.tokenizer, [make_records()[0], {"prompt": "x"}])
-    with pytest.raises(EditError, match="encoder-decoder"):
-        t5 = tiny_model("t5")
-        ike(encoder, tmp_path, k=0).compute_edit(t5.model, t5.tokenizer, make_records()[:1])
 
 
 def test_k_zero_needs_no_training_data_or_encoder(bundle, tmp_path):
@@ -279,3 +275,52 @@ def test_ike_on_cuda_matches_the_cpu(encoder, tmp_path):
         torch.backends.cuda.matmul.allow_tf32 = old
     assert torch.allclose(results[0][0], results[1][0], atol=1e-4)
     assert results[0][1] == results[1][1]
+
+
+@pytest.mark.parametrize("text_join", [True, False])
+def test_t5_answers_behind_the_context_on_the_encoder_side(encoder, tmp_path, text_join):
+    """IKE on a T5 model: the encoder reads context + input (as text, or the context's tokens
+    then the input's), the decoder scores and generates the answer."""
+    t5 = tiny_model("t5")
+    model, tok = t5.model, t5.tokenizer
+    before = state_copy(model)
+    record = make_records()[0]
+    editor = ike(encoder, tmp_path, k=2, text_join=text_join)
+    prompts = [record.prompt, *record.rephrase_prompts, record.locality[0].prompt]
+    with editor.apply(model, tok, [record]) as session:
+        wrapper = session.forward_model
+        assert isinstance(wrapper, ConditionedLM) and wrapper.seq2seq
+        prefix = editor.prompt_prefix([record])
+        via = score_pairs(wrapper, tok, prompts, ["Rome"] * 3)
+        generated = greedy_generate(wrapper, tok, prompts, max_new_tokens=3)
+    for i, prompt in enumerate(prompts):
+        encoded = (tok(prefix + prompt)["input_ids"] if text_join
+                   else tok(prefix, add_special_tokens=False)["input_ids"] + tok(prompt)["input_ids"])
+        start = model.config.decoder_start_token_id
+        target = tok("Rome", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([encoded]), decoder_input_ids=torch.tensor([[start] + target[:-1]])).logits
+            out = model.generate(input_ids=torch.tensor([encoded]), max_new_tokens=3, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        nll = -torch.log_softmax(logits[0], -1).gather(1, torch.tensor(target)[:, None]).mean()
+        assert torch.allclose(via.nll[i], nll, atol=1e-5)
+        assert generated[i] == tok.decode(out[0, 1:], skip_special_tokens=True)
+    assert_state_equal(model, before)
+
+
+def test_edit_loop_on_t5(encoder, tmp_path):
+    """The edit loop scores and generates through IKE's wrapper around a T5 model."""
+    t5 = tiny_model("t5")
+    before = state_copy(t5.model)
+    editor = ike(encoder, tmp_path, k=2)
+    module = EditEvalModule(t5, output_dir=str(tmp_path / "out"), score_after_stream=True,
+                            scoring_modes=["teacher_forced", "probability_comparison", "generation"])
+    dm = EditDataModule(test=make_records, batch_size=1)
+    _trainer([EditorCallback(editor, sequential=True)]).test(module, datamodule=dm, verbose=False)
+    assert_state_equal(t5.model, before)
+    for key in ("post/reliability", "post/locality", "post/efficacy_score", "post/reliability@generation_em",
+                "final/reliability"):
+        assert key in module.summary, key
+    rows = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert any(r["post"] != r["pre"] for r in rows)
+    assert [s["facts"] for s in editor.stats] == [1, 2, 3]

@@ -26,6 +26,8 @@ from editlab.methods.serac import (
     SERAC, CrossScope, EmbeddingScope, balanced_bce, prefixed_batch, row_texts, target_nll_at_targets,
 )
 from editlab.models.encoder import SentenceEncoder
+from editlab.models.tiny import tiny_model
+from editlab.scoring import greedy_generate, score_pairs
 
 from conftest import assert_state_equal, state_copy
 
@@ -326,8 +328,10 @@ def test_bad_settings_and_models(tiny):
     with pytest.raises(ValueError, match="freeze_cntr"):
         SERAC(freeze_cntr=True, counterfactual="distilgpt2")
     t5 = tiny("t5")
-    with pytest.raises(TypeError, match="decoder-only"):
-        SERAC(encoder=SentenceEncoder.tiny()).bind(t5.model, t5.tokenizer)
+    with pytest.raises(TypeError, match="must be an encoder-decoder model"):
+        SERAC(encoder=SentenceEncoder.tiny(), counterfactual=tiny("llama").model).bind(t5.model, t5.tokenizer)
+    with pytest.raises(TypeError, match="must be a decoder-only model"):
+        SERAC(encoder=SentenceEncoder.tiny(), counterfactual=t5.model).bind(tiny("llama").model, t5.tokenizer)
     with pytest.raises(EditError, match="not bound"):
         SERAC(encoder=SentenceEncoder.tiny()).conditioned(tiny("llama").model, [])
 
@@ -347,8 +351,6 @@ def test_counterfactual_model_choices(tiny, records):
     want = bundle.model(**pre.model_inputs()).logits
     torch.testing.assert_close(got[batch.gather_index()], want[pre.gather_index()], rtol=0, atol=1e-4)
 
-    from editlab.models.tiny import tiny_model
-
     small = tiny_model("llama", seed=1, vocab_size=len(bundle.tokenizer) - 5)
     editor = SERAC(encoder=SentenceEncoder.tiny(), counterfactual=small)
     editor.bind(bundle.model, bundle.tokenizer)
@@ -362,3 +364,114 @@ def test_counterfactual_model_choices(tiny, records):
     assert type(loaded.counterfactual).__name__ == "GPT2LMHeadModel"
     with loaded.apply(bundle.model, bundle.tokenizer, records[:1]) as session:
         assert len(session.forward_model.models) == 2
+
+
+# ------------------------------------------------------------------------------------ T5
+
+
+def _seq2seq_rows(bundle, pairs):
+    return encode_pairs(bundle.tokenizer, [p for p, _ in pairs], [t for _, t in pairs], seq2seq=True,
+                        decoder_start_token_id=bundle.model.config.decoder_start_token_id)
+
+
+def test_t5_routes_in_scope_to_the_counterfactual_on_the_prefixed_encoder_input(tiny, records):
+    """T5 base + T5 counterfactual: out-of-scope rows get the base model's decoder logits; in-scope
+    rows the counterfactual model's on (edit prefix + encoder input) with the row's own decoder
+    input, as prefixed_batch (training) builds it; scoring and generation run through the wrapper."""
+    bundle = tiny("t5")
+    model, tok = bundle.model, bundle.tokenizer
+    before = state_copy(model)
+    memory = records[:2]
+    editor = _serac(bundle, memory, counterfactual=tiny_model("t5", seed=1))
+    r0, r1, r2 = records
+    inscope = [(r0.prompt, r0.target_new), (r0.rephrase_prompts[0], r0.target_new),
+               (r1.rephrase_prompts[1], r1.target_new)]
+    outscope = [(r0.locality[0].prompt, r0.locality[0].target), (r2.prompt, r2.target_new)]
+    owners = [r0, r0, r1]
+    batch = _seq2seq_rows(bundle, inscope + outscope)
+    with editor.apply(model, tok, memory) as session:
+        wrapper = session.forward_model
+        assert wrapper.seq2seq and len(wrapper.models) == 2
+        with torch.no_grad():
+            logits = wrapper(**batch.model_inputs()).logits
+            base = model(**batch.model_inputs()).logits
+        dec = batch.decoder_attention_mask.bool()
+        n_in = len(inscope)
+        torch.testing.assert_close(logits[n_in:][dec[n_in:]], base[n_in:][dec[n_in:]], rtol=0, atol=1e-5)
+        for i, owner in enumerate(owners):
+            own = batch.input_ids[i][batch.attention_mask[i].bool()].tolist()
+            encoder = tok(editor.prefix(owner), add_special_tokens=False)["input_ids"] + own
+            with torch.no_grad():
+                cf = editor.counterfactual(input_ids=torch.tensor([encoder]),
+                                           decoder_input_ids=batch.decoder_input_ids[i: i + 1]).logits[0]
+            torch.testing.assert_close(logits[i][dec[i]], cf[dec[i]], rtol=0, atol=1e-4)
+            assert not torch.allclose(logits[i][dec[i]], base[i][dec[i]], atol=1e-3)
+        sub = _seq2seq_rows(bundle, inscope)
+        pre = prefixed_batch(tok, sub, [editor.prefix(o) for o in owners])
+        assert torch.equal(pre.decoder_input_ids, sub.decoder_input_ids) and torch.equal(pre.positions, sub.positions)
+        with torch.no_grad():
+            cf = editor.counterfactual(**pre.model_inputs()).logits
+        torch.testing.assert_close(logits[sub.gather_index()], cf[pre.gather_index()], rtol=0, atol=1e-4)
+
+        prompts = [p for p, _ in inscope + outscope]
+        targets = [t for _, t in inscope + outscope]
+        scores = score_pairs(wrapper, tok, prompts, targets)
+        prefixed = [editor.prefix(o) + p for o, (p, _) in zip(owners, inscope)]
+        in_ref = score_pairs(editor.counterfactual, tok, prefixed, targets[:n_in])
+        out_ref = score_pairs(model, tok, prompts[n_in:], targets[n_in:])
+        torch.testing.assert_close(scores.nll, torch.cat([in_ref.nll, out_ref.nll]), rtol=0, atol=1e-5)
+        generated = greedy_generate(wrapper, tok, prompts, max_new_tokens=4)
+        assert generated == (greedy_generate(editor.counterfactual, tok, prefixed, max_new_tokens=4)
+                             + greedy_generate(model, tok, prompts[n_in:], max_new_tokens=4))
+    assert_state_equal(model, before)
+
+
+def test_t5_training_losses(tiny, records):
+    """SERAC trains on a T5 base: the counterfactual NLL is that of the prefixed encoder input
+    (decoder scores the target), every trained parameter gets a gradient, and steps lower it."""
+    bundle = tiny("t5")
+    start = bundle.model.config.decoder_start_token_id
+    editor = SERAC(encoder=SentenceEncoder.tiny())
+    editor.bind(bundle.model, bundle.tokenizer)
+    batch = EditBatchCollator(bundle.tokenizer, seq2seq=True, decoder_start_token_id=start)(records)
+    out = editor.training_losses(bundle.model, batch)
+    inscope = _seq2seq_rows(bundle, [(r.rephrase_prompts[0] if r.rephrase_prompts else r.prompt, r.target_new)
+                                     for r in records])
+    pre = prefixed_batch(bundle.tokenizer, inscope, [editor.prefix(r) for r in records])
+    full_nll, _ = target_nll(editor.counterfactual(**pre.model_inputs()).logits, pre)
+    torch.testing.assert_close(out["loss_edit"], full_nll, rtol=1e-5, atol=1e-6)
+    opt = torch.optim.Adam([p for p in editor.parameters() if p.requires_grad], lr=3e-3)
+    first = float(out["loss"].detach())
+    out["loss"].backward()
+    missing = [n for n, p in editor.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    for _ in range(5):
+        opt.step()
+        opt.zero_grad()
+        editor.training_losses(bundle.model, batch)["loss"].backward()
+    assert float(editor.training_losses(bundle.model, batch)["loss"].detach()) < first
+
+
+def test_t5_fit_and_edit_loop(tiny, tmp_path):
+    """EditorTrainModule trains SERAC on a T5 base (seq2seq batches, validation through the
+    wrapper) and the edit loop scores and generates through it."""
+    bundle = tiny("t5")
+    base = state_copy(bundle.model)
+    editor = SERAC(encoder=SentenceEncoder.tiny())
+    module = EditorTrainModule(bundle, editor, lr=1e-3, editor_config=CONFIG)
+    assert module.collator.seq2seq
+    trainer = _trainer(2, val_every=2)
+    trainer.fit(module, datamodule=_data(tmp_path))
+    for key in ("val/reliability", "val/locality", "val/loss_edit"):
+        assert key in trainer.callback_metrics, key
+    assert_state_equal(bundle.model, base)
+    editor.eval()
+    evaluation = EditEvalModule(bundle, scoring_modes=["teacher_forced", "generation"])
+    dm = EditDataModule(test=partial(load_counterfact_easyedit, write_easyedit(tmp_path / "test.json", 2)),
+                        batch_size=1)
+    L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[EditorCallback(editor)]).test(evaluation, datamodule=dm,
+                                                                                 verbose=False)
+    for key in ("post/reliability", "post/locality", "post/reliability@generation_em"):
+        assert key in evaluation.summary, key
+    assert_state_equal(bundle.model, base)
