@@ -383,6 +383,12 @@ class EditEvalModule(L.LightningModule):
             generated = (gplan, gen, pre_gen) if gplan is not None else None
             per_record[stage] = self._update(stage, plan, scores, pre, texts, generated)
         self._write_rows(records, per_record, batch_idx, failed)
+        if gplan is not None:
+            first = len(self._rows) - len(records)
+            stages = (("pre", pre_gen),) if failed else (("pre", pre_gen), ("post", post_gen))
+            for stage, texts in stages:
+                for i, answers in enumerate(_answers_by_record(gplan, texts)):
+                    self._rows[first + i].setdefault("generations", {})[stage] = answers
         last = self._is_last_step()
         if self.general_ability is not None and last:
             self._measure_general("post")
@@ -476,13 +482,16 @@ class EditEvalModule(L.LightningModule):
         """Score every edited record of the run on the model as it is now (stage ``final``)."""
         if not self._stream:
             return
-        values = self._rescore("final")
+        values, answers = self._rescore("final")
         for i, row in enumerate(self._stream_rows):
             self._rows[row]["final"] = {k: (None if math.isnan(float(v[i])) else float(v[i])) for k, v in values.items()}
+            if answers:
+                self._rows[row].setdefault("generations", {})["final"] = answers[i]
 
-    def _rescore(self, stage: str) -> dict[str, torch.Tensor]:
+    def _rescore(self, stage: str) -> tuple[dict[str, torch.Tensor], list[dict[str, list[str]]]]:
         """Score every edited record so far on the model as it is now into ``stage``'s metrics;
-        per-record values (pre-edit references from the cache of the unedited model)."""
+        per-record values (pre-edit references from the cache of the unedited model) and, in
+        generation mode, per-record generated answers."""
         start = time.perf_counter()
         records = list(self._stream)
         plan = build_plan(records, self.probability_comparison)
@@ -499,7 +508,7 @@ class EditEvalModule(L.LightningModule):
         values = self._update(stage, plan, now, pre, texts, generated)
         self._timings.setdefault(stage, []).append((time.perf_counter() - start) / len(records))
         log.info("%s: scored %d edited records in %.2fs", stage, len(records), time.perf_counter() - start)
-        return values
+        return values, (_answers_by_record(gplan, generated[1]) if generated is not None else [])
 
     def _checkpoint(self) -> None:
         """A curve point mid-stream: all records edited so far (and general ability) on the model now."""
@@ -574,6 +583,16 @@ class EditEvalModule(L.LightningModule):
                 writer.writerow([metric, *cells])
         if self.curves:
             write_curves(self.curves, self.output_dir)
+
+
+def _answers_by_record(gplan: GenerationPlan, texts: list[str]) -> list[dict[str, list[str]]]:
+    """Per record of ``gplan``, the generated answers of each family, in probe order (what
+    ``records.jsonl`` keeps under ``generations``, so every generation score can be audited)."""
+    out: list[dict[str, list[str]]] = [{} for _ in range(gplan.num_records)]
+    for family, (seq, rec, _, _) in gplan.families.items():
+        for s, r in zip(seq.tolist(), rec.tolist()):
+            out[r].setdefault(family, []).append(texts[s])
+    return out
 
 
 def summary_rows(summary: dict[str, float]) -> list[tuple[str, float | None, float | None]]:

@@ -235,6 +235,15 @@ def test_generation_mode_question_answer_framing_and_after_stream(tiny, tmp_path
     assert names == set(generation_metric_names("generation_qa"))
     given = lambda d: {k: v for k, v in _gen(d).items() if v is not None}  # noqa: E731
     assert given(rows[-1]["final"]) == given(rows[-1]["post"])  # the last edit's final state is its post state
+    # records.jsonl keeps every generated answer, and the scores are those of the kept answers
+    from editlab.metrics import functional as F
+    for row, rec in zip(rows, make_records()):
+        gens = row["generations"]
+        assert set(gens) == {"pre", "post", "final"}
+        answers = gens["post"]["reliability"]
+        assert len(answers) == 1 and len(gens["post"].get("generalization", [])) == len(rec.rephrase_prompts)
+        assert row["post"]["reliability@generation_qa_em"] == float(F.generation_scores(answers, [rec.target_new], "em")[0])
+    assert rows[-1]["generations"]["final"] == rows[-1]["generations"]["post"]
     assert summary["final/reliability@generation_qa_f1"] == pytest.approx(
         sum(r["final"]["reliability@generation_qa_f1"] for r in rows) / len(rows))
 
