@@ -76,7 +76,8 @@ def test_editor_on_cuda_matches_cpu_and_restores(tiny_deep, corpus, tmp_path, me
     editor = _editors(corpus, tmp_path)[method]
     before = state_copy(gpu.model)
     d_cpu = editor.compute_deltas(cpu.model, cpu.tokenizer, recs)
-    with editor.apply(gpu.model, gpu.tokenizer, recs) as d_gpu:
+    with editor.apply(gpu.model, gpu.tokenizer, recs) as session:
+        d_gpu = session.deltas
         assert set(d_gpu) == set(d_cpu)
         for name, delta in d_gpu.items():
             assert delta.device.type == "cuda" or delta.is_cpu  # deltas may be kept on either side

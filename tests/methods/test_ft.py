@@ -21,7 +21,8 @@ def test_ft_edit_happens_and_weights_restore(tiny, records, model_type, objectiv
     before = state_copy(bundle.model)
     p0, hit0 = _p_target(bundle, rec)
     editor = FTL(layers=[1], lr=0.05, num_steps=100, objective=objective)
-    with editor.apply(bundle.model, bundle.tokenizer, [rec]) as deltas:
+    with editor.apply(bundle.model, bundle.tokenizer, [rec]) as session:
+        deltas = session.deltas
         p1, hit1 = _p_target(bundle, rec)
         assert len(deltas) == 1
     assert p1 > p0

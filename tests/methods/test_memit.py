@@ -58,7 +58,8 @@ def test_memit_batch_edit_happens_and_restores(tiny_deep, corpus, tmp_path, mode
     before = state_copy(bundle.model)
     s0 = score_pairs(bundle.model, bundle.tokenizer, [r.prompt for r in recs], [r.target_new for r in recs])
     editor = _memit(corpus, tmp_path)
-    with editor.apply(bundle.model, bundle.tokenizer, recs) as deltas:
+    with editor.apply(bundle.model, bundle.tokenizer, recs) as session:
+        deltas = session.deltas
         s1 = score_pairs(bundle.model, bundle.tokenizer, [r.prompt for r in recs], [r.target_new for r in recs])
         assert len(deltas) == 2
     assert (s1.nll < s0.nll).all(), "every edited target's probability goes up"

@@ -47,7 +47,8 @@ def test_rome_edit_happens_and_weights_restore(tiny_deep, corpus, tmp_path, mode
     before = state_copy(bundle.model)
     (nll_new0, nll_true0), _ = _scores(bundle, rec)
     editor = _rome(corpus, tmp_path)
-    with editor.apply(bundle.model, bundle.tokenizer, [rec]) as deltas:
+    with editor.apply(bundle.model, bundle.tokenizer, [rec]) as session:
+        deltas = session.deltas
         (nll_new1, nll_true1), _ = _scores(bundle, rec)
         s = score_pairs(bundle.model, bundle.tokenizer, [rec.prompt], [rec.target_new])
         hit_first = bool(s.pred[0, 0] == s.target[0, 0])
