@@ -346,16 +346,20 @@ class ConditionedLM(nn.Module):
         longest = max(len(r.sequence) for r in rows)
         return not (window and longest >= int(window))  # a sliding window would truncate the cache
 
-    def _hidden_whole(self, model: nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
-        """Per row, the LM-head inputs at its real positions, running each row whole (right padding)."""
-        device = next(model.parameters()).device
-        width = max(len(r.sequence) for r in rows)
+    def _right_padded(self, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows' sequences right-padded into ``(input_ids, attention_mask)`` (CPU, at least one column)."""
+        width = max(1, max(len(r.sequence) for r in rows))
         ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for j, r in enumerate(rows):
-            seq = r.sequence
-            ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[j, : len(seq)] = 1
+            ids[j, : len(r.sequence)] = torch.tensor(r.sequence, dtype=torch.long)
+            mask[j, : len(r.sequence)] = 1
+        return ids, mask
+
+    def _hidden_whole(self, model: nn.Module, rows: list[_Row]) -> list[torch.Tensor]:
+        """Per row, the LM-head inputs at its real positions, running each row whole (right padding)."""
+        device = next(model.parameters()).device
+        ids, mask = self._right_padded(rows)
         hidden = self._head_inputs(model, ids.to(device), mask.to(device), use_cache=False)
         return [hidden[j, r.new_positions()] for j, r in enumerate(rows)]
 
@@ -425,13 +429,7 @@ class ConditionedLM(nn.Module):
         """Per row, the LM-head inputs at its decoder columns: the encoder reads the prefixed row
         (right padding), the decoder the row's own decoder input."""
         device = next(model.parameters()).device
-        width = max(1, max(len(r.sequence) for r in rows))
-        ids = torch.full((len(rows), width), self._pad_id(), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            seq = r.sequence
-            ids[j, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[j, : len(seq)] = 1
+        ids, mask = self._right_padded(rows)
         index = torch.tensor([r.index for r in rows], dtype=torch.long, device=decoder_input_ids.device)
         dec_ids = decoder_input_ids.index_select(0, index).to(device)
         dec_mask = (None if decoder_attention_mask is None
