@@ -52,6 +52,14 @@ def test_group_options_compose(group, name):
 SUBJECTS = ["Danielle Darrieux", "Thomas Joannes Stieltjes", "Victor Hugo", "Léon Blum", "Colette"]
 
 
+def _run_in(cfg, output_dir: Path) -> dict:
+    """Run a composed config with its outputs in ``output_dir``; the run's summary."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    OmegaConf.resolve(cfg.paths)
+    return run(cfg)
+
+
 def _write_fixture(path: Path, n: int = 2) -> None:
     records = [
         {
@@ -85,10 +93,7 @@ def test_entry_point_runs_end_to_end(tmp_path):
         "logger=many",  # CSV + wandb (offline)
         "callbacks=none",
     ])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
-    OmegaConf.resolve(cfg.paths)
-    summary = run(cfg)
+    summary = _run_in(cfg, tmp_path / "out")
     out = tmp_path / "out"
     assert (out / "summary.json").exists() and (out / "summary.csv").exists()
     assert len((out / "records.jsonl").read_text().splitlines()) == 2
@@ -123,10 +128,7 @@ def test_locate_then_edit_experiments_run_end_to_end(tmp_path, monkeypatch, expe
         "callbacks=none",
         *extra,
     ])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
-    OmegaConf.resolve(cfg.paths)
-    summary = run(cfg)
+    summary = _run_in(cfg, tmp_path / "out")
     assert len((tmp_path / "out" / "records.jsonl").read_text().splitlines()) == 2
     assert "post/efficacy_score" in summary or "post/reliability" in summary
 
@@ -145,10 +147,7 @@ def test_entry_point_with_generation_mode(tmp_path):
         "logger=csv",
         "callbacks=none",
     ])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
-    OmegaConf.resolve(cfg.paths)
-    summary = run(cfg)
+    summary = _run_in(cfg, tmp_path / "out")
     assert "post/reliability@generation_qa_em" in summary and "post/reliability" in summary
     assert "post/efficacy_score" not in summary  # probability comparison not among the modes
     assert "post/reliability@generation_qa_f1" in (tmp_path / "out" / "csv" / "metrics.csv").read_text()
@@ -187,10 +186,7 @@ def test_entry_point_with_general_ability(tmp_path):
         "logger=csv",
         "callbacks=none",
     ])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
-    OmegaConf.resolve(cfg.paths)
-    summary = run(cfg)
+    summary = _run_in(cfg, tmp_path / "out")
     for stage in ("pre", "post", "final"):
         for name in ("perplexity", "piqa_acc", "piqa_acc_norm"):
             assert f"{stage}/general_{name}" in summary, (stage, name)
@@ -238,10 +234,7 @@ def test_entry_point_runs_a_stream(tmp_path, eval_every):
         "logger=csv",
         "callbacks=none",
     ])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
-    OmegaConf.resolve(cfg.paths)
-    summary = run(cfg)
+    summary = _run_in(cfg, tmp_path / "out")
     out = tmp_path / "out"
     rows = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all("final" in r for r in rows)
