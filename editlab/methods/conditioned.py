@@ -29,7 +29,8 @@ gives it) in sub-batches of at most ``max_batch_tokens`` tokens, prefix included
 the plain forward returns the full aligned ``[N, L, V]`` logits.
 
 :meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left
-padding) and returns ``[input_ids | new tokens]`` in the input's frame, as Hugging Face
+padding; rows sharing a prefix run as ``[prefix | padding | row]`` with the prefix's cached
+keys/values passed in, so only the rows' own tokens are prefilled) and returns ``[input_ids | new tokens]`` in the input's frame, as Hugging Face
 ``generate`` does, with stopping criteria that see the input-frame ids; so
 :func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
 
@@ -574,10 +575,26 @@ class ConditionedLM(nn.Module):
             width = max(len(r.sequence) for r in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, r in enumerate(chunk):
-                seq = r.sequence
-                ids[j, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[j, width - len(seq):] = 1
+            cache = None
+            if self._can_share_prefix(model, chunk) and all(r.tail for r in chunk):
+                # [prefix | left padding | tail]: the prefix's keys/values come from its cache, the
+                # padding is masked, and every tail token keeps the position it has in its own row
+                n_prefix = len(chunk[0].prefix)
+                _, layers = self._prefix_state(chunk[0].model, model, chunk[0].prefix)
+                cache = DynamicCache(config=model.config)
+                for i, (k, v) in enumerate(layers):
+                    cache.update(k.expand(len(chunk), *k.shape[1:]), v.expand(len(chunk), *v.shape[1:]), i)
+                ids[:, :n_prefix] = torch.tensor(chunk[0].prefix, dtype=torch.long)
+                mask[:, :n_prefix] = 1
+                for j, r in enumerate(chunk):
+                    ids[j, width - len(r.tail):] = torch.tensor(r.tail, dtype=torch.long)
+                    mask[j, width - len(r.tail):] = 1
+            else:
+                for j, r in enumerate(chunk):
+                    seq = r.sequence
+                    ids[j, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                    mask[j, width - len(seq):] = 1
+            extra = dict(kwargs) if cache is None else dict(kwargs, cache=cache)
             criteria = None
             if stopping_criteria is not None:
                 inner = stopping_criteria if single else copy.deepcopy(stopping_criteria)
@@ -586,7 +603,7 @@ class ConditionedLM(nn.Module):
                 criteria = StoppingCriteriaList([_InputFrame(inner, frame, [r.index for r in chunk], skip, pad)])
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                                 stopping_criteria=criteria, **kwargs)
+                                 stopping_criteria=criteria, **extra)
             for j, r in enumerate(chunk):
                 results[r.index] = out[j, (1 if self.seq2seq else width):]
         steps = max((t.shape[0] for t in results.values()), default=0)

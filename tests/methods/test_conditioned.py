@@ -141,6 +141,34 @@ def test_generate_with_several_models_and_sub_batches(tiny):
                                          stop_at_answer_end=True)[0]
 
 
+@pytest.mark.parametrize("model_type,bos", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_generate_reuses_the_shared_prefix_cache(tiny, model_type, bos):
+    """Rows sharing a prefix generate against its cached keys/values ([prefix | padding | row]):
+    the same tokens as running every prefixed row whole, and the prefix runs once across calls."""
+    bundle = bos_bundle(model_type) if bos else tiny(model_type)
+    model, tok = bundle.model, bundle.tokenizer
+    prompts = PROMPTS + ["Rome", "The official language of the country whose capital is Paris is"]
+    cached = ConditionedLM(model, tok, fixed(PREFIX))
+    whole = ConditionedLM(model, tok, fixed(PREFIX), prefix_cache=False)
+    caps = [3, 6, 2, 5, 4, 6]
+    got = greedy_generate(cached, tok, prompts, max_new_tokens=caps, stop_at_answer_end=True)
+    assert got == greedy_generate(whole, tok, prompts, max_new_tokens=caps, stop_at_answer_end=True)
+    assert got == greedy_generate(model, tok, [PREFIX + p for p in prompts], max_new_tokens=caps,
+                                  stop_at_answer_end=True)
+    assert len(cached._kv) == 1
+    runs = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: runs.append(i[0].shape[1]))
+    n_prefix = len(cached.prefix_ids(PREFIX))
+    try:
+        greedy_generate(cached, tok, prompts[:2], max_new_tokens=2)  # a new hook: the prefix runs again
+        assert runs[0] == n_prefix and max(runs[1:]) < n_prefix
+        runs.clear()
+        greedy_generate(cached, tok, prompts[2:4], max_new_tokens=2)  # unchanged model: cache hit
+        assert runs and max(runs) < n_prefix
+    finally:
+        handle.remove()
+
+
 def test_bos_is_carried_by_the_prefix(tiny):
     bundle = bos_bundle()
     model, tok = bundle.model, bundle.tokenizer
