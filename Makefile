@@ -34,4 +34,4 @@ bench: install
 # train first: hours on a CPU), then writes experiments/table1_smollm2.md.
 TABLE_EXPERIMENTS = $(sort $(basename $(notdir $(wildcard configs/experiment/*_smollm2_counterfact.yaml configs/experiment/*_smollm2_zsre.yaml))))
 table: install
-	$(PYTHON) -m editlab.report --run $(TABLE_EXPERIMENTS) --model smollm2 --out experiments/table1_smollm2.md
+	$(PYTHON) -m editlab.report --run $(TABLE_EXPERIMENTS) --model smollm2 --generation-score contains --out experiments/table1_smollm2.md
