@@ -322,6 +322,7 @@ def test_trainable_experiments_run_end_to_end(tmp_path, experiment, extra):
     if experiment.endswith("_zsre"):  # the fixture is in CounterFact's EasyEdit schema
         overrides += [f"data.{split}._target_=editlab.data.loaders.load_counterfact_easyedit"
                       for split in ("train", "val", "test")]
+        overrides.append("module.generation_framing=plain")  # the tiny tokenizer has no chat template
     cfg = _compose([f"experiment={experiment}", "model=tiny_llama", *overrides,
                     "fit.trainer.accumulate_grad_batches=1", "fit.module.lr=1e-3", *extra])
     summary = _run(cfg, tmp_path / "out")
