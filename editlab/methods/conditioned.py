@@ -30,8 +30,8 @@ the plain forward returns the full aligned ``[N, L, V]`` logits.
 
 :meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left
 padding; rows sharing a prefix run as ``[prefix | padding | row]`` with the prefix's cached
-keys/values passed in, so only the rows' own tokens are prefilled) and returns ``[input_ids | new tokens]`` in the input's frame, as Hugging Face
-``generate`` does, with stopping criteria that see the input-frame ids; so
+keys/values passed in, so only the rows' own tokens are prefilled) and returns
+``[input_ids | new tokens]`` in the input's frame, as Hugging Face ``generate`` does, with stopping criteria that see the input-frame ids; so
 :func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
 
 Encoder-decoder models (T5; ``config.is_encoder_decoder``, every wrapped model alike): the prefix
