@@ -89,6 +89,14 @@ def _max_positions(model: nn.Module) -> int | None:
     return int(limit) if limit else None
 
 
+def _expanded_cache(model: nn.Module, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int) -> DynamicCache:
+    """A key/value cache holding one prefix's per-layer ``(keys, values)`` for ``n`` rows (views, not copies)."""
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(layers):
+        cache.update(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]), i)
+    return cache
+
+
 @dataclass
 class _Row:
     """One input row as the wrapper runs it."""
@@ -411,9 +419,7 @@ class ConditionedLM(nn.Module):
             for j, r in enumerate(rows):
                 ids[j, : len(r.tail)] = torch.tensor(r.tail, dtype=torch.long)
                 mask[j, n_prefix: n_prefix + len(r.tail)] = 1
-            rows_cache = DynamicCache(config=model.config)
-            for i, (k, v) in enumerate(layers):
-                rows_cache.update(k.expand(len(rows), *k.shape[1:]), v.expand(len(rows), *v.shape[1:]), i)
+            rows_cache = _expanded_cache(model, layers, len(rows))
             positions = (n_prefix + torch.arange(width)).unsqueeze(0).expand(len(rows), width)
             suffix_hidden = self._head_inputs(model, ids.to(device), mask.to(device),
                                               position_ids=positions.to(device), cache=rows_cache, use_cache=True)
@@ -581,9 +587,7 @@ class ConditionedLM(nn.Module):
                 # padding is masked, and every tail token keeps the position it has in its own row
                 n_prefix = len(chunk[0].prefix)
                 _, layers = self._prefix_state(chunk[0].model, model, chunk[0].prefix)
-                cache = DynamicCache(config=model.config)
-                for i, (k, v) in enumerate(layers):
-                    cache.update(k.expand(len(chunk), *k.shape[1:]), v.expand(len(chunk), *v.shape[1:]), i)
+                cache = _expanded_cache(model, layers, len(chunk))
                 ids[:, :n_prefix] = torch.tensor(chunk[0].prefix, dtype=torch.long)
                 mask[:, :n_prefix] = 1
                 for j, r in enumerate(chunk):
