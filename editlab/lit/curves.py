@@ -1,22 +1,33 @@
-"""Edit-stream curves: metrics of all records edited so far against the number of edits.
+"""Curves: edit-stream metrics against the number of edits, and training curves of a fit.
 
-The edit loop (:class:`editlab.lit.edit_eval.EditEvalModule` with ``eval_every``) collects one
+**Edit streams.** The edit loop (:class:`editlab.lit.edit_eval.EditEvalModule` with ``eval_every``) collects one
 point per checkpoint, ``{"edits": …, "batches": …, metric: value, …}``, metric names as in the
 summary's keys after the stage (``reliability``, ``efficacy_score``,
 ``reliability@generation_em``, ``general_perplexity``, …); this module writes them as
 ``curves.csv`` (one row per checkpoint) and ``curves.png`` (matplotlib, optional: the ``plot``
 extra; without it the plot is skipped with a warning).
+
+**Training.** :class:`TrainingCurves`, a callback of the fit stage, keeps the mean of every
+``train/*`` value over each window of ``every`` optimizer steps and every ``val/*`` value at each
+validation, and writes them at the end of the fit as ``training_curves.csv`` (one row per step
+that has a value) and ``training_curves.png`` (losses on a log scale, validation scores below).
+Its points travel in checkpoints, so a resumed run's curves start at step 0 too.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import math
 from pathlib import Path
+from typing import Any
+
+import lightning as L
 
 log = logging.getLogger(__name__)
 
-__all__ = ["curve_columns", "plot_curves", "write_curves"]
+__all__ = ["TrainingCurves", "curve_columns", "plot_curves", "plot_training_curves", "write_curves",
+           "write_training_curves"]
 
 INDEX = ("edits", "batches")
 # general ability gets panels of its own (other scales); fluency (n-gram entropy) and the
@@ -78,3 +89,120 @@ def plot_curves(points: list[dict[str, float]], path: Path) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return True
+
+
+# ------------------------------------------------------------------------------ training curves
+STEP = "step"
+
+
+def write_training_curves(points: list[dict[str, float]], output_dir: Path,
+                          name: str = "training_curves") -> None:
+    """``{name}.csv`` (rows by step, points of one step merged) and ``{name}.png`` in ``output_dir``."""
+    rows: dict[int, dict[str, float]] = {}
+    for point in points:
+        rows.setdefault(int(point[STEP]), {}).update(point)
+    merged = [rows[step] for step in sorted(rows)]
+    columns = [STEP] + sorted({k for row in merged for k in row if k != STEP})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / f"{name}.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(columns)
+        for row in merged:
+            writer.writerow([("" if row.get(c) is None else str(int(row[c])) if c == STEP else repr(float(row[c])))
+                             for c in columns])
+    plot_training_curves(merged, output_dir / f"{name}.png")
+
+
+def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
+    """Losses (``*loss*``, train solid, val dashed, log scale) above the validation scores, against
+    the optimizer step; False (and a warning) without matplotlib or points."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        log.warning("matplotlib is not installed (pip install 'editlab[plot]'): %s not written", path)
+        return False
+    names = sorted({k for p in points for k in p if k != STEP})
+    losses = [n for n in names if "loss" in n.split("/")[-1]]
+    scores = [n for n in names if n.startswith("val/") and n not in losses]
+    panels = [(label, group) for label, group in (("loss", losses), ("validation score", scores)) if group]
+    if not panels:
+        return False
+    fig = Figure(figsize=(7, 3.2 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (label, group) in zip(axes, panels):
+        for name in group:
+            xy = [(p[STEP], p[name]) for p in points if p.get(name) is not None and math.isfinite(p[name])]
+            if not xy:
+                continue
+            style = {"linestyle": "--", "marker": "o", "markersize": 3} if name.startswith("val/") else {}
+            ax.plot([x for x, _ in xy], [y for _, y in xy], label=name, **style)
+        if label == "loss" and all(p[n] > 0 for p in points for n in group if p.get(n) is not None):
+            ax.set_yscale("log")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[-1].set_xlabel("optimizer step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+class TrainingCurves(L.Callback):
+    """Record the curves of a fit and write them when it ends (see the module docstring).
+
+    Args:
+        output_dir: where ``{name}.csv`` / ``{name}.png`` go (rank 0 writes).
+        every: optimizer steps per training point (the mean of the window's batches); default the
+            trainer's ``log_every_n_steps``.
+        name: file stem.
+    """
+
+    def __init__(self, output_dir: str | Path, every: int | None = None, name: str = "training_curves") -> None:
+        if every is not None and every < 1:
+            raise ValueError(f"TrainingCurves: every must be >= 1, got {every}")
+        self.output_dir = Path(output_dir)
+        self.every = every
+        self.name = name
+        self.points: list[dict[str, float]] = []
+        self._sums: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
+        self._last_step = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for key, value in trainer.callback_metrics.items():
+            if key.startswith("train/"):
+                self._sums[key] = self._sums.get(key, 0.0) + float(value)
+                self._counts[key] = self._counts.get(key, 0) + 1
+        step = trainer.global_step
+        if step != self._last_step and step % (self.every or trainer.log_every_n_steps or 1) == 0:
+            self._flush(step)
+
+    def _flush(self, step: int) -> None:
+        if self._counts:
+            self.points.append({STEP: step, **{k: self._sums[k] / n for k, n in self._counts.items()}})
+        self._sums, self._counts, self._last_step = {}, {}, step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        if values:
+            self.points.append({STEP: trainer.global_step, **values})
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_step != self._last_step:
+            self._flush(trainer.global_step)  # the last, partial window
+        if trainer.is_global_zero and self.points:
+            write_training_curves(self.points, self.output_dir, self.name)
+            log.info("training curves: %s", self.output_dir / f"{self.name}.csv")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"points": [dict(p) for p in self.points], "sums": dict(self._sums), "counts": dict(self._counts),
+                "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.points = [dict(p) for p in state_dict["points"]]
+        self._sums = dict(state_dict["sums"])
+        self._counts = dict(state_dict["counts"])
+        self._last_step = int(state_dict["last_step"])

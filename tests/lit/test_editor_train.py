@@ -25,6 +25,7 @@ from editlab.data.datamodule import EditDataModule, EpochSampler, ResumableDataL
 from editlab.data.loaders import load_counterfact_easyedit
 from editlab.data.records import EditRecord, Probe
 from editlab.lit.callbacks import EditorCallback
+from editlab.lit.curves import TrainingCurves
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing, load_editor, read_editor_checkpoint
 from editlab.methods.hyper import LearnedEditor
@@ -224,6 +225,61 @@ def test_resume_reaches_the_uninterrupted_state(tiny, tmp_path, resume_step):
             assert torch.equal(a[i][name], b[i][name]), (i, name)
 
 
+class _Losses(L.Callback):
+    """Each training batch's loss, as the module returned it."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_curves_hold_window_means_and_validations(tiny, tmp_path):
+    bundle = tiny("llama")
+    module = EditorTrainModule(bundle, _editor(), lr=2e-2)
+    curves, losses = TrainingCurves(tmp_path / "out", every=2), _Losses()
+    _trainer(6, [curves, losses], val_every=3).fit(module, datamodule=_data(tmp_path))
+    rows = _read_csv(tmp_path / "out" / "training_curves.csv")
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    by_step = {int(r["step"]): r for r in rows}
+    for step in (2, 4, 6):  # the mean of the window's two batches
+        window = losses.losses[step - 2: step]
+        assert float(by_step[step]["train/loss"]) == pytest.approx(sum(window) / 2, rel=1e-6)
+    for step in (3, 6):
+        assert 0.0 <= float(by_step[step]["val/reliability"]) <= 1.0 and by_step[step]["val/loss"]
+    assert by_step[3]["train/loss"] == "" and by_step[2]["val/reliability"] == ""
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000
+
+
+def test_training_curves_survive_a_resume(tiny, tmp_path):
+    """A run resumed mid-window writes the same curves as the uninterrupted run."""
+    bundle = tiny("llama")
+
+    def fit(max_steps: int, out: str, ckpt_path=None, every: int | None = None):
+        L.seed_everything(0)
+        module = EditorTrainModule(bundle, _editor(), lr=2e-2)
+        callbacks = [TrainingCurves(tmp_path / out, every=2)]
+        if every:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1,
+                                             filename="{step}"))
+        _trainer(max_steps, callbacks, val_every=2).fit(module, datamodule=_data(tmp_path), ckpt_path=ckpt_path)
+
+    fit(7, "full")
+    fit(3, "first", every=3)
+    fit(7, "resumed", ckpt_path=tmp_path / "ckpt" / "step=3.ckpt")
+    full = (tmp_path / "full" / "training_curves.csv").read_text()
+    assert [r["step"] for r in _read_csv(tmp_path / "full" / "training_curves.csv")] == ["2", "4", "6", "7"]
+    assert (tmp_path / "resumed" / "training_curves.csv").read_text() == full
+
+
 def test_margin_annealing_feeds_the_validation_success_rate():
     calls = []
     editor = SimpleNamespace(anneal_margin=lambda rate: calls.append(rate) or 0.5)
@@ -293,6 +349,8 @@ def test_train_then_test_then_test_only_then_resume(tmp_path):
     metrics = (tmp_path / "train" / "csv" / "metrics.csv").read_text()
     assert "train/loss_edit" in metrics and "val/reliability" in metrics and "post/reliability" in metrics
     assert len((tmp_path / "train" / "records.jsonl").read_text().splitlines()) == 2
+    curves = (tmp_path / "train" / "training_curves.csv").read_text().splitlines()
+    assert curves[0].startswith("step,") and "train/loss_edit" in curves[0] and "val/reliability" in curves[0]
 
     only = _compose(_tiny_overrides(tmp_path, [f"ckpt_path={best[0]}"]))
     again = _run(only, tmp_path / "test_only")
@@ -306,6 +364,8 @@ def test_train_then_test_then_test_only_then_resume(tmp_path):
     _run(resumed, tmp_path / "resumed")
     last = read_editor_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 6
+    resumed_curves = (tmp_path / "resumed" / "training_curves.csv").read_text().splitlines()
+    assert resumed_curves[: len(curves)] == curves and len(resumed_curves) > len(curves)  # continued
 
 
 @pytest.mark.parametrize("experiment,extra", [
