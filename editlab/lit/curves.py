@@ -10,7 +10,7 @@ extra; without it the plot is skipped with a warning).
 **Training.** :class:`TrainingCurves`, a callback of the fit stage, keeps the mean of every
 ``train/*`` value over each window of ``every`` optimizer steps and every ``val/*`` value at each
 validation, and writes them at the end of the fit as ``training_curves.csv`` (one row per step
-that has a value) and ``training_curves.png`` (losses on a log scale, validation scores below).
+that has a value) and ``training_curves.png`` (losses on a log scale, scores and accuracies below).
 Its points travel in checkpoints, so a resumed run's curves start at step 0 too.
 """
 
@@ -114,8 +114,8 @@ def write_training_curves(points: list[dict[str, float]], output_dir: Path,
 
 
 def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
-    """Losses (``*loss*``, train solid, val dashed, log scale) above the validation scores, against
-    the optimizer step; False (and a warning) without matplotlib or points."""
+    """Losses (``*loss*``, log scale) above the scores and accuracies, train solid and val dashed,
+    against the optimizer step; False (and a warning) without matplotlib or points."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -123,8 +123,8 @@ def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
         return False
     names = sorted({k for p in points for k in p if k != STEP})
     losses = [n for n in names if "loss" in n.split("/")[-1]]
-    scores = [n for n in names if n.startswith("val/") and n not in losses]
-    panels = [(label, group) for label, group in (("loss", losses), ("validation score", scores)) if group]
+    scores = [n for n in names if n not in losses]  # accuracies and scores: train solid, val dashed
+    panels = [(label, group) for label, group in (("loss", losses), ("score", scores)) if group]
     if not panels:
         return False
     fig = Figure(figsize=(7, 3.2 * len(panels)))
