@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,35 +61,48 @@ def _cell(column: str, value: float | None) -> str:
     return str(int(value)) if column in INDEX else repr(float(value))  # repr: exact round trip
 
 
-def plot_curves(points: list[dict[str, float]], path: Path) -> bool:
-    """Plot the curves against the number of edits into ``path``; False (and a warning) when
-    matplotlib is not installed or there is nothing to plot."""
+def _plot_panels(path: Path, panels: list[tuple[str, list[str]]], x_label: str,
+                 draw: Callable[[Any, str, list[str]], None]) -> bool:
+    """One panel per ``(y label, names)`` stacked in one figure; ``draw(ax, label, names)`` plots a
+    panel's lines.  False (and a warning) without matplotlib, False without panels."""
+    panels = [(label, names) for label, names in panels if names]
+    if not panels:
+        return False
     try:
         from matplotlib.figure import Figure
     except ImportError:
         log.warning("matplotlib is not installed (pip install 'editlab[plot]'): %s not written", path)
+        return False
+    fig = Figure(figsize=(7, 3.2 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    for ax, (label, names) in zip(axes, panels):
+        draw(ax, label, names)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    axes[-1].set_xlabel(x_label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
+
+
+def plot_curves(points: list[dict[str, float]], path: Path) -> bool:
+    """Plot the curves against the number of edits into ``path``; False (and a warning) when
+    matplotlib is not installed or there is nothing to plot."""
+    if not points:
         return False
     columns = curve_columns(points)
     scores = [c for c in columns if c not in INDEX and not c.startswith("general_")
               and not c.endswith("_magnitude") and c != "fluency"]
     panels = [("score (records edited so far)", scores)]
     panels += [(names[0], [n for n in names if n in columns]) for names in _GENERAL_PANELS if names[0] in columns]
-    panels = [(label, names) for label, names in panels if names]
-    if not panels or not points:
-        return False
     edits = [p["edits"] for p in points]
-    fig = Figure(figsize=(7, 3.2 * len(panels)))
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (label, names) in zip(axes, panels):
+
+    def draw(ax: Any, label: str, names: list[str]) -> None:
         for name in names:
             ax.plot(edits, [p.get(name, float("nan")) for p in points], marker="o", markersize=3, label=name)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    axes[-1].set_xlabel("edits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+
+    return _plot_panels(path, panels, "edits", draw)
 
 
 # ------------------------------------------------------------------------------ training curves
@@ -116,20 +130,11 @@ def write_training_curves(points: list[dict[str, float]], output_dir: Path,
 def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
     """Losses (``*loss*``, log scale) above the scores and accuracies, train solid and val dashed,
     against the optimizer step; False (and a warning) without matplotlib or points."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        log.warning("matplotlib is not installed (pip install 'editlab[plot]'): %s not written", path)
-        return False
     names = sorted({k for p in points for k in p if k != STEP})
     losses = [n for n in names if "loss" in n.split("/")[-1]]
     scores = [n for n in names if n not in losses]  # accuracies and scores: train solid, val dashed
-    panels = [(label, group) for label, group in (("loss", losses), ("score", scores)) if group]
-    if not panels:
-        return False
-    fig = Figure(figsize=(7, 3.2 * len(panels)))
-    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
-    for ax, (label, group) in zip(axes, panels):
+
+    def draw(ax: Any, label: str, group: list[str]) -> None:
         for name in group:
             xy = [(p[STEP], p[name]) for p in points if p.get(name) is not None and math.isfinite(p[name])]
             if not xy:
@@ -138,13 +143,8 @@ def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
             ax.plot([x for x, _ in xy], [y for _, y in xy], label=name, **style)
         if label == "loss" and all(p[n] > 0 for p in points for n in group if p.get(n) is not None):
             ax.set_yscale("log")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-    axes[-1].set_xlabel("optimizer step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return True
+
+    return _plot_panels(path, [("loss", losses), ("score", scores)], "optimizer step", draw)
 
 
 class TrainingCurves(L.Callback):
