@@ -1,8 +1,8 @@
 """Curves: edit-stream metrics against the number of edits, and training curves of a fit.
 
-**Edit streams.** The edit loop (:class:`editlab.lit.edit_eval.EditEvalModule` with ``eval_every``) collects one
-point per checkpoint, ``{"edits": …, "batches": …, metric: value, …}``, metric names as in the
-summary's keys after the stage (``reliability``, ``efficacy_score``,
+**Edit streams.** The edit loop (:class:`editlab.lit.edit_eval.EditEvalModule` with
+``eval_every``) collects one point per checkpoint, ``{"edits": …, "batches": …, metric: value, …}``,
+metric names as in the summary's keys after the stage (``reliability``, ``efficacy_score``,
 ``reliability@generation_em``, ``general_perplexity``, …); this module writes them as
 ``curves.csv`` (one row per checkpoint) and ``curves.png`` (matplotlib, optional: the ``plot``
 extra; without it the plot is skipped with a warning).
@@ -51,14 +51,14 @@ def write_curves(points: list[dict[str, float]], output_dir: Path) -> None:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for point in points:
-            writer.writerow([_cell(c, point.get(c)) for c in columns])
+            writer.writerow([_cell(point.get(c), integer=c in INDEX) for c in columns])
     plot_curves(points, output_dir / "curves.png")
 
 
-def _cell(column: str, value: float | None) -> str:
+def _cell(value: float | None, integer: bool) -> str:
     if value is None:
         return ""
-    return str(int(value)) if column in INDEX else repr(float(value))  # repr: exact round trip
+    return str(int(value)) if integer else repr(float(value))  # repr: exact round trip
 
 
 def _plot_panels(path: Path, panels: list[tuple[str, list[str]]], x_label: str,
@@ -95,7 +95,8 @@ def plot_curves(points: list[dict[str, float]], path: Path) -> bool:
     scores = [c for c in columns if c not in INDEX and not c.startswith("general_")
               and not c.endswith("_magnitude") and c != "fluency"]
     panels = [("score (records edited so far)", scores)]
-    panels += [(names[0], [n for n in names if n in columns]) for names in _GENERAL_PANELS if names[0] in columns]
+    panels += [(names[0], [n for n in names if n in columns])
+               for names in _GENERAL_PANELS if names[0] in columns]
     edits = [p["edits"] for p in points]
 
     def draw(ax: Any, label: str, names: list[str]) -> None:
@@ -122,8 +123,7 @@ def write_training_curves(points: list[dict[str, float]], output_dir: Path,
         writer = csv.writer(fh)
         writer.writerow(columns)
         for row in merged:
-            writer.writerow([("" if row.get(c) is None else str(int(row[c])) if c == STEP else repr(float(row[c])))
-                             for c in columns])
+            writer.writerow([_cell(row.get(c), integer=c == STEP) for c in columns])
     plot_training_curves(merged, output_dir / f"{name}.png")
 
 
@@ -157,7 +157,8 @@ class TrainingCurves(L.Callback):
         name: file stem.
     """
 
-    def __init__(self, output_dir: str | Path, every: int | None = None, name: str = "training_curves") -> None:
+    def __init__(self, output_dir: str | Path, every: int | None = None,
+                 name: str = "training_curves") -> None:
         if every is not None and every < 1:
             raise ValueError(f"TrainingCurves: every must be >= 1, got {every}")
         self.output_dir = Path(output_dir)
@@ -198,8 +199,8 @@ class TrainingCurves(L.Callback):
             log.info("training curves: %s", self.output_dir / f"{self.name}.csv")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"points": [dict(p) for p in self.points], "sums": dict(self._sums), "counts": dict(self._counts),
-                "last_step": self._last_step}
+        return {"points": [dict(p) for p in self.points], "sums": dict(self._sums),
+                "counts": dict(self._counts), "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.points = [dict(p) for p in state_dict["points"]]

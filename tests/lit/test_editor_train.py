@@ -268,9 +268,10 @@ def test_training_curves_survive_a_resume(tiny, tmp_path):
         module = EditorTrainModule(bundle, _editor(), lr=2e-2)
         callbacks = [TrainingCurves(tmp_path / out, every=2)]
         if every:
-            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1,
-                                             filename="{step}"))
-        _trainer(max_steps, callbacks, val_every=2).fit(module, datamodule=_data(tmp_path), ckpt_path=ckpt_path)
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
+                                             save_top_k=-1, filename="{step}"))
+        trainer = _trainer(max_steps, callbacks, val_every=2)
+        trainer.fit(module, datamodule=_data(tmp_path), ckpt_path=ckpt_path)
 
     fit(7, "full")
     fit(3, "first", every=3)
