@@ -31,7 +31,8 @@ the plain forward returns the full aligned ``[N, L, V]`` logits.
 :meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left
 padding; rows sharing a prefix run as ``[prefix | padding | row]`` with the prefix's cached
 keys/values passed in, so only the rows' own tokens are prefilled) and returns
-``[input_ids | new tokens]`` in the input's frame, as Hugging Face ``generate`` does, with stopping criteria that see the input-frame ids; so
+``[input_ids | new tokens]`` in the input's frame, as Hugging Face ``generate`` does, with
+stopping criteria that see the input-frame ids; so
 :func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
 
 Encoder-decoder models (T5; ``config.is_encoder_decoder``, every wrapped model alike): the prefix
@@ -89,8 +90,10 @@ def _max_positions(model: nn.Module) -> int | None:
     return int(limit) if limit else None
 
 
-def _expanded_cache(model: nn.Module, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], n: int) -> DynamicCache:
-    """A key/value cache holding one prefix's per-layer ``(keys, values)`` for ``n`` rows (views, not copies)."""
+def _expanded_cache(model: nn.Module, layers: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                    n: int) -> DynamicCache:
+    """A key/value cache holding one prefix's per-layer ``(keys, values)`` for ``n`` rows
+    (views, not copies)."""
     cache = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(layers):
         cache.update(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:]), i)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -236,8 +237,6 @@ class _Losses(L.Callback):
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    import csv
-
     with open(path, encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 

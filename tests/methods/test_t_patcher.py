@@ -242,7 +242,8 @@ def test_experiment_runs_through_the_entry_point(tmp_path):
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             "experiment=t_patcher_smollm2_zsre", "model=tiny_llama", f"paths.data_dir={tmp_path}",
-            "data.test.path=zsre.json", "module.generation_framing=plain", "method.max_steps=20", "method.memory_tokens=64",
+            "data.test.path=zsre.json", "module.generation_framing=plain", "method.max_steps=20",
+            "method.memory_tokens=64",
             "method.memory_corpus._target_=editlab.stats.TextFile",
             f"+method.memory_corpus.path={tmp_path / 'corpus.txt'}", "logger=csv", "callbacks=none"])
     with open_dict(cfg):
