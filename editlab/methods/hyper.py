@@ -26,7 +26,10 @@ The default objective is MEND's (Mitchell et al. 2022, eric-mitchell/mend ``edit
 
     loss = c_edit · NLL(target_new | rephrase; θ̃) + c_loc · KL(p_θ(·|loc) ‖ p_θ̃(·|loc))
 
-with the KL taken at every position of the locality input, as MEND does.  Editors with another
+with the KL taken at every position of the locality input, as MEND does.  Which inputs the edit NLL
+is taken on is ``edit_outer``: ``rephrase`` (MEND's ``data.rephrase: true``, the default),
+``prompt`` (the edit input itself: MEND's ``data.rephrase: false``) or ``both`` (the mean of the
+two NLLs; editlab's option, not in MEND).  Editors with another
 objective (KE's constrained one) override :meth:`training_losses`.
 """
 
@@ -55,7 +58,10 @@ __all__ = [
     "locality_kl",
     "is_seq2seq",
     "last_mlp_weights",
+    "EDIT_OUTER",
 ]
+
+EDIT_OUTER = ("rephrase", "prompt", "both")
 
 
 def is_seq2seq(model: nn.Module) -> bool:
@@ -185,12 +191,17 @@ class TrainableEditor(LearnedEditor):
             editor rewrites; None: :meth:`default_edit_params` of the model, resolved by
             :meth:`bind`.
         c_edit, c_loc: weights of the edit and locality losses in the default (MEND) objective.
+        edit_outer: the inputs the edit loss is taken on after the edit: ``rephrase`` (MEND),
+            ``prompt`` (the edit input) or ``both`` (mean of the two); a batch without rephrases
+            falls back to the prompt.
         base_model: the name of the base model the editor is trained for (kept in checkpoints).
     """
 
     def __init__(self, edit_params: Sequence[str] | None = None, c_edit: float = 0.1, c_loc: float = 1.0,
-                 base_model: str | None = None) -> None:
+                 edit_outer: str = "rephrase", base_model: str | None = None) -> None:
         LearnedEditor.__init__(self, base_model=base_model)
+        if edit_outer not in EDIT_OUTER:
+            raise ValueError(f"edit_outer must be one of {EDIT_OUTER}, got {edit_outer!r}")
         if edit_params is not None and not edit_params:
             raise ValueError("edit_params must name at least one parameter (or be None for the default)")
         if isinstance(edit_params, str):
@@ -198,6 +209,7 @@ class TrainableEditor(LearnedEditor):
         self.edit_params: list[str] | None = list(edit_params) if edit_params is not None else None
         self.c_edit = c_edit
         self.c_loc = c_loc
+        self.edit_outer = edit_outer
         self._bound = False
 
     # ---------------------------------------------------------------- setup
@@ -271,8 +283,7 @@ class TrainableEditor(LearnedEditor):
         """MEND's objective on one training batch; returns ``loss`` (to minimise) and the parts
         (``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``: accuracies are teacher-forced)."""
         new = self.edited_parameters(model, batch.edit)
-        outer = batch.rephrase if batch.rephrase is not None else batch.edit
-        nll, acc = target_nll(edited_forward(model, new, outer), outer)
+        nll, acc = self.outer_nll(model, new, batch)
         out = {"loss_edit": nll, "edit_acc": acc.detach()}
         loss = self.c_edit * nll
         if batch.locality is not None:
@@ -281,3 +292,22 @@ class TrainableEditor(LearnedEditor):
             loss = loss + self.c_loc * kl
         out["loss"] = loss
         return out
+
+    def outer_batches(self, batch: EditBatch) -> list[PairBatch]:
+        """The batches the edit loss is taken on (``edit_outer``): the rephrases, the edit prompts,
+        or both; the prompts when the batch has no rephrases."""
+        outer = []
+        if self.edit_outer in ("rephrase", "both") and batch.rephrase is not None:
+            outer.append(batch.rephrase)
+        if self.edit_outer in ("prompt", "both") or not outer:
+            outer.append(batch.edit)
+        return outer
+
+    def outer_nll(self, model: nn.Module, new: dict[str, torch.Tensor],
+                  batch: EditBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Post-edit NLL of ``target_new`` and its teacher-forced accuracy, each the mean over
+        :meth:`outer_batches`."""
+        parts = [target_nll(edited_forward(model, new, b), b) for b in self.outer_batches(batch)]
+        nll = torch.stack([p[0] for p in parts]).mean()
+        acc = torch.stack([p[1] for p in parts]).mean()
+        return nll, acc

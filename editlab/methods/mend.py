@@ -205,6 +205,8 @@ class MEND(TrainableEditor):
         edit_lr: initial per-parameter edit step ``α_l``; MEND 1e-4.
         lr_lr: learning rate of the ``α_l`` (see :meth:`optimizer_groups`); MEND 1e-4.
         c_edit, c_loc: weights of the edit and locality losses; MEND 0.1 and 1.0.
+        edit_outer: inputs of the edit loss after the edit: ``rephrase`` (MEND's default),
+            ``prompt`` (the edit input; MEND ``data.rephrase: false``) or ``both`` (their mean).
         base_model: name of the base model the editor is trained for (kept in checkpoints).
     """
 
@@ -225,9 +227,10 @@ class MEND(TrainableEditor):
         lr_lr: float = 1e-4,
         c_edit: float = 0.1,
         c_loc: float = 1.0,
+        edit_outer: str = "rephrase",
         base_model: str | None = None,
     ) -> None:
-        super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, base_model=base_model)
+        super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, edit_outer=edit_outer, base_model=base_model)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if act not in ACTS:

@@ -1,6 +1,7 @@
 """MEND on tiny random models: exact factors, identity start, training, no writes to the model."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -208,3 +209,33 @@ def test_invalid_settings_and_parameters(tiny):
     for bad in ("transformer.h.1.ln_2.weight", "transformer.wte.weight", "transformer.h.1.mlp.c_fc.bias"):
         with pytest.raises(EditError, match="MEND edits"):
             MEND(edit_params=[bad]).bind(model)
+    with pytest.raises(ValueError, match="edit_outer"):
+        MEND(edit_outer="paraphrase")
+
+
+def test_edit_outer_chooses_the_inputs_of_the_edit_loss(tiny):
+    """``rephrase`` (MEND) scores the rephrases, ``prompt`` the edit prompts, ``both`` the mean of
+    the two; a batch without rephrases falls back to the prompts."""
+    bundle = tiny("llama")
+    batch = _batch(bundle)
+    assert batch.rephrase is not None
+    torch.manual_seed(0)
+    editor = MEND(norm=False, edit_lr=0.5, c_loc=0.0)
+    editor.bind(bundle.model)
+    new = {n: v.detach() for n, v in editor.edited_parameters(bundle.model, batch.edit).items()}
+    with torch.no_grad():
+        on_reph = target_nll(edited_forward(bundle.model, new, batch.rephrase), batch.rephrase)[0]
+        on_prompt = target_nll(edited_forward(bundle.model, new, batch.edit), batch.edit)[0]
+    assert not torch.isclose(on_reph, on_prompt)
+    expected = {"rephrase": on_reph, "prompt": on_prompt, "both": (on_reph + on_prompt) / 2}
+    for mode, want in expected.items():
+        editor.edit_outer = mode
+        with torch.no_grad():
+            got = editor.training_losses(bundle.model, batch)["loss_edit"]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    no_rephrase = dataclasses.replace(batch, rephrase=None)
+    for mode in ("rephrase", "both"):
+        editor.edit_outer = mode
+        with torch.no_grad():
+            got = editor.training_losses(bundle.model, no_rephrase)["loss_edit"]
+        torch.testing.assert_close(got, on_prompt, rtol=1e-5, atol=1e-6)
