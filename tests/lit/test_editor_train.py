@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -359,6 +360,8 @@ def test_train_then_test_then_test_only_then_resume(tmp_path):
         if key.startswith(("pre/", "post/")):
             assert again[key] == pytest.approx(value, abs=1e-9), key
 
+    assert read_editor_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 4
+
     resumed = _compose(_tiny_overrides(tmp_path, [f"fit.resume_from={ckpt_dir / 'last.ckpt'}",
                                                   "fit.trainer.max_steps=6", "fit.test_weights=last"]))
     _run(resumed, tmp_path / "resumed")
@@ -366,6 +369,22 @@ def test_train_then_test_then_test_only_then_resume(tmp_path):
     assert last["global_step"] == 6
     resumed_curves = (tmp_path / "resumed" / "training_curves.csv").read_text().splitlines()
     assert resumed_curves[: len(curves)] == curves and len(resumed_curves) > len(curves)  # continued
+
+
+def test_last_checkpoint_is_the_latest_validation_not_the_best(tmp_path, caplog):
+    """last.ckpt (what ``fit.resume_from`` continues) holds the state of the latest validation even
+    when it is not the best; the test stage still takes the best one.  Monitoring ``step`` in
+    ``min`` mode makes the first validation (step 2) the best for good."""
+    cfg = _compose(_tiny_overrides(tmp_path, ["fit.callbacks.checkpoint.monitor=step",
+                                              "fit.callbacks.checkpoint.mode=min"]))
+    with caplog.at_level(logging.INFO, logger="editlab.train"):
+        _run(cfg, tmp_path / "train")
+    ckpt_dir = tmp_path / "train" / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.glob("*.ckpt")) == ["editor-step2.ckpt", "last.ckpt"]
+    assert read_editor_checkpoint(ckpt_dir / "editor-step2.ckpt")["global_step"] == 2
+    assert read_editor_checkpoint(ckpt_dir / "last.ckpt")["global_step"] == 4
+    tested = [r.getMessage() for r in caplog.records if "testing the" in r.getMessage()]
+    assert len(tested) == 1 and "best checkpoint" in tested[0] and "editor-step2.ckpt" in tested[0]
 
 
 @pytest.mark.parametrize("experiment,extra", [
