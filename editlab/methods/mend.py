@@ -230,7 +230,8 @@ class MEND(TrainableEditor):
         edit_outer: str = "rephrase",
         base_model: str | None = None,
     ) -> None:
-        super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, edit_outer=edit_outer, base_model=base_model)
+        super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, edit_outer=edit_outer,
+                         base_model=base_model)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if act not in ACTS:
