@@ -64,9 +64,8 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
     if resume:
         log.info("resuming editor training from %s", resume)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume or None)
-    monitored = [c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)]
-    checkpoint = monitored[0] if monitored else None
-    best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+    checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # not checkpoint_last
+    best = checkpoint.best_model_path if checkpoint is not None else ""
     which = fit.get("test_weights", "best")
     if which not in ("best", "last"):
         raise ValueError(f"fit.test_weights must be 'best' or 'last', got {which!r}")
