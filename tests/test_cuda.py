@@ -15,12 +15,15 @@ import pytest
 import torch
 
 from editlab.causal import noise_std, trace_prompt
-from editlab.data.datamodule import EditDataModule
+from editlab.data.datamodule import EditBatchCollator, EditDataModule
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
+from editlab.lit.editor_train import EditorTrainModule
 from editlab.methods.ft import FTL
+from editlab.methods.ke import KE
 from editlab.methods.kn import KN
 from editlab.methods.memit import MEMIT
+from editlab.methods.mend import MEND
 from editlab.methods.rome import ROME
 from editlab.models.tiny import TINY_CORPUS
 from editlab.scoring import score_pairs
@@ -138,3 +141,56 @@ def test_edit_loop_on_gpu_trainer(tiny, tmp_path):
     assert module.summary["post/reliability"] > module.summary["pre/reliability"]
     # Lightning's single-device teardown moves the module (and so the model) back to the CPU
     assert_state_equal(gpu.model.cpu(), before)
+
+
+def _trainable(name: str):
+    torch.manual_seed(0)
+    return MEND(rank=16) if name == "mend" else KE(hidden_dim=16, condition_dim=32)
+
+
+@pytest.mark.parametrize("name", ["mend", "ke"])
+def test_trainable_editor_objective_on_cuda_matches_cpu(tiny, name):
+    """One training objective (losses and the editor's gradients) is the same on both devices."""
+    cpu = tiny("llama")
+    gpu = _on_cuda(cpu)
+    results = []
+    for bundle in (cpu, gpu):
+        editor = _trainable(name)
+        editor.bind(bundle.model)
+        editor.to(bundle.model.device).train()
+        batch = EditBatchCollator(bundle.tokenizer)(make_records()).to(bundle.model.device)
+        out = editor.training_losses(bundle.model, batch)
+        out["loss"].backward()
+        grads = {n: p.grad.detach().cpu() for n, p in editor.named_parameters() if p.grad is not None}
+        results.append(({k: float(v.detach()) for k, v in out.items()}, grads))
+    (loss_cpu, grad_cpu), (loss_gpu, grad_gpu) = results
+    assert set(loss_gpu) == set(loss_cpu) and grad_cpu and set(grad_gpu) == set(grad_cpu)
+    for key, value in loss_cpu.items():
+        assert loss_gpu[key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+    for key, grad in grad_cpu.items():
+        torch.testing.assert_close(grad_gpu[key], grad, rtol=1e-2, atol=1e-3 * grad.abs().max().item() + 1e-7)
+
+
+def test_editor_training_on_gpu_trainer(tiny, tmp_path):
+    """MEND trained by the Lightning module on the GPU: every editor parameter moves, the base model
+    does not, and the trained editor's edit raises the target probability on the GPU."""
+    bundle = tiny("llama")
+    before = state_copy(bundle.model)
+    module = EditorTrainModule(bundle, _trainable("mend"), lr=1e-3)
+    start = {n: p.detach().clone() for n, p in module.editor.named_parameters()}
+    records = make_records()
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=3, inference_mode=False, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=EditDataModule(train=lambda: records, train_batch_size=2))
+    assert trainer.global_step == 3
+    moved = {n for n, p in module.editor.named_parameters() if not torch.equal(p.detach().cpu(), start[n].cpu())}
+    assert moved == set(start), f"unchanged: {set(start) - moved}"
+    gpu = _on_cuda(bundle)
+    module.editor.to("cuda").eval()
+    prompts, targets = [r.prompt for r in records], [r.target_new for r in records]
+    s0 = score_pairs(gpu.model, gpu.tokenizer, prompts, targets)
+    with module.editor.apply(gpu.model, gpu.tokenizer, records[:1]):
+        s1 = score_pairs(gpu.model, gpu.tokenizer, prompts[:1], targets[:1])
+    assert s1.nll.cpu()[0] < s0.nll.cpu()[0]
+    assert_state_equal(bundle.model.cpu(), before)

@@ -21,6 +21,10 @@ at all), and only the editor's parameters are optimised (Adam over
   (:func:`~editlab.metrics.edit.build_edit_metrics`, prefix ``val/``): ``val/reliability``,
   ``val/generalization``, ``val/locality`` (agreement with the unedited model),
   ``val/locality_acc``, ``val/portability``.  Metric states are reduced over ranks by torchmetrics.
+  ``val/edit_score`` is the harmonic mean of reliability, generalization and locality (high only
+  when all three are; CounterFact's Score takes the same mean of its three success rates), a
+  checkpoint criterion that, unlike ``val/loss``, does not depend on ``c_loc``:
+  ``fit.callbacks.checkpoint.monitor=val/edit_score fit.callbacks.checkpoint.mode=max``.
 * **Checkpoints** hold the editor only: base-model tensors are stripped on save and taken from the
   live model on load, and the checkpoint names the base model and stores the editor's config
   (``checkpoint["editor"]``), so :func:`load_editor` rebuilds a trained editor onto that model.
@@ -64,6 +68,7 @@ from editlab.lit.probes import build_plan
 from editlab.methods.base import applied
 from editlab.methods.hyper import LearnedEditor
 from editlab.metrics.edit import build_edit_metrics, computed
+from editlab.metrics.functional import harmonic_mean
 from editlab.models.loading import ModelBundle, freeze
 from editlab.scoring import ScoreCache, score_pairs
 
@@ -77,6 +82,8 @@ __all__ = [
 BASE_PREFIX = "model."
 EDITOR_PREFIX = "editor."
 LOSS_KEYS = ("loss", "loss_edit", "loss_loc", "edit_acc", "loc_acc")
+# val/edit_score is the harmonic mean of these validation metrics
+EDIT_SCORE_PARTS = ("reliability", "generalization", "locality")
 
 
 class EditorTrainModule(L.LightningModule):
@@ -228,6 +235,9 @@ class EditorTrainModule(L.LightningModule):
                 value = float(metric.compute())
             if not math.isnan(value):
                 values[f"val/{key}"] = value
+        parts = [values.get(f"val/{name}") for name in EDIT_SCORE_PARTS]
+        if all(part is not None for part in parts):
+            values["val/edit_score"] = float(harmonic_mean(parts))
         if values:
             # already reduced over ranks by torchmetrics: every rank logs the same numbers
             self.log_dict(values, sync_dist=True)

@@ -162,8 +162,10 @@ def test_validation_metrics_are_the_edit_loops(tiny, tmp_path):
     trainer.fit(module, datamodule=dm)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     for key in ("val/reliability", "val/generalization", "val/locality", "val/locality_acc", "val/loss",
-                "val/loss_edit", "val/loss_loc", "val/edit_acc", "val/loc_acc"):
+                "val/loss_edit", "val/loss_loc", "val/edit_acc", "val/loc_acc", "val/edit_score"):
         assert key in val, key
+    parts = [val[f"val/{m}"] for m in ("reliability", "generalization", "locality")]
+    assert val["val/edit_score"] == pytest.approx(3 / sum(1 / p for p in parts) if min(parts) > 0 else 0.0)
     evaluation = EditEvalModule(bundle, probability_comparison=False)
     L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[EditorCallback(module.editor)]
