@@ -9,8 +9,10 @@ first train the editor (``trainer.fit`` with the ``fit.module`` LightningModule,
 and ``trainer`` updated with ``fit.trainer``), then test it in the same edit loop, with the best
 checkpoint's weights (``fit.test_weights=best``) or the last ones.  ``ckpt_path=PATH`` skips
 training and tests the editor saved in PATH (rebuilt from the config stored in it);
-``fit.resume_from=PATH`` resumes an interrupted training run.  Whether fitting happens is decided
-by the presence of the ``fit`` node alone, never by the method's name.
+``fit.resume_from=PATH`` resumes an interrupted training run; ``fit.init_from=PATH`` starts a new run
+from the editor weights saved in PATH (fresh optimizer and step count, this run's settings: e.g. a
+lower learning rate for a trained editor, which a resume would not apply).  Whether fitting happens
+is decided by the presence of the ``fit`` node alone, never by the method's name.
 
 Edit streams (lifelong editing): ``stream.edits=N stream.batch_size=B stream.eval_every=K`` is
 shorthand for the settings it implies (:func:`apply_stream`): the first N test records
@@ -60,9 +62,16 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
     callbacks = _instantiate_group(fit.get("callbacks"))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  **_container(fit.get("trainer")))
-    resume = fit.get("resume_from")
+    resume, init = fit.get("resume_from"), fit.get("init_from")
+    if resume and init:
+        raise ValueError("set fit.resume_from (continue a run: editor, optimizer, step) or fit.init_from "
+                         "(start a new run from an editor's weights), not both")
     if resume:
         log.info("resuming editor training from %s", resume)
+    if init:
+        # weights (and buffers) only: a fresh optimizer with this run's learning rates, step 0
+        log.info("starting editor training from the editor weights of %s", init)
+        module.load_editor_weights(init)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume or None)
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # not checkpoint_last
     best = checkpoint.best_model_path if checkpoint is not None else ""

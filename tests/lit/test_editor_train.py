@@ -29,7 +29,8 @@ from editlab.data.records import EditRecord, Probe
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.curves import TrainingCurves
 from editlab.lit.edit_eval import EditEvalModule
-from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing, load_editor, read_editor_checkpoint
+from editlab.lit.editor_train import (EditorTrainModule, MarginAnnealing, editor_state, load_editor,
+                                      read_editor_checkpoint)
 from editlab.methods.hyper import LearnedEditor
 from editlab.methods.mend import MEND
 from editlab.methods.serac import SERAC
@@ -371,6 +372,36 @@ def test_train_then_test_then_test_only_then_resume(tmp_path):
     assert last["global_step"] == 6
     resumed_curves = (tmp_path / "resumed" / "training_curves.csv").read_text().splitlines()
     assert resumed_curves[: len(curves)] == curves and len(resumed_curves) > len(curves)  # continued
+
+
+def test_init_from_starts_a_new_run_from_saved_editor_weights(tiny, tmp_path, caplog):
+    """``fit.init_from`` loads a checkpoint's editor weights into a fresh run: step 0, a new
+    optimizer with this run's learning rate (a resume would restore the old one); combined with
+    ``fit.resume_from`` it is refused."""
+    _run(_compose(_tiny_overrides(tmp_path)), tmp_path / "first")
+    source = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    saved = editor_state(read_editor_checkpoint(source))
+    cfg = _compose(_tiny_overrides(tmp_path, [f"fit.init_from={source}", "fit.trainer.max_steps=2",
+                                              "fit.module.lr=0.0", "fit.test_weights=last"]))
+    with caplog.at_level(logging.INFO, logger="editlab.train"):
+        _run(cfg, tmp_path / "second")
+    assert any("editor weights of" in r.getMessage() for r in caplog.records)
+    second = read_editor_checkpoint(tmp_path / "second" / "checkpoints" / "last.ckpt")
+    assert second["global_step"] == 2  # counted from 0, not from the source's step 4
+    assert [g["lr"] for g in second["optimizer_states"][0]["param_groups"]][0] == 0.0
+    # at lr 0 the parameters are exactly the source's (a fresh editor's differ); only the running
+    # statistics (buffers) move on
+    state = editor_state(second)
+    assert set(state) == set(saved)
+    editor = _editor()
+    editor.bind(tiny("llama").model)
+    params = [k for k, _ in editor.named_parameters()]
+    fresh = editor.state_dict()
+    assert params and all(torch.equal(state[k], saved[k]) for k in params)
+    assert any(not torch.equal(fresh[k], saved[k]) for k in params)
+    with pytest.raises(ValueError, match="not both"):
+        _run(_compose(_tiny_overrides(tmp_path, [f"fit.init_from={source}", f"fit.resume_from={source}"])),
+             tmp_path / "both")
 
 
 def test_last_checkpoint_is_the_latest_validation_not_the_best(tmp_path, caplog):
