@@ -79,8 +79,9 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
     if which not in ("best", "last"):
         raise ValueError(f"fit.test_weights must be 'best' or 'last', got {which!r}")
     if which == "best" and best:
+        score = checkpoint.best_model_score
         log.info("testing the best checkpoint's editor: %s (%s = %s)", best, checkpoint.monitor,
-                 checkpoint.best_model_score)
+                 f"{float(score):.4f}" if score is not None else "n/a")
         module.load_editor_weights(best)
     else:
         log.info("testing the editor as training left it")
