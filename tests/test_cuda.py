@@ -184,7 +184,8 @@ def test_editor_training_on_gpu_trainer(tiny, tmp_path):
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=EditDataModule(train=lambda: records, train_batch_size=2))
     assert trainer.global_step == 3
-    moved = {n for n, p in module.editor.named_parameters() if not torch.equal(p.detach().cpu(), start[n].cpu())}
+    moved = {n for n, p in module.editor.named_parameters()
+             if not torch.equal(p.detach().cpu(), start[n].cpu())}
     assert moved == set(start), f"unchanged: {set(start) - moved}"
     gpu = _on_cuda(bundle)
     module.editor.to("cuda").eval()
