@@ -26,7 +26,9 @@ The default objective is MEND's (Mitchell et al. 2022, eric-mitchell/mend ``edit
 
     loss = c_edit · NLL(target_new | rephrase; θ̃) + c_loc · KL(p_θ(·|loc) ‖ p_θ̃(·|loc))
 
-with the KL taken at every position of the locality input, as MEND does.  Which inputs the edit NLL
+with the KL taken at every position of the locality input, as MEND does (``loc_positions="all"``), or
+only at the positions that predict the locality answer (``loc_positions="answer"``: the positions
+EasyEdit's locality metric reads; editlab's option, not in MEND).  Which inputs the edit NLL
 is taken on is ``edit_outer``: ``rephrase`` (MEND's ``data.rephrase: true``, the default),
 ``prompt`` (the edit input itself: MEND's ``data.rephrase: false``) or ``both`` (the mean of the
 two NLLs; editlab's option, not in MEND).  Editors with another
@@ -59,9 +61,11 @@ __all__ = [
     "is_seq2seq",
     "last_mlp_weights",
     "EDIT_OUTER",
+    "LOC_POSITIONS",
 ]
 
 EDIT_OUTER = ("rephrase", "prompt", "both")
+LOC_POSITIONS = ("all", "answer")
 
 
 def is_seq2seq(model: nn.Module) -> bool:
@@ -118,23 +122,35 @@ def target_nll(logits: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, to
     return nll, acc
 
 
-def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: PairBatch) -> torch.Tensor:
-    """KL(pre ‖ post), summed over the vocabulary and averaged over every real position of the
-    locality input (decoder input for seq2seq models), as MEND's ``kl_loc_loss``."""
-    mask = batch.decoder_attention_mask if batch.decoder_input_ids is not None else batch.attention_mask
-    mask = mask.bool()
-    pre = torch.log_softmax(pre_logits[mask].float(), dim=-1)
-    post = torch.log_softmax(post_logits[mask].float(), dim=-1)
+def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: PairBatch,
+                positions: str = "all") -> torch.Tensor:
+    """KL(pre ‖ post), summed over the vocabulary and averaged over the positions of the locality
+    input (decoder input for seq2seq models) that ``positions`` names: ``all`` real positions, as
+    MEND's ``kl_loc_loss``, or the ``answer`` positions (those that predict the locality answer's
+    tokens, where locality is measured)."""
+    if positions == "all":
+        mask = batch.decoder_attention_mask if batch.decoder_input_ids is not None else batch.attention_mask
+        mask = mask.bool()
+        pre, post = pre_logits[mask], post_logits[mask]
+    elif positions == "answer":
+        rows, pos = batch.gather_index()
+        pre, post = pre_logits[rows, pos], post_logits[rows, pos]
+    else:
+        raise ValueError(f"positions must be one of {LOC_POSITIONS}, got {positions!r}")
+    pre = torch.log_softmax(pre.float(), dim=-1)
+    post = torch.log_softmax(post.float(), dim=-1)
     return (pre.exp() * (pre - post)).sum(-1).mean()
 
 
-def locality_terms(model: nn.Module, new: dict[str, torch.Tensor], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """``KL(pre ‖ post)`` on the locality batch (differentiable w.r.t. ``new``) and the share of its
-    answer positions whose argmax the edit leaves unchanged (detached)."""
+def locality_terms(model: nn.Module, new: dict[str, torch.Tensor], batch: PairBatch,
+                   positions: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """``KL(pre ‖ post)`` on the locality batch at ``positions`` (:func:`locality_kl`;
+    differentiable w.r.t. ``new``) and the share of its answer positions whose argmax the edit
+    leaves unchanged (detached)."""
     with torch.no_grad():
         pre = edited_forward(model, None, batch)
     post = edited_forward(model, new, batch)
-    kl = locality_kl(pre, post, batch)
+    kl = locality_kl(pre, post, batch, positions)
     rows, pos = batch.gather_index()
     agree = (post[rows, pos].argmax(-1) == pre[rows, pos].argmax(-1)).float().mean()
     return kl, agree.detach()
@@ -194,14 +210,19 @@ class TrainableEditor(LearnedEditor):
         edit_outer: the inputs the edit loss is taken on after the edit: ``rephrase`` (MEND),
             ``prompt`` (the edit input) or ``both`` (mean of the two); a batch without rephrases
             falls back to the prompt.
+        loc_positions: where the locality KL is taken: ``all`` positions of the locality input
+            (MEND) or its ``answer`` positions (:func:`locality_kl`).
         base_model: the name of the base model the editor is trained for (kept in checkpoints).
     """
 
     def __init__(self, edit_params: Sequence[str] | None = None, c_edit: float = 0.1, c_loc: float = 1.0,
-                 edit_outer: str = "rephrase", base_model: str | None = None) -> None:
+                 edit_outer: str = "rephrase", base_model: str | None = None,
+                 loc_positions: str = "all") -> None:
         LearnedEditor.__init__(self, base_model=base_model)
         if edit_outer not in EDIT_OUTER:
             raise ValueError(f"edit_outer must be one of {EDIT_OUTER}, got {edit_outer!r}")
+        if loc_positions not in LOC_POSITIONS:
+            raise ValueError(f"loc_positions must be one of {LOC_POSITIONS}, got {loc_positions!r}")
         if edit_params is not None and not edit_params:
             raise ValueError("edit_params must name at least one parameter (or be None for the default)")
         if isinstance(edit_params, str):
@@ -210,6 +231,7 @@ class TrainableEditor(LearnedEditor):
         self.c_edit = c_edit
         self.c_loc = c_loc
         self.edit_outer = edit_outer
+        self.loc_positions = loc_positions
         self._bound = False
 
     # ---------------------------------------------------------------- setup
@@ -287,7 +309,7 @@ class TrainableEditor(LearnedEditor):
         out = {"loss_edit": nll, "edit_acc": acc.detach()}
         loss = self.c_edit * nll
         if batch.locality is not None:
-            kl, agree = locality_terms(model, new, batch.locality)
+            kl, agree = locality_terms(model, new, batch.locality, self.loc_positions)
             out.update(loss_loc=kl, loc_acc=agree)
             loss = loss + self.c_loc * kl
         out["loss"] = loss

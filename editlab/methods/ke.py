@@ -187,6 +187,8 @@ class KE(TrainableEditor):
         lr_multiplier: learning rate of the Lagrange multiplier; reference ``lr_alpha`` 0.1.
         multiplier_init: initial multiplier; reference 1.
         label_smoothing: of the edit term of the objective; reference ``eps`` 0.1.
+        loc_positions: positions of the locality input the KL is averaged over: ``all``
+            (reference) or ``answer`` (those that predict its answer, where locality is measured).
         base_model: name of the base model the editor is trained for (kept in checkpoints).
 
     The editor networks' own learning rate is the training module's ``lr`` (reference 3e-4, with
@@ -206,9 +208,10 @@ class KE(TrainableEditor):
         lr_multiplier: float = 0.1,
         multiplier_init: float = 1.0,
         label_smoothing: float = 0.1,
+        loc_positions: str = "all",
         base_model: str | None = None,
     ) -> None:
-        super().__init__(edit_params, base_model=base_model)
+        super().__init__(edit_params, base_model=base_model, loc_positions=loc_positions)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if margin < 0 or margin_min < 0:
@@ -301,7 +304,7 @@ class KE(TrainableEditor):
         out = {"loss_edit": loss_edit, "edit_acc": acc.detach()}
         loss = loss_edit
         if batch.locality is not None:
-            kl, agree = locality_terms(model, new, batch.locality)
+            kl, agree = locality_terms(model, new, batch.locality, self.loc_positions)
             loss = loss + _ReverseGrad.apply(self.multiplier) * (kl - self.margin)
             out.update(loss_loc=kl, loc_acc=agree)
         out.update(loss=loss, multiplier=self.multiplier.detach().clone(), margin=self.margin.detach().clone())

@@ -207,6 +207,8 @@ class MEND(TrainableEditor):
         c_edit, c_loc: weights of the edit and locality losses; MEND 0.1 and 1.0.
         edit_outer: inputs of the edit loss after the edit: ``rephrase`` (MEND's default),
             ``prompt`` (the edit input; MEND ``data.rephrase: false``) or ``both`` (their mean).
+        loc_positions: positions of the locality input the KL is averaged over: ``all`` (MEND)
+            or ``answer`` (those that predict its answer, where locality is measured).
         base_model: name of the base model the editor is trained for (kept in checkpoints).
     """
 
@@ -228,10 +230,11 @@ class MEND(TrainableEditor):
         c_edit: float = 0.1,
         c_loc: float = 1.0,
         edit_outer: str = "rephrase",
+        loc_positions: str = "all",
         base_model: str | None = None,
     ) -> None:
         super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, edit_outer=edit_outer,
-                         base_model=base_model)
+                         base_model=base_model, loc_positions=loc_positions)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if act not in ACTS:

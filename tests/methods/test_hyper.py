@@ -89,6 +89,40 @@ def test_locality_kl(tiny):
     assert locality_kl(logits, logits * 3, batch).item() > 1e-4
 
 
+def _kl_at(pre, post, places):
+    terms = []
+    for i, j in places:
+        p, q = torch.log_softmax(pre[i, j], -1), torch.log_softmax(post[i, j], -1)
+        terms.append((p.exp() * (p - q)).sum())
+    return torch.stack(terms).mean()
+
+
+def test_locality_kl_positions_are_all_or_the_answers(tiny):
+    """``all``: every real position of the locality input (MEND); ``answer``: the positions that
+    predict the answer's tokens, the ones the locality metric reads."""
+    bundle = tiny("gpt2")
+    batch = _batch(bundle)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        pre = edited_forward(bundle.model, None, batch)
+    post = pre + torch.randn_like(pre)
+    real = [(i, j) for i in range(len(batch)) for j in range(pre.shape[1]) if batch.attention_mask[i, j]]
+    answer = [(i, int(batch.positions[i, k])) for i in range(len(batch))
+              for k in range(pre.shape[1]) if k < batch.target_mask.shape[1] and batch.target_mask[i, k]]
+    assert 0 < len(answer) < len(real)
+    torch.testing.assert_close(locality_kl(pre, post, batch), _kl_at(pre, post, real))
+    torch.testing.assert_close(locality_kl(pre, post, batch, "all"), _kl_at(pre, post, real))
+    torch.testing.assert_close(locality_kl(pre, post, batch, "answer"), _kl_at(pre, post, answer))
+    # a change outside the answer positions moves the full KL only
+    away = pre.clone()
+    for i, j in set(real) - set(answer):
+        away[i, j] += 3 * torch.randn_like(away[i, j])
+    assert locality_kl(pre, away, batch, "answer").item() == pytest.approx(0.0, abs=1e-6)
+    assert locality_kl(pre, away, batch, "all").item() > 1e-3
+    with pytest.raises(ValueError, match="positions"):
+        locality_kl(pre, post, batch, "prompt")
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "llama"])
 def test_edit_gradients_equal_autograd_on_a_trainable_copy(tiny, model_type):
     bundle = tiny(model_type)

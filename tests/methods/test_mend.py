@@ -8,7 +8,8 @@ import torch
 
 from editlab.data.datamodule import EditBatchCollator
 from editlab.methods.base import EditError
-from editlab.methods.hyper import edit_gradients, edited_forward, last_mlp_weights, target_nll
+from editlab.methods.hyper import edit_gradients, edited_forward, last_mlp_weights, locality_kl, target_nll
+from editlab.methods.ke import KE
 from editlab.methods.mend import MEND, _GradientTransform
 
 from conftest import assert_state_equal, make_records, state_copy
@@ -211,6 +212,8 @@ def test_invalid_settings_and_parameters(tiny):
             MEND(edit_params=[bad]).bind(model)
     with pytest.raises(ValueError, match="edit_outer"):
         MEND(edit_outer="paraphrase")
+    with pytest.raises(ValueError, match="loc_positions"):
+        MEND(loc_positions="prompt")
 
 
 def test_edit_outer_chooses_the_inputs_of_the_edit_loss(tiny):
@@ -239,3 +242,27 @@ def test_edit_outer_chooses_the_inputs_of_the_edit_loss(tiny):
         with torch.no_grad():
             got = editor.training_losses(bundle.model, no_rephrase)["loss_edit"]
         torch.testing.assert_close(got, on_prompt, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [lambda **kw: MEND(norm=False, edit_lr=0.5, **kw),
+                                  lambda **kw: KE(**kw)], ids=["mend", "ke"])
+def test_loc_positions_chooses_where_the_locality_kl_is_taken(tiny, make):
+    """``loc_positions`` sets the positions of the locality input the objective's KL averages
+    (every position, as MEND and KE do, or the answer's only)."""
+    bundle = tiny("llama")
+    batch = _batch(bundle)
+    torch.manual_seed(0)
+    editor = make()
+    editor.bind(bundle.model)
+    assert editor.loc_positions == "all"
+    new = {n: v.detach() for n, v in editor.edited_parameters(bundle.model, batch.edit).items()}
+    with torch.no_grad():
+        pre = edited_forward(bundle.model, None, batch.locality)
+        post = edited_forward(bundle.model, new, batch.locality)
+    want = {mode: locality_kl(pre, post, batch.locality, mode) for mode in ("all", "answer")}
+    assert not torch.isclose(want["all"], want["answer"])
+    for mode in ("all", "answer"):
+        editor.loc_positions = mode
+        with torch.no_grad():
+            got = editor.training_losses(bundle.model, batch)["loss_loc"]
+        torch.testing.assert_close(got, want[mode], rtol=1e-4, atol=1e-7)
