@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import format_summary
-from editlab.lit.editor_train import load_editor
+from editlab.lit.editor_train import load_editor, training_order
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
         # weights (and buffers) only: a fresh optimizer with this run's learning rates, step 0
         log.info("starting editor training from the editor weights of %s", init)
         module.load_editor_weights(init)
+        _warn_repeated_order(init, datamodule)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume or None)
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # not checkpoint_last
     best = checkpoint.best_model_path if checkpoint is not None else ""
@@ -86,6 +87,20 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
     else:
         log.info("testing the editor as training left it")
     return module.editor
+
+
+def _warn_repeated_order(init: str, datamodule) -> None:
+    """A run started with ``fit.init_from`` begins its training order at its first record; when
+    the source run used the same order (seed), the new run first re-reads records the editor was
+    already trained on.  Say so."""
+    order = training_order(init)
+    seed = getattr(datamodule, "seed", None)
+    if order is None or seed is None or order["seed"] != seed:
+        return
+    log.warning("%s was trained on this run's training order (seed %d) up to batch %d of epoch %d; this "
+                "run starts that order from its first record again, so it re-reads those records first. "
+                "Pass another seed= to train on other records first.", init, seed, order["batches"],
+                order["epoch"])
 
 
 def build_editor(cfg: DictConfig, bundle, datamodule, loggers: list):

@@ -136,7 +136,8 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self._served_epoch), "batches": int(self._served)}
+        # the seed identifies the order; fit.init_from reads it to warn of a repeated order
+        return {"epoch": int(self._served_epoch), "batches": int(self._served), "seed": int(self.sampler.seed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["batches"]))

@@ -313,6 +313,17 @@ def read_editor_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def training_order(path: str | Path) -> dict[str, int] | None:
+    """Where checkpoint ``path``'s run was in its training order (``seed``, ``epoch`` and
+    ``batches`` served, as :class:`~editlab.data.datamodule.ResumableDataLoader` saves them), or
+    None when the checkpoint does not record it.  Reads the file memory-mapped."""
+    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
+    if not loaders or not isinstance(loaders[0], dict) or "seed" not in loaders[0]:
+        return None
+    return {k: int(loaders[0][k]) for k in ("seed", "epoch", "batches")}
+
+
 def editor_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The editor's own state dict from a checkpoint."""
     state = checkpoint["state_dict"]

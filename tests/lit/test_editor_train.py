@@ -30,7 +30,7 @@ from editlab.lit.callbacks import EditorCallback
 from editlab.lit.curves import TrainingCurves
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.editor_train import (EditorTrainModule, MarginAnnealing, editor_state, load_editor,
-                                      read_editor_checkpoint)
+                                      read_editor_checkpoint, training_order)
 from editlab.methods.hyper import LearnedEditor
 from editlab.methods.mend import MEND
 from editlab.methods.serac import SERAC
@@ -106,7 +106,7 @@ def test_training_batches_and_epoch_order(tmp_path):
     full = [r.record_id for b in loader for r in b]
     loader.load_state_dict({"epoch": 1, "batches": 2})
     assert [r.record_id for b in loader for r in b] == full[6:]
-    assert loader.state_dict() == {"epoch": 1, "batches": 3}
+    assert loader.state_dict() == {"epoch": 1, "batches": 3, "seed": loader.sampler.seed}
     loader.load_state_dict({"epoch": 1, "batches": 3})  # an epoch-end checkpoint resumes at the next epoch
     loader.sampler.set_epoch(2)
     assert len([r for b in loader for r in b]) == 7
@@ -386,6 +386,17 @@ def test_init_from_starts_a_new_run_from_saved_editor_weights(tiny, tmp_path, ca
     with caplog.at_level(logging.INFO, logger="editlab.train"):
         _run(cfg, tmp_path / "second")
     assert any("editor weights of" in r.getMessage() for r in caplog.records)
+    # the source trained on the same order (seed 0): the new run, which re-reads it from its first
+    # record, says so; with another seed it does not
+    assert training_order(source) == {"seed": 0, "epoch": 0, "batches": 4}
+    repeated = [r for r in caplog.records if "re-reads" in r.getMessage()]
+    assert len(repeated) == 1 and repeated[0].levelno == logging.WARNING and "seed 0" in repeated[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="editlab.train"):
+        _run(_compose(_tiny_overrides(tmp_path, [f"fit.init_from={source}", "fit.trainer.max_steps=1",
+                                                 "seed=1"])), tmp_path / "third")
+    assert any("editor weights of" in r.getMessage() for r in caplog.records)
+    assert not any("re-reads" in r.getMessage() for r in caplog.records)
     second = read_editor_checkpoint(tmp_path / "second" / "checkpoints" / "last.ckpt")
     assert second["global_step"] == 2  # counted from 0, not from the source's step 4
     assert [g["lr"] for g in second["optimizer_states"][0]["param_groups"]][0] == 0.0
