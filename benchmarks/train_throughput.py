@@ -3,7 +3,8 @@
 Each (method, processes) pair trains the editor of the experiment ``<method>_smollm2_counterfact``
 (its method config and learning rate; ``--model`` swaps the base model) on the first records of
 ``counterfact/counterfact-train.json`` for ``--warmup`` + ``--steps`` optimizer steps of
-``--batch-size`` edits per process, with :class:`~editlab.lit.editor_train.EditorTrainModule` and a
+``--batch-size`` edits per process (``--batch-edits``: one joint batch edit, or each record edited
+on its own in one batched pass), with :class:`~editlab.lit.editor_train.EditorTrainModule` and a
 Lightning Trainer: one process, or DDP over ``--procs`` processes (gloo on CPU, NCCL on GPU;
 Lightning launches the extra ranks).  Validation, checkpoints and logging are off.  Timed: the
 steps after the warm-up, on rank 0 (ranks are in lock-step through the gradient all-reduce).
@@ -15,6 +16,7 @@ GPU: peak allocated CUDA memory).  Every configuration runs in fresh processes.
     python benchmarks/train_throughput.py                            # SmolLM2-135M (packaged), CPU
     python benchmarks/train_throughput.py --model tiny_llama --steps 5  # a quick check
     python benchmarks/train_throughput.py --accelerator gpu --procs 1,2
+    python benchmarks/train_throughput.py --methods mend --procs 1 --batch-size 10 --batch-edits independent
 
 On CPU each process gets ``cores / processes`` threads (``--threads`` to override); run it with
 nothing else on the machine.
@@ -61,7 +63,7 @@ def run_worker(args: argparse.Namespace) -> None:
     cfg = _compose(args.worker, args.model)
     L.seed_everything(0, verbose=False)
     bundle = hydra.utils.instantiate(cfg.model)
-    editor = hydra.utils.instantiate(cfg.method)
+    editor = hydra.utils.instantiate(cfg.method, batch_edits=args.batch_edits)
     module = EditorTrainModule(bundle, editor, lr=cfg.fit.module.lr)
     steps = args.warmup + args.steps
     n_records = steps * args.batch_size * args.procs
@@ -84,7 +86,8 @@ def run_worker(args: argparse.Namespace) -> None:
     if trainer.is_global_zero:
         seconds = timer.seconds
         result = {
-            "method": args.worker, "procs": args.procs, "steps": args.steps, "seconds": seconds,
+            "method": args.worker, "batch_edits": args.batch_edits, "batch": args.batch_size,
+            "procs": args.procs, "steps": args.steps, "seconds": seconds,
             "steps_per_s": args.steps / seconds,
             "examples_per_s": args.steps * args.batch_size * args.procs / seconds,
             "peak_gb": float(peaks.max()), "editor_params": sum(p.numel() for p in editor.parameters()),
@@ -131,6 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     parser.add_argument("--batch-size", type=int, default=1, help="edits per step and process")
+    parser.add_argument("--batch-edits", default="joint",
+                        help="joint and/or independent (comma-separated): how a step's edits are applied")
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (CPU default: cores / procs)")
@@ -148,30 +153,33 @@ def main() -> None:
     load_before = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for method in args.methods.split(","):
-            for procs in (int(p) for p in args.procs.split(",")):
-                threads = args.threads or max(1, (os.cpu_count() or 1) // procs)
-                out = Path(tmp) / f"{method}-{procs}.json"
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(out),
-                       "--model", args.model, "--procs", str(procs), "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
-                       "--accelerator", args.accelerator, "--threads", str(threads)]
-                if args.data_dir:
-                    cmd += ["--data-dir", args.data_dir]
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-                env.pop("LOCAL_RANK", None)
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stderr[-4000:])
-                    raise SystemExit(f"{method} with {procs} process(es) failed")
-                rows.append(json.loads(out.read_text()))
+        configs = [(m, b, int(p)) for m in args.methods.split(",") for b in args.batch_edits.split(",")
+                   for p in args.procs.split(",")]
+        for method, batch_edits, procs in configs:
+            threads = args.threads or max(1, (os.cpu_count() or 1) // procs)
+            out = Path(tmp) / f"{method}-{batch_edits}-{procs}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(out),
+                   "--model", args.model, "--procs", str(procs), "--steps", str(args.steps),
+                   "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                   "--batch-edits", batch_edits, "--accelerator", args.accelerator, "--threads", str(threads)]
+            if args.data_dir:
+                cmd += ["--data-dir", args.data_dir]
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            env.pop("LOCAL_RANK", None)
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"{method} ({batch_edits}) with {procs} process(es) failed")
+            rows.append(json.loads(out.read_text()))
     load_after = os.getloadavg()
-    header = (f"{'method':6} {'procs':>5} {'device':>6} {'threads':>7} {'steps':>5} {'s/step':>7} "
+    header = (f"{'method':6} {'batch edits':>11} {'procs':>5} {'device':>6} {'threads':>7} {'steps':>5} "
+              f"{'s/step':>7} "
               f"{'steps/s':>8} {'examples/s':>10} {'peak mem':>9} {'editor params':>13}")
     lines = [f"model {args.model}, {args.batch_size} edit(s) per step and process", header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['method']:6} {r['procs']:>5} {r['device']:>6} {r['threads']:>7} {r['steps']:>5} "
+            f"{r['method']:6} {r['batch_edits']:>11} {r['procs']:>5} {r['device']:>6} {r['threads']:>7} "
+            f"{r['steps']:>5} "
             f"{r['seconds'] / r['steps']:>7.3f} {r['steps_per_s']:>8.3f} {r['examples_per_s']:>10.2f} "
             f"{r['peak_gb']:>7.2f}GB {r['editor_params']:>13,}"
         )

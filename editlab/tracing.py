@@ -22,10 +22,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from editlab.models.arch import get_module
 
-__all__ = ["StopForward", "Trace", "CallRecorder", "GradientFactors", "LayerCall", "replay_layers", "first_tensor"]
+__all__ = [
+    "StopForward", "Trace", "CallRecorder", "GradientFactors", "RowDeltas", "LayerCall", "replay_layers",
+    "first_tensor",
+]
 
 
 class StopForward(Exception):
@@ -326,7 +330,88 @@ class GradientFactors(_Hooks):
         ds = [d if d is not None else x.new_zeros(x.shape[0], width) for x, d in zip(xs, ds)]
         return torch.cat(xs), torch.cat(ds)
 
+    def factor_rows(self, path: str) -> torch.Tensor:
+        """The batch row (index along the first dimension of the module's input) of each row of
+        :meth:`factors` ``(path)``, in the same order: which example each rank-one term came from."""
+        if not self.inputs.get(path):
+            raise KeyError(f"module {path!r} did not run inside the GradientFactors block")
+        rows = []
+        for x in self.inputs[path]:
+            if x.dim() < 2:
+                raise ValueError(f"module {path!r} got an input of shape {tuple(x.shape)}: no batch dimension")
+            per_row = x[0].numel() // x.shape[-1]
+            rows.append(torch.arange(x.shape[0], device=x.device).repeat_interleave(per_row))
+        return torch.cat(rows)
+
     def __enter__(self) -> GradientFactors:
+        return super().__enter__()
+
+
+class RowDeltas(_Hooks):
+    """Run a batch in which every row sees its own edit of some linear-layer weights.
+
+    ``deltas`` maps a weight name (as in ``model.named_parameters()``) to a stack ``[E, *shape]``
+    of ``E`` weight updates in the parameter's own layout; ``rows`` (``[N]``) names the update each
+    batch row gets (row ``n`` is computed with ``W + deltas[name][rows[n]]``).  A forward hook on
+    each owning module adds that row's ``ΔW``-term to the output: ``x ΔWᵀ`` for ``nn.Linear``
+    (weight ``(out, in)``), ``x ΔW`` for GPT-2's ``Conv1D`` (weight ``(in, out)``).  The model's
+    own tensors are never written and gradients flow into ``deltas``; every hook is removed on exit.
+    ``rows=None``: row ``n`` gets update ``n``.
+
+    Example::
+
+        with RowDeltas(model, {"transformer.h.0.mlp.c_fc.weight": stack}):
+            logits = model(**inputs).logits   # row n edited by stack[n]
+    """
+
+    def __init__(self, model: nn.Module, deltas: Mapping[str, torch.Tensor],
+                 rows: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not deltas:
+            raise ValueError("RowDeltas needs at least one weight update")
+        self.model = model
+        self.deltas = dict(deltas)
+        self.rows = rows
+        counts = {d.shape[0] for d in self.deltas.values()}
+        if len(counts) != 1:
+            raise ValueError(f"RowDeltas: every stack must hold the same number of updates, got {sorted(counts)}")
+        self.num_updates = counts.pop()
+
+    def _make_hook(self, name: str, transposed: bool):
+        def hook(module, args, output):
+            if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError(f"RowDeltas: {name!r} must belong to a module mapping one tensor to one tensor")
+            x = args[0]
+            n = x.shape[0]
+            rows = self.rows if self.rows is not None else torch.arange(n, device=x.device)
+            if rows.shape[0] != n:
+                raise ValueError(f"RowDeltas: {rows.shape[0]} row indices for a batch of {n} rows ({name!r})")
+            delta = self.deltas[name][rows].to(x.dtype)  # [n, out, in] (Linear) / [n, in, out] (Conv1D)
+            flat = x.reshape(n, -1, x.shape[-1])
+            extra = torch.bmm(flat, delta if transposed else delta.transpose(1, 2))
+            return output + extra.reshape(output.shape)
+
+        return hook
+
+    def _register(self) -> None:
+        named = dict(self.model.named_parameters())
+        for name, stack in self.deltas.items():
+            path, _, leaf = name.rpartition(".")
+            if name not in named or leaf != "weight":
+                raise KeyError(f"RowDeltas: {name!r} is not a weight of the model")
+            if tuple(stack.shape[1:]) != tuple(named[name].shape):
+                raise ValueError(f"RowDeltas: updates of {name!r} have shape {tuple(stack.shape[1:])}, "
+                                 f"the weight {tuple(named[name].shape)}")
+            module = get_module(self.model, path)
+            if isinstance(module, nn.Linear):
+                transposed = False
+            elif isinstance(module, Conv1D):
+                transposed = True
+            else:
+                raise TypeError(f"RowDeltas: {name!r} belongs to a {type(module).__name__}, not a linear layer")
+            self._handles.append(module.register_forward_hook(self._make_hook(name, transposed)))
+
+    def __enter__(self) -> RowDeltas:
         return super().__enter__()
 
 

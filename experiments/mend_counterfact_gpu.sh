@@ -7,6 +7,11 @@
 #   bash experiments/mend_counterfact_gpu.sh                 # 4 settings x 5 minutes, then tests
 #   TRAIN_SECONDS=1800 bash experiments/mend_counterfact_gpu.sh
 #
+# Each optimizer step trains BATCH single edits, edited independently in one batched pass
+# (method.batch_edits=independent: the same objective as BATCH accumulated batches of one edit, as
+# EasyEdit trains MEND, at a fraction of the kernel launches).  BATCH=1 ACCUMULATE=10 BATCH_EDITS=joint
+# is the one-edit-per-batch setting of the earlier runs.
+#
 # A small model leaves one GPU mostly idle (every kernel is tiny), so several processes share it.
 # Run folders: experiments/runs/mend_smollm2_counterfact_gpu_<setting>/<date>/ (summary.json,
 # training_curves.csv, train.log); stdout of each run: $LOG_DIR/<setting>.log.
@@ -14,7 +19,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}   # wall-clock training budget of each setting (Lightning max_time)
-VAL_EVERY=${VAL_EVERY:-500}          # training batches (single edits) between validations
+BATCH=${BATCH:-10}                   # records per training batch
+ACCUMULATE=${ACCUMULATE:-1}          # training batches per optimizer step
+BATCH_EDITS=${BATCH_EDITS:-independent}
+VAL_EVERY=${VAL_EVERY:-200}          # training batches between validations (100 records each)
 LOG_DIR=${LOG_DIR:-experiments/runs/mend_counterfact_gpu_logs}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-"trainer=gpu model.device=cuda"}
@@ -24,9 +32,9 @@ mkdir -p "$LOG_DIR"
 # name: overrides (edit loss on the rephrase and the literal prompt, locality weight, learning rates)
 declare -A SETTINGS=(
   [both_cloc10]="method.edit_outer=both method.c_loc=10 fit.module.lr=1e-5"
-  [both_cloc10_lr3e-5]="method.edit_outer=both method.c_loc=10 fit.module.lr=3e-5"
-  [both_cloc5_lr3e-5]="method.edit_outer=both method.c_loc=5 fit.module.lr=3e-5"
-  [both_cloc10_lr3e-5_lrlr1e-5]="method.edit_outer=both method.c_loc=10 fit.module.lr=3e-5 method.lr_lr=1e-5"
+  [both_cloc15]="method.edit_outer=both method.c_loc=15 fit.module.lr=1e-5"
+  [both_cloc20]="method.edit_outer=both method.c_loc=20 fit.module.lr=1e-5"
+  [both_cloc15_lr3e-5_lrlr1e-5]="method.edit_outer=both method.c_loc=15 fit.module.lr=3e-5 method.lr_lr=1e-5"
 )
 max_time=$(printf "00:%02d:%02d:%02d" $((TRAIN_SECONDS / 3600)) $((TRAIN_SECONDS % 3600 / 60)) $((TRAIN_SECONDS % 60)))
 
@@ -38,6 +46,8 @@ for name in "${!SETTINGS[@]}"; do
   # shellcheck disable=SC2086  # the overrides are words
   OMP_NUM_THREADS=2 "$PYTHON" -m editlab.train experiment=mend_smollm2_counterfact \
     experiment_name="mend_smollm2_counterfact_gpu_${name}" ${SETTINGS[$name]} \
+    data.train_batch_size="$BATCH" fit.trainer.accumulate_grad_batches="$ACCUMULATE" \
+    method.batch_edits="$BATCH_EDITS" fit.trainer.max_steps=100000 \
     $DEVICE $EXTRA \
     "+fit.trainer.max_time=\"$max_time\"" fit.trainer.val_check_interval="$VAL_EVERY" \
     fit.callbacks.checkpoint.monitor=val/edit_score fit.callbacks.checkpoint.mode=max \

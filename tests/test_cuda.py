@@ -143,19 +143,21 @@ def test_edit_loop_on_gpu_trainer(tiny, tmp_path):
     assert_state_equal(gpu.model.cpu(), before)
 
 
-def _trainable(name: str):
+def _trainable(name: str, **kwargs):
     torch.manual_seed(0)
-    return MEND(rank=16) if name == "mend" else KE(hidden_dim=16, condition_dim=32)
+    return MEND(rank=16, **kwargs) if name == "mend" else KE(hidden_dim=16, condition_dim=32, **kwargs)
 
 
+@pytest.mark.parametrize("batch_edits", ["joint", "independent"])
 @pytest.mark.parametrize("name", ["mend", "ke"])
-def test_trainable_editor_objective_on_cuda_matches_cpu(tiny, name):
-    """One training objective (losses and the editor's gradients) is the same on both devices."""
+def test_trainable_editor_objective_on_cuda_matches_cpu(tiny, name, batch_edits):
+    """One training objective (losses and the editor's gradients) is the same on both devices,
+    for a joint batch edit and for independent edits in one batched pass (RowDeltas hooks)."""
     cpu = tiny("llama")
     gpu = _on_cuda(cpu)
     results = []
     for bundle in (cpu, gpu):
-        editor = _trainable(name)
+        editor = _trainable(name, batch_edits=batch_edits)
         editor.bind(bundle.model)
         editor.to(bundle.model.device).train()
         batch = EditBatchCollator(bundle.tokenizer)(make_records()).to(bundle.model.device)

@@ -2,7 +2,11 @@ import pytest
 import torch
 
 from editlab.models.arch import arch_for, get_module
-from editlab.tracing import CallRecorder, StopForward, Trace, replay_layers
+from torch.func import functional_call
+
+from editlab.tracing import (
+    CallRecorder, GradientFactors, RowDeltas, StopForward, Trace, replay_layers,
+)
 
 from conftest import CAUSAL_TYPES
 
@@ -96,3 +100,53 @@ def test_replay_reproduces_the_forward(tiny, model_type):
         replayed = final(replay_layers(b.model, upper, rec.calls, rec.calls[upper[0]].hidden))
     assert torch.allclose(replayed, rec.stopped_input, atol=1e-6)
     _no_hooks(b.model)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_row_deltas_give_every_row_its_own_weights(tiny, model_type):
+    """Row n of a batch run under RowDeltas equals that row run with W + ΔW[rows[n]] substituted
+    (Linear and Conv1D layouts), gradients reach the updates, and the hooks go away, on error too."""
+    b = tiny(model_type)
+    arch = arch_for(b.model)
+    names = [arch.module_path(b.model, role, 1) + ".weight" for role in ("mlp_in", "mlp_out")]
+    named = dict(b.model.named_parameters())
+    torch.manual_seed(0)
+    stacks = {n: (0.5 * torch.randn(2, *named[n].shape)).requires_grad_(True) for n in names}
+    inputs = _inputs(b)
+    rows = torch.tensor([1, 0])
+    with RowDeltas(b.model, stacks, rows):
+        logits = b.model(**inputs).logits
+    _no_hooks(b.model)
+    for n_row, edit in enumerate(rows.tolist()):
+        params = {n: named[n].detach() + stacks[n][edit].detach() for n in names}
+        with torch.no_grad():
+            want = functional_call(b.model, params, args=(), kwargs=dict(inputs)).logits[n_row]
+        torch.testing.assert_close(logits[n_row].detach(), want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        plain = b.model(**inputs).logits
+    assert (logits.detach() - plain).abs().max() > 1e-3
+    logits.sum().backward()
+    assert all(stacks[n].grad is not None and stacks[n].grad.abs().max() > 0 for n in names)
+    with pytest.raises(RuntimeError, match="boom"):
+        with RowDeltas(b.model, {n: v.detach() for n, v in stacks.items()}):
+            raise RuntimeError("boom")
+    _no_hooks(b.model)
+    with pytest.raises(ValueError, match="row indices"):
+        with RowDeltas(b.model, {names[0]: stacks[names[0]].detach()}, torch.tensor([0])):
+            b.model(**inputs)
+    _no_hooks(b.model)
+    with pytest.raises(KeyError, match="not a weight"):
+        with RowDeltas(b.model, {"nope.weight": stacks[names[0]].detach()}):
+            pass
+    _no_hooks(b.model)
+
+
+def test_factor_rows_name_the_batch_row_of_each_factor(tiny):
+    b = tiny("llama")
+    path = arch_for(b.model).module_path(b.model, "mlp_out", 0)
+    inputs = _inputs(b)
+    with GradientFactors(b.model, [path]) as capture:
+        b.model(**inputs)
+        rows = capture.factor_rows(path)
+    n, length = inputs["input_ids"].shape
+    assert rows.tolist() == [r for r in range(n) for _ in range(length)]

@@ -83,6 +83,12 @@ class PairBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return PairBatch(**moved)
 
+    def select(self, rows: Sequence[int] | torch.Tensor) -> PairBatch:
+        """The pairs at ``rows`` (in that order), as a batch of their own (padding kept)."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        picked = {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return PairBatch(**picked)
+
     def model_inputs(self) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.decoder_input_ids is not None:

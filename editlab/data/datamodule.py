@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -174,20 +175,33 @@ def collate_records(items: list[EditRecord]) -> list[EditRecord]:
 @dataclass
 class EditBatch:
     """Tokenised training batch: ``edit`` (prompt → target_new), ``rephrase`` (first rephrase →
-    target_new; None when no record has one) and ``locality`` (first locality probe → its answer)."""
+    target_new; None when no record has one) and ``locality`` (first locality probe → its answer).
+    ``rephrase_rows`` / ``locality_rows`` give, for each of their rows, the index of its record
+    (and of its row in ``edit``); None: row ``i`` belongs to record ``i``."""
 
     records: list[EditRecord]
     edit: PairBatch
     rephrase: PairBatch | None
     locality: PairBatch | None
+    rephrase_rows: torch.Tensor | None = None
+    locality_rows: torch.Tensor | None = None
 
     def to(self, device) -> EditBatch:
-        return EditBatch(
-            self.records,
-            self.edit.to(device),
-            self.rephrase.to(device) if self.rephrase is not None else None,
-            self.locality.to(device) if self.locality is not None else None,
-        )
+        def move(t):
+            return t.to(device) if t is not None else None
+
+        return EditBatch(self.records, self.edit.to(device), move(self.rephrase), move(self.locality),
+                         move(self.rephrase_rows), move(self.locality_rows))
+
+    def rows_of(self, part: PairBatch) -> torch.Tensor:
+        """The record index of every row of ``part`` (``edit``, ``rephrase`` or ``locality``)."""
+        if part is self.rephrase and self.rephrase_rows is not None:
+            return self.rephrase_rows
+        if part is self.locality and self.locality_rows is not None:
+            return self.locality_rows
+        if part is not self.edit and part is not self.rephrase and part is not self.locality:
+            raise ValueError("rows_of: not a part of this batch")
+        return torch.arange(len(part), device=part.input_ids.device)
 
 
 class EditBatchCollator:
@@ -209,13 +223,15 @@ class EditBatchCollator:
 
     def __call__(self, items: list[EditRecord]) -> EditBatch:
         records = list(items)
-        reph = [(r.rephrase_prompts[0], r.target_new) for r in records if r.rephrase_prompts]
-        loc = [(r.locality[0].prompt, r.locality[0].target) for r in records if r.locality]
+        reph = [(i, r.rephrase_prompts[0], r.target_new) for i, r in enumerate(records) if r.rephrase_prompts]
+        loc = [(i, r.locality[0].prompt, r.locality[0].target) for i, r in enumerate(records) if r.locality]
         return EditBatch(
             records=records,
             edit=self._encode([r.prompt for r in records], [r.target_new for r in records]),
-            rephrase=self._encode([p for p, _ in reph], [t for _, t in reph]),
-            locality=self._encode([p for p, _ in loc], [t for _, t in loc]),
+            rephrase=self._encode([p for _, p, _ in reph], [t for _, _, t in reph]),
+            locality=self._encode([p for _, p, _ in loc], [t for _, _, t in loc]),
+            rephrase_rows=torch.tensor([i for i, _, _ in reph], dtype=torch.long) if reph else None,
+            locality_rows=torch.tensor([i for i, _, _ in loc], dtype=torch.long) if loc else None,
         )
 
 

@@ -33,12 +33,26 @@ is taken on is ``edit_outer``: ``rephrase`` (MEND's ``data.rephrase: true``, the
 ``prompt`` (the edit input itself: MEND's ``data.rephrase: false``) or ``both`` (the mean of the
 two NLLs; editlab's option, not in MEND).  Editors with another
 objective (KE's constrained one) override :meth:`training_losses`.
+
+How the records of one training batch are edited is ``batch_edits``:
+
+* ``joint`` (MEND's training): the batch is one batch edit, the gradient of the edit loss summed
+  over its records, and every record's rephrase and locality input is scored on that one edited
+  model.  With one record per batch (EasyEdit's ``batch_size: 1``, accumulated) it is a single edit.
+* ``independent``: every record is edited on its own, as with one record per batch, but all of
+  them in one pass: the editor returns one update per record (:meth:`TrainableEditor.row_deltas`,
+  a :class:`RowEdits`) and each row of the rephrase / locality inputs is run with its own record's
+  update (:class:`~editlab.tracing.RowDeltas`), the KL averaged per record and then over records.
+  The loss is then the mean of the single-edit losses, so a batch of ``n`` records trains as
+  ``n`` accumulated single edits do, at the cost of one batched forward and backward
+  (editlab's option; the normalisation statistics of MEND see the whole batch at once).
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,6 +63,7 @@ from editlab.data.datamodule import EditBatch
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import arch_for
+from editlab.tracing import RowDeltas
 
 __all__ = [
     "locality_terms",
@@ -62,20 +77,45 @@ __all__ = [
     "last_mlp_weights",
     "EDIT_OUTER",
     "LOC_POSITIONS",
+    "BATCH_EDITS",
+    "RowEdits",
 ]
 
 EDIT_OUTER = ("rephrase", "prompt", "both")
 LOC_POSITIONS = ("all", "answer")
+BATCH_EDITS = ("joint", "independent")
+
+
+@dataclass
+class RowEdits:
+    """One update per edit, applied row by row (``batch_edits="independent"``).
+
+    ``deltas`` maps each edited weight's name to a stack ``[E, *shape]`` of ``new − old`` (float32,
+    parameter layout), differentiable w.r.t. the editor; edit ``e`` is the ``e``-th record of the
+    training batch.  :func:`edited_forward` runs a batch whose row ``n`` belongs to edit ``rows[n]``
+    with that edit alone (:class:`~editlab.tracing.RowDeltas`)."""
+
+    deltas: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.deltas.values())).shape[0]
 
 
 def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
-def edited_forward(model: nn.Module, params: dict[str, torch.Tensor] | None, batch: PairBatch) -> torch.Tensor:
+def edited_forward(model: nn.Module, params: dict[str, torch.Tensor] | RowEdits | None, batch: PairBatch,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits of ``model`` on ``batch`` with ``params`` (name → tensor) substituted for the model's
-    own parameters of those names (``None``: the model as it is).  Gradients flow into ``params``."""
+    own parameters of those names (``None``: the model as it is).  Gradients flow into ``params``.
+
+    ``params`` may instead be a :class:`RowEdits`: row ``n`` of ``batch`` is then run with edit
+    ``rows[n]`` (``rows=None``: edit ``n``)."""
     inputs = dict(batch.model_inputs(), use_cache=False)
+    if isinstance(params, RowEdits):
+        with RowDeltas(model, params.deltas, rows):
+            return model(**inputs).logits
     if not params:
         return model(**inputs).logits
     return functional_call(model, params, args=(), kwargs=inputs, strict=False).logits
@@ -123,34 +163,40 @@ def target_nll(logits: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, to
 
 
 def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: PairBatch,
-                positions: str = "all") -> torch.Tensor:
+                positions: str = "all", per_row: bool = False) -> torch.Tensor:
     """KL(pre ‖ post), summed over the vocabulary and averaged over the positions of the locality
     input (decoder input for seq2seq models) that ``positions`` names: ``all`` real positions, as
     MEND's ``kl_loc_loss``, or the ``answer`` positions (those that predict the locality answer's
-    tokens, where locality is measured)."""
+    tokens, where locality is measured).  ``per_row``: average per row first, then over rows
+    (every row weighs the same, as when each row is a batch of its own)."""
     if positions == "all":
         mask = batch.decoder_attention_mask if batch.decoder_input_ids is not None else batch.attention_mask
-        mask = mask.bool()
-        pre, post = pre_logits[mask], post_logits[mask]
+        rows, pos = mask.bool().nonzero(as_tuple=True)
     elif positions == "answer":
         rows, pos = batch.gather_index()
-        pre, post = pre_logits[rows, pos], post_logits[rows, pos]
     else:
         raise ValueError(f"positions must be one of {LOC_POSITIONS}, got {positions!r}")
-    pre = torch.log_softmax(pre.float(), dim=-1)
-    post = torch.log_softmax(post.float(), dim=-1)
-    return (pre.exp() * (pre - post)).sum(-1).mean()
+    pre = torch.log_softmax(pre_logits[rows, pos].float(), dim=-1)
+    post = torch.log_softmax(post_logits[rows, pos].float(), dim=-1)
+    kl = (pre.exp() * (pre - post)).sum(-1)
+    if not per_row:
+        return kl.mean()
+    n = len(batch)
+    sums = torch.zeros(n, device=kl.device, dtype=kl.dtype).index_add(0, rows, kl)
+    counts = torch.zeros(n, device=kl.device, dtype=kl.dtype).index_add(0, rows, torch.ones_like(kl))
+    return (sums / counts.clamp(min=1)).mean()
 
 
-def locality_terms(model: nn.Module, new: dict[str, torch.Tensor], batch: PairBatch,
-                   positions: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+def locality_terms(model: nn.Module, new: dict[str, torch.Tensor] | RowEdits, batch: PairBatch,
+                   positions: str = "all", rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``KL(pre ‖ post)`` on the locality batch at ``positions`` (:func:`locality_kl`;
     differentiable w.r.t. ``new``) and the share of its answer positions whose argmax the edit
-    leaves unchanged (detached)."""
+    leaves unchanged (detached).  With :class:`RowEdits`, row ``n`` is edited by edit ``rows[n]``
+    and the KL is averaged per row, then over rows."""
     with torch.no_grad():
         pre = edited_forward(model, None, batch)
-    post = edited_forward(model, new, batch)
-    kl = locality_kl(pre, post, batch, positions)
+    post = edited_forward(model, new, batch, rows)
+    kl = locality_kl(pre, post, batch, positions, per_row=isinstance(new, RowEdits))
     rows, pos = batch.gather_index()
     agree = (post[rows, pos].argmax(-1) == pre[rows, pos].argmax(-1)).float().mean()
     return kl, agree.detach()
@@ -212,17 +258,22 @@ class TrainableEditor(LearnedEditor):
             falls back to the prompt.
         loc_positions: where the locality KL is taken: ``all`` positions of the locality input
             (MEND) or its ``answer`` positions (:func:`locality_kl`).
+        batch_edits: how the records of a training batch are edited: ``joint`` (one batch edit,
+            MEND) or ``independent`` (each on its own, in one batched pass; see the module
+            docstring).
         base_model: the name of the base model the editor is trained for (kept in checkpoints).
     """
 
     def __init__(self, edit_params: Sequence[str] | None = None, c_edit: float = 0.1, c_loc: float = 1.0,
                  edit_outer: str = "rephrase", base_model: str | None = None,
-                 loc_positions: str = "all") -> None:
+                 loc_positions: str = "all", batch_edits: str = "joint") -> None:
         LearnedEditor.__init__(self, base_model=base_model)
         if edit_outer not in EDIT_OUTER:
             raise ValueError(f"edit_outer must be one of {EDIT_OUTER}, got {edit_outer!r}")
         if loc_positions not in LOC_POSITIONS:
             raise ValueError(f"loc_positions must be one of {LOC_POSITIONS}, got {loc_positions!r}")
+        if batch_edits not in BATCH_EDITS:
+            raise ValueError(f"batch_edits must be one of {BATCH_EDITS}, got {batch_edits!r}")
         if edit_params is not None and not edit_params:
             raise ValueError("edit_params must name at least one parameter (or be None for the default)")
         if isinstance(edit_params, str):
@@ -232,6 +283,7 @@ class TrainableEditor(LearnedEditor):
         self.c_loc = c_loc
         self.edit_outer = edit_outer
         self.loc_positions = loc_positions
+        self.batch_edits = batch_edits
         self._bound = False
 
     # ---------------------------------------------------------------- setup
@@ -300,16 +352,36 @@ class TrainableEditor(LearnedEditor):
                 raise EditError(f"{type(self).__name__}: non-finite update for {n!r}")
         return deltas
 
+    def row_deltas(self, model: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """One update per row of ``batch``, each installing that row's edit alone: name →
+        ``[len(batch), *shape]`` of ``new − old`` (float32), differentiable w.r.t. the editor.
+        This default edits the rows one at a time with :meth:`edited_parameters`; editors that
+        can compute all of them in one pass (MEND) override it."""
+        named = dict(model.named_parameters())
+        per_row = []
+        for i in range(len(batch)):
+            new = self.edited_parameters(model, batch.select([i]))
+            per_row.append({n: v.float() - named[n].detach().float() for n, v in new.items()})
+        return {n: torch.stack([d[n] for d in per_row]) for n in per_row[0]}
+
     # ---------------------------------------------------------------- training
+    def training_edit(self, model: nn.Module, batch: EditBatch) -> dict[str, torch.Tensor] | RowEdits:
+        """The edit of a training batch, by ``batch_edits``: the new parameter values of one batch
+        edit (``joint``) or a :class:`RowEdits` of one update per record (``independent``)."""
+        if self.batch_edits == "independent":
+            return RowEdits(self.row_deltas(model, batch.edit))
+        return self.edited_parameters(model, batch.edit)
+
     def training_losses(self, model: nn.Module, batch: EditBatch) -> dict[str, torch.Tensor]:
         """MEND's objective on one training batch; returns ``loss`` (to minimise) and the parts
         (``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``: accuracies are teacher-forced)."""
-        new = self.edited_parameters(model, batch.edit)
+        new = self.training_edit(model, batch)
         nll, acc = self.outer_nll(model, new, batch)
         out = {"loss_edit": nll, "edit_acc": acc.detach()}
         loss = self.c_edit * nll
         if batch.locality is not None:
-            kl, agree = locality_terms(model, new, batch.locality, self.loc_positions)
+            kl, agree = locality_terms(model, new, batch.locality, self.loc_positions,
+                                       batch.rows_of(batch.locality))
             out.update(loss_loc=kl, loc_acc=agree)
             loss = loss + self.c_loc * kl
         out["loss"] = loss
@@ -325,11 +397,11 @@ class TrainableEditor(LearnedEditor):
             outer.append(batch.edit)
         return outer
 
-    def outer_nll(self, model: nn.Module, new: dict[str, torch.Tensor],
+    def outer_nll(self, model: nn.Module, new: dict[str, torch.Tensor] | RowEdits,
                   batch: EditBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-edit NLL of ``target_new`` and its teacher-forced accuracy, each the mean over
         :meth:`outer_batches`."""
-        parts = [target_nll(edited_forward(model, new, b), b) for b in self.outer_batches(batch)]
+        parts = [target_nll(edited_forward(model, new, b, batch.rows_of(b)), b) for b in self.outer_batches(batch)]
         nll = torch.stack([p[0] for p in parts]).mean()
         acc = torch.stack([p[1] for p in parts]).mean()
         return nll, acc

@@ -189,6 +189,8 @@ class KE(TrainableEditor):
         label_smoothing: of the edit term of the objective; reference ``eps`` 0.1.
         loc_positions: positions of the locality input the KL is averaged over: ``all``
             (reference) or ``answer`` (those that predict its answer, where locality is measured).
+        batch_edits: records of a training batch edited together (``joint``, the reference) or
+            each on its own in one batched pass of the scoring forwards (``independent``).
         base_model: name of the base model the editor is trained for (kept in checkpoints).
 
     The editor networks' own learning rate is the training module's ``lr`` (reference 3e-4, with
@@ -209,9 +211,11 @@ class KE(TrainableEditor):
         multiplier_init: float = 1.0,
         label_smoothing: float = 0.1,
         loc_positions: str = "all",
+        batch_edits: str = "joint",
         base_model: str | None = None,
     ) -> None:
-        super().__init__(edit_params, base_model=base_model, loc_positions=loc_positions)
+        super().__init__(edit_params, base_model=base_model, loc_positions=loc_positions,
+                         batch_edits=batch_edits)
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if margin < 0 or margin_min < 0:
@@ -295,16 +299,19 @@ class KE(TrainableEditor):
         (label-smoothed NLL on the edit and its rephrasing), ``loss_loc`` (KL), ``edit_acc``,
         ``loc_acc``, ``multiplier`` and ``margin``."""
         self.clamp_multiplier()
-        new = self.edited_parameters(model, batch.edit)
+        new = self.training_edit(model, batch)
         eps = self.label_smoothing
-        loss_edit, acc = _smoothed_nll(edited_forward(model, new, batch.edit), batch.edit, eps)
+        logits = edited_forward(model, new, batch.edit, batch.rows_of(batch.edit))
+        loss_edit, acc = _smoothed_nll(logits, batch.edit, eps)
         if batch.rephrase is not None:
-            loss_reph, acc_reph = _smoothed_nll(edited_forward(model, new, batch.rephrase), batch.rephrase, eps)
+            logits = edited_forward(model, new, batch.rephrase, batch.rows_of(batch.rephrase))
+            loss_reph, acc_reph = _smoothed_nll(logits, batch.rephrase, eps)
             loss_edit, acc = (loss_edit + loss_reph) / 2, (acc + acc_reph) / 2
         out = {"loss_edit": loss_edit, "edit_acc": acc.detach()}
         loss = loss_edit
         if batch.locality is not None:
-            kl, agree = locality_terms(model, new, batch.locality, self.loc_positions)
+            kl, agree = locality_terms(model, new, batch.locality, self.loc_positions,
+                                       batch.rows_of(batch.locality))
             loss = loss + _ReverseGrad.apply(self.multiplier) * (kl - self.margin)
             out.update(loss_loc=kl, loc_acc=agree)
         out.update(loss=loss, multiplier=self.multiplier.detach().clone(), margin=self.margin.detach().clone())

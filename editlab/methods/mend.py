@@ -209,6 +209,8 @@ class MEND(TrainableEditor):
             ``prompt`` (the edit input; MEND ``data.rephrase: false``) or ``both`` (their mean).
         loc_positions: positions of the locality input the KL is averaged over: ``all`` (MEND)
             or ``answer`` (those that predict its answer, where locality is measured).
+        batch_edits: records of a training batch edited together (``joint``, MEND) or each on
+            its own in one batched pass (``independent``: :meth:`row_deltas`).
         base_model: name of the base model the editor is trained for (kept in checkpoints).
     """
 
@@ -231,10 +233,11 @@ class MEND(TrainableEditor):
         c_loc: float = 1.0,
         edit_outer: str = "rephrase",
         loc_positions: str = "all",
+        batch_edits: str = "joint",
         base_model: str | None = None,
     ) -> None:
         super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, edit_outer=edit_outer,
-                         base_model=base_model, loc_positions=loc_positions)
+                         base_model=base_model, loc_positions=loc_positions, batch_edits=batch_edits)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if act not in ACTS:
@@ -305,6 +308,11 @@ class MEND(TrainableEditor):
         """Per edited parameter, the rank-one factors ``(x [n, in], δ [n, out])`` of the edit
         loss's gradient on the unedited model, over every position where both are non-zero
         (detached, float32).  ``Σ_t δ_t x_tᵀ`` is the exact gradient ``∂L/∂W``."""
+        return {name: (x, delta) for name, (x, delta, _) in self._factors(model, batch).items()}
+
+    def _factors(self, model: nn.Module, batch: PairBatch
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """:meth:`gradient_factors` with, third, the batch row each factor comes from."""
         self._check_bound()
         named = dict(model.named_parameters())
         leaves = {n: named[n].detach().requires_grad_(True) for n in self.edit_params}
@@ -321,9 +329,10 @@ class MEND(TrainableEditor):
                 x, delta = capture.factors(path)
             except KeyError as err:
                 raise EditError(f"MEND: {err.args[0]} (parameter {name!r})") from err
+            rows = capture.factor_rows(path)
             x, delta = x.float(), delta.float()
             keep = (x != 0).any(-1) & (delta != 0).any(-1)
-            factors[name] = (x[keep], delta[keep])
+            factors[name] = (x[keep], delta[keep], rows[keep])
         return factors
 
     def _combine(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -340,6 +349,25 @@ class MEND(TrainableEditor):
             x, delta = factors[name]
             x_t, delta_t = self.transforms[key](x, delta, mode)
             out[name] = self._combine(name, x_t, delta_t)
+        return out
+
+    def row_deltas(self, model: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """Each row's own update ``−α_l ∇̃W`` (``[len(batch), *shape]``, float32) from one
+        forward and backward of the whole batch.  The edit loss averages over the batch's edits,
+        so each row's ``δ`` is rescaled by ``len(batch)`` to that row's own gradient; the factors
+        of all rows go through the transform together and are then summed row by row.  Equal to
+        editing each row alone (:meth:`edited_parameters` of a one-row batch) when the
+        normalisation statistics are frozen (eval mode); in training mode the statistics are
+        updated with the whole batch before any row is normalised."""
+        factors = self._factors(model, batch)
+        n = len(batch)
+        out = {}
+        for i, name in enumerate(self.edit_params):
+            key, mode = self._route[name]
+            x, delta, rows = factors[name]
+            x_t, delta_t = self.transforms[key](x, delta * n, mode)
+            grads = torch.stack([self._combine(name, x_t[rows == r], delta_t[rows == r]) for r in range(n)])
+            out[name] = -self.edit_lrs[i] * grads
         return out
 
     def edited_parameters(self, model: nn.Module, batch: PairBatch,

@@ -266,3 +266,80 @@ def test_loc_positions_chooses_where_the_locality_kl_is_taken(tiny, make):
         with torch.no_grad():
             got = editor.training_losses(bundle.model, batch)["loss_loc"]
         torch.testing.assert_close(got, want[mode], rtol=1e-4, atol=1e-7)
+
+
+def _with_rephrases(records):
+    """The test records, each with a rephrase (record 2 has none of its own)."""
+    extra = ("The instrument of Toko Yasuda is",)
+    return [r if r.rephrase_prompts else dataclasses.replace(r, rephrase_prompts=extra) for r in records]
+
+
+def _editor_grads(editor):
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in editor.named_parameters()}
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("make", [lambda **kw: MEND(edit_lr=0.5, c_loc=2.0, edit_outer="both", **kw),
+                                  lambda **kw: KE(**kw)], ids=["mend", "ke"])
+def test_independent_batch_edits_equal_single_edits(tiny, model_type, make):
+    """``batch_edits="independent"``: the objective of a batch of records and its gradient on every
+    editor parameter equal the mean over records of each record trained alone (a batch of one),
+    Linear and Conv1D layouts alike; ``joint`` (one batch edit) differs."""
+    bundle = tiny(model_type)
+    model = bundle.model
+    records = _with_rephrases(make_records())
+    before = state_copy(model)
+    torch.manual_seed(0)
+    editor = make(batch_edits="independent")
+    editor.bind(model)
+    if isinstance(editor, MEND):  # statistics from one training call, then frozen (eval mode)
+        editor.training_losses(model, _batch(bundle, records))
+        editor.eval()
+    singles = []
+    for record in records:
+        editor.zero_grad()
+        out = editor.training_losses(model, _batch(bundle, [record]))
+        out["loss"].backward()
+        parts = {k: out[k].detach() for k in ("loss", "loss_edit", "loss_loc")}
+        singles.append((parts, _editor_grads(editor)))
+    editor.zero_grad()
+    out = editor.training_losses(model, _batch(bundle, records))
+    out["loss"].backward()
+    grads = _editor_grads(editor)
+    for key in ("loss", "loss_edit", "loss_loc"):
+        want = torch.stack([s[0][key] for s in singles]).mean()
+        torch.testing.assert_close(out[key].detach(), want, rtol=1e-4, atol=1e-6)
+    moved = 0
+    for name, grad in grads.items():
+        want = torch.stack([s[1][name] for s in singles]).mean(0)
+        torch.testing.assert_close(grad, want, rtol=2e-3, atol=1e-6, msg=name)
+        moved += bool(grad.abs().max() > 0)
+    assert moved >= 2
+    editor.batch_edits = "joint"
+    with torch.no_grad() if not isinstance(editor, MEND) else torch.enable_grad():
+        joint = editor.training_losses(model, _batch(bundle, records))
+    assert not torch.isclose(joint["loss"], out["loss"], rtol=1e-6, atol=0)  # apart by >= 3e-5 here
+    assert_state_equal(model, before)
+
+
+def test_independent_batch_edits_map_rows_to_their_records(tiny):
+    """A record without a rephrase is left out of the rephrase rows; every other rephrase row is
+    scored under its own record's edit, not its row number's."""
+    bundle = tiny("llama")
+    records = make_records()
+    records[0] = dataclasses.replace(records[0], rephrase_prompts=())
+    records[2] = _with_rephrases(records)[2]
+    torch.manual_seed(0)
+    editor = MEND(norm=False, edit_lr=0.5, edit_outer="rephrase", batch_edits="independent")
+    editor.bind(bundle.model)
+    batch = _batch(bundle, records)
+    assert batch.rephrase_rows.tolist() == [1, 2] and batch.locality_rows.tolist() == [0, 1, 2]
+    with torch.no_grad():
+        got = editor.training_losses(bundle.model, batch)["loss_edit"]
+    want = []
+    for record in records[1:]:
+        with torch.no_grad():
+            want.append(editor.training_losses(bundle.model, _batch(bundle, [record]))["loss_edit"])
+    torch.testing.assert_close(got, torch.stack(want).mean(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_edits"):
+        MEND(batch_edits="separate")
