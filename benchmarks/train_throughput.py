@@ -91,7 +91,7 @@ def run_worker(args: argparse.Namespace) -> None:
             "steps_per_s": args.steps / seconds,
             "examples_per_s": args.steps * args.batch_size * args.procs / seconds,
             "peak_gb": float(peaks.max()), "editor_params": sum(p.numel() for p in editor.parameters()),
-            "device": str(module.device.type), "threads": torch.get_num_threads(),
+            "device": timer.device, "threads": torch.get_num_threads(),
         }
         Path(args.out).write_text(json.dumps(result))
 
@@ -103,6 +103,7 @@ class StepTimer(L.Callback):
         self.warmup = warmup
         self.start: float | None = None
         self.end: float | None = None
+        self.device = "?"  # where the steps ran (the strategy moves the module back to the CPU after fit)
 
     @staticmethod
     def _now(pl_module) -> float:
@@ -111,6 +112,7 @@ class StepTimer(L.Callback):
         return time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.device = pl_module.device.type
         if trainer.global_step == self.warmup and self.start is None:
             self.start = self._now(pl_module)
 

@@ -38,10 +38,11 @@ at all), and only the editor's parameters are optimised (Adam over
   editor replaces rather than updates in place), before every validation and when training ends,
   so every rank validates and finishes with the same editor.
 
-``val/loss`` and the other objective terms are those of batch edits of each validation batch (as
-in training), so they depend on how records are grouped into batches (and thus on the number of
-processes); the edit metrics (``val/reliability`` …) edit ``val_edits_per_batch`` records at a
-time and, with single edits, do not.
+``val/loss`` and the other objective terms are computed on each validation batch as in training:
+with the editor's ``batch_edits="joint"`` each batch is one batch edit, so they depend on how
+records are grouped into batches (and thus on the number of processes); with ``"independent"``
+they are means of single-edit terms and do not.  The edit metrics (``val/reliability`` …) edit
+``val_edits_per_batch`` records at a time and, with single edits, do not either.
 """
 
 from __future__ import annotations
