@@ -338,7 +338,8 @@ class GradientFactors(_Hooks):
         rows = []
         for x in self.inputs[path]:
             if x.dim() < 2:
-                raise ValueError(f"module {path!r} got an input of shape {tuple(x.shape)}: no batch dimension")
+                raise ValueError(f"module {path!r} got an input of shape {tuple(x.shape)}: "
+                                 "no batch dimension")
             per_row = x[0].numel() // x.shape[-1]
             rows.append(torch.arange(x.shape[0], device=x.device).repeat_interleave(per_row))
         return torch.cat(rows)
@@ -348,15 +349,16 @@ class GradientFactors(_Hooks):
 
 
 class RowDeltas(_Hooks):
-    """Run a batch in which every row sees its own edit of some linear-layer weights.
+    """Run a batch in which every row sees its own edit of some linear-layer weights and biases.
 
-    ``deltas`` maps a weight name (as in ``model.named_parameters()``) to a stack ``[E, *shape]``
-    of ``E`` weight updates in the parameter's own layout; ``rows`` (``[N]``) names the update each
-    batch row gets (row ``n`` is computed with ``W + deltas[name][rows[n]]``).  A forward hook on
-    each owning module adds that row's ``ΔW``-term to the output: ``x ΔWᵀ`` for ``nn.Linear``
-    (weight ``(out, in)``), ``x ΔW`` for GPT-2's ``Conv1D`` (weight ``(in, out)``).  The model's
-    own tensors are never written and gradients flow into ``deltas``; every hook is removed on exit.
-    ``rows=None``: row ``n`` gets update ``n``.
+    ``deltas`` maps a parameter name (as in ``model.named_parameters()``: the ``weight`` or ``bias``
+    of an ``nn.Linear`` or GPT-2 ``Conv1D``) to a stack ``[E, *shape]`` of ``E`` updates in the
+    parameter's own layout; ``rows`` (``[N]``) names the update each batch row gets (row ``n`` is
+    computed with ``W + deltas[name][rows[n]]``).  A forward hook on each owning module adds that
+    row's term to the output: ``x ΔWᵀ`` for ``nn.Linear`` (weight ``(out, in)``), ``x ΔW`` for
+    ``Conv1D`` (weight ``(in, out)``), ``Δb`` for a bias.  The model's own tensors are never written
+    and gradients flow into ``deltas``; every hook is removed on exit.  ``rows=None``: row ``n``
+    gets update ``n``.
 
     Example::
 
@@ -374,21 +376,26 @@ class RowDeltas(_Hooks):
         self.rows = rows
         counts = {d.shape[0] for d in self.deltas.values()}
         if len(counts) != 1:
-            raise ValueError(f"RowDeltas: every stack must hold the same number of updates, got {sorted(counts)}")
+            raise ValueError("RowDeltas: every stack must hold the same number of updates, "
+                             f"got {sorted(counts)}")
         self.num_updates = counts.pop()
 
-    def _make_hook(self, name: str, transposed: bool):
+    def _make_hook(self, name: str, kind: str):
         def hook(module, args, output):
             if not isinstance(output, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"RowDeltas: {name!r} must belong to a module mapping one tensor to one tensor")
+                raise TypeError(f"RowDeltas: {name!r} must belong to a module mapping one tensor to "
+                                "one tensor")
             x = args[0]
             n = x.shape[0]
             rows = self.rows if self.rows is not None else torch.arange(n, device=x.device)
             if rows.shape[0] != n:
                 raise ValueError(f"RowDeltas: {rows.shape[0]} row indices for a batch of {n} rows ({name!r})")
-            delta = self.deltas[name][rows].to(x.dtype)  # [n, out, in] (Linear) / [n, in, out] (Conv1D)
+            # [n, out, in] (Linear weight), [n, in, out] (Conv1D weight) or [n, out] (bias)
+            delta = self.deltas[name][rows].to(x.dtype)
+            if kind == "bias":
+                return output + delta.reshape(n, *([1] * (output.dim() - 2)), delta.shape[-1])
             flat = x.reshape(n, -1, x.shape[-1])
-            extra = torch.bmm(flat, delta if transposed else delta.transpose(1, 2))
+            extra = torch.bmm(flat, delta if kind == "conv1d_weight" else delta.transpose(1, 2))
             return output + extra.reshape(output.shape)
 
         return hook
@@ -397,19 +404,20 @@ class RowDeltas(_Hooks):
         named = dict(self.model.named_parameters())
         for name, stack in self.deltas.items():
             path, _, leaf = name.rpartition(".")
-            if name not in named or leaf != "weight":
-                raise KeyError(f"RowDeltas: {name!r} is not a weight of the model")
+            if name not in named or leaf not in ("weight", "bias"):
+                raise KeyError(f"RowDeltas: {name!r} is not a weight or bias of the model")
             if tuple(stack.shape[1:]) != tuple(named[name].shape):
                 raise ValueError(f"RowDeltas: updates of {name!r} have shape {tuple(stack.shape[1:])}, "
-                                 f"the weight {tuple(named[name].shape)}")
+                                 f"the parameter {tuple(named[name].shape)}")
             module = get_module(self.model, path)
-            if isinstance(module, nn.Linear):
-                transposed = False
-            elif isinstance(module, Conv1D):
-                transposed = True
+            if not isinstance(module, (nn.Linear, Conv1D)):
+                raise TypeError(f"RowDeltas: {name!r} belongs to a {type(module).__name__}, not a "
+                                "linear layer (nn.Linear or Conv1D); edit it with batch_edits='joint'")
+            if leaf == "bias":
+                kind = "bias"
             else:
-                raise TypeError(f"RowDeltas: {name!r} belongs to a {type(module).__name__}, not a linear layer")
-            self._handles.append(module.register_forward_hook(self._make_hook(name, transposed)))
+                kind = "conv1d_weight" if isinstance(module, Conv1D) else "linear_weight"
+            self._handles.append(module.register_forward_hook(self._make_hook(name, kind)))
 
     def __enter__(self) -> RowDeltas:
         return super().__enter__()

@@ -135,8 +135,13 @@ def test_row_deltas_give_every_row_its_own_weights(tiny, model_type):
         with RowDeltas(b.model, {names[0]: stacks[names[0]].detach()}, torch.tensor([0])):
             b.model(**inputs)
     _no_hooks(b.model)
-    with pytest.raises(KeyError, match="not a weight"):
+    with pytest.raises(KeyError, match="not a weight or bias"):
         with RowDeltas(b.model, {"nope.weight": stacks[names[0]].detach()}):
+            pass
+    _no_hooks(b.model)
+    norm = next(n for n, p in b.model.named_parameters() if n.endswith("weight") and p.dim() == 1)
+    with pytest.raises(TypeError, match="not a linear layer"):
+        with RowDeltas(b.model, {norm: torch.zeros(2, *named[norm].shape)}):
             pass
     _no_hooks(b.model)
 

@@ -57,13 +57,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.func import functional_call
+from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.datamodule import EditBatch
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
-from editlab.models.arch import arch_for
-from editlab.tracing import RowDeltas
+from editlab.models.arch import arch_for, get_module
+from editlab.tracing import GradientFactors, RowDeltas
 
 __all__ = [
     "locality_terms",
@@ -71,6 +72,8 @@ __all__ = [
     "TrainableEditor",
     "edited_forward",
     "edit_gradients",
+    "edit_gradient_factors",
+    "row_gradients",
     "target_nll",
     "locality_kl",
     "is_seq2seq",
@@ -134,6 +137,52 @@ def edit_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch) -> 
     return {n: (g if g is not None else torch.zeros_like(leaves[n])).detach() for n, g in zip(leaves, grads)}
 
 
+def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBatch, owner: str = "editor"
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per weight in ``names`` (of linear-like modules), the rank-one factors ``(x [n, in],
+    δ [n, out])`` of the gradient of the edit loss (:func:`target_nll` of ``batch`` on the
+    unedited model) and, third, the batch row each factor comes from, over every position where
+    ``x`` and ``δ`` are both non-zero (detached, float32).  ``Σ_t δ_t x_tᵀ`` is the exact gradient.
+    ``owner`` names the caller in errors."""
+    named = dict(model.named_parameters())
+    leaves = {n: named[n].detach().requires_grad_(True) for n in names}
+    paths = {n: n.rpartition(".")[0] for n in names}
+    with torch.enable_grad(), GradientFactors(model, paths.values()) as capture:
+        nll, _ = target_nll(edited_forward(model, leaves, batch), batch)
+        targets = capture.grad_targets()
+        if not targets:
+            raise EditError(f"{owner}: none of the modules {sorted(set(paths.values()))} ran in the forward")
+        torch.autograd.grad(nll, targets, allow_unused=True)
+    factors = {}
+    for name, path in paths.items():
+        try:
+            x, delta = capture.factors(path)
+        except KeyError as err:
+            raise EditError(f"{owner}: {err.args[0]} (parameter {name!r})") from err
+        rows = capture.factor_rows(path)
+        x, delta = x.float(), delta.float()
+        keep = (x != 0).any(-1) & (delta != 0).any(-1)
+        factors[name] = (x[keep], delta[keep], rows[keep])
+    return factors
+
+
+def row_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch,
+                  owner: str = "editor") -> dict[str, torch.Tensor]:
+    """Each row's own gradient of the edit loss with respect to the weights ``names`` (of
+    ``nn.Linear`` or GPT-2 ``Conv1D`` modules): ``[len(batch), *shape]``, float32, detached; row
+    ``b`` holds the gradient a batch of row ``b`` alone gives (:func:`edit_gradients` of it), from
+    one forward and backward of the whole batch."""
+    n = len(batch)
+    out = {}
+    for name, (x, delta, rows) in edit_gradient_factors(model, names, batch, owner).items():
+        which = torch.nn.functional.one_hot(rows, n).to(x.dtype) * n  # the loss averages over the rows
+        if isinstance(get_module(model, name.rpartition(".")[0]), Conv1D):
+            out[name] = torch.einsum("tb,ti,to->bio", which, x, delta)
+        else:
+            out[name] = torch.einsum("tb,to,ti->boi", which, delta, x)
+    return out
+
+
 def last_mlp_weights(model: nn.Module, n_blocks: int = 3) -> list[str]:
     """Names of the MLP input (``mlp_in``) and output (``mlp_out``) weights of the last
     ``n_blocks`` blocks (fewer when the model has fewer), from the architecture table: MEND's
@@ -188,7 +237,8 @@ def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor, batch: Pair
 
 
 def locality_terms(model: nn.Module, new: dict[str, torch.Tensor] | RowEdits, batch: PairBatch,
-                   positions: str = "all", rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   positions: str = "all", rows: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``KL(pre ‖ post)`` on the locality batch at ``positions`` (:func:`locality_kl`;
     differentiable w.r.t. ``new``) and the share of its answer positions whose argmax the edit
     leaves unchanged (detached).  With :class:`RowEdits`, row ``n`` is edited by edit ``rows[n]``
@@ -401,7 +451,8 @@ class TrainableEditor(LearnedEditor):
                   batch: EditBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Post-edit NLL of ``target_new`` and its teacher-forced accuracy, each the mean over
         :meth:`outer_batches`."""
-        parts = [target_nll(edited_forward(model, new, b, batch.rows_of(b)), b) for b in self.outer_batches(batch)]
+        parts = [target_nll(edited_forward(model, new, b, batch.rows_of(b)), b)
+                 for b in self.outer_batches(batch)]
         nll = torch.stack([p[0] for p in parts]).mean()
         acc = torch.stack([p[1] for p in parts]).mean()
         return nll, acc

@@ -61,11 +61,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence
+from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import PairBatch
 from editlab.data.datamodule import EditBatch
 from editlab.methods.base import EditError
-from editlab.methods.hyper import TrainableEditor, edit_gradients, edited_forward, locality_terms, target_nll
+from editlab.methods.hyper import (
+    TrainableEditor, edit_gradients, edited_forward, locality_terms, row_gradients, target_nll,
+)
 from editlab.models.arch import UnknownArchitecture, arch_for, get_module
 
 __all__ = ["KE"]
@@ -130,6 +133,17 @@ class _ConditionedParameter(nn.Module):
             a, b, norm = h.split([self.shape[0], self.shape[0], 1], dim=-1)
             a, b = a.sum(0), b.sum(0)
         return self.max_scale * norm.sigmoid().mean() * (grad * a + b)
+
+    def per_row(self, condition: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+        """One update per edit: ``condition`` ``[B, condition_dim]`` and each edit's own gradient
+        ``grads`` ``[B, rows, cols]`` give ``[B, rows, cols]``, row ``e`` equal to
+        :meth:`forward` of edit ``e`` alone.  2-D parameters only."""
+        rows, cols = self.shape
+        h = self.net(condition)
+        col_a, row_a, col_b, row_b, norm = h.split([cols, rows, cols, rows, 1], dim=-1)
+        a = row_a.softmax(-1).unsqueeze(2) * col_a.unsqueeze(1)
+        b = row_b.softmax(-1).unsqueeze(2) * col_b.unsqueeze(1)
+        return self.max_scale * norm.sigmoid().unsqueeze(2) * (grads * a + b)
 
 
 def _smoothed_nll(logits: torch.Tensor, batch: PairBatch, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,6 +278,24 @@ class KE(TrainableEditor):
         grads = edit_gradients(model, self.edit_params, batch)
         condition = self.condition(model, cond if cond is not None else batch)
         return {n: self.conditioned[self._keys[n]](condition, grads[n].float()) for n in self.edit_params}
+
+    def row_deltas(self, model: nn.Module, batch: PairBatch) -> dict[str, torch.Tensor]:
+        """Each row's own update ``ΔW`` (``[len(batch), *shape]``), conditioned on that row
+        alone and computed from its own gradient, for all rows in one forward and backward
+        (:func:`~editlab.methods.hyper.row_gradients`).  Editors of 1-D parameters, or of
+        weights outside linear layers, edit the rows one at a time instead."""
+        self._check_bound()
+        named = dict(model.named_parameters())
+        linear = all(
+            n.endswith(".weight") and named[n].dim() == 2
+            and isinstance(get_module(model, n.rpartition(".")[0]), (nn.Linear, Conv1D))
+            for n in self.edit_params
+        )
+        if not linear:
+            return super().row_deltas(model, batch)
+        grads = row_gradients(model, self.edit_params, batch, owner="KE")
+        condition = self.condition(model, batch)
+        return {n: self.conditioned[self._keys[n]].per_row(condition, grads[n]) for n in self.edit_params}
 
     def edited_parameters(self, model: nn.Module, batch: PairBatch,
                           cond: PairBatch | None = None) -> dict[str, torch.Tensor]:

@@ -54,9 +54,8 @@ from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import PairBatch
 from editlab.methods.base import EditError
-from editlab.methods.hyper import TrainableEditor, edited_forward, target_nll
+from editlab.methods.hyper import TrainableEditor, edit_gradient_factors
 from editlab.models.arch import UnknownArchitecture, arch_for, get_module
-from editlab.tracing import GradientFactors
 
 __all__ = ["MEND"]
 
@@ -314,26 +313,7 @@ class MEND(TrainableEditor):
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """:meth:`gradient_factors` with, third, the batch row each factor comes from."""
         self._check_bound()
-        named = dict(model.named_parameters())
-        leaves = {n: named[n].detach().requires_grad_(True) for n in self.edit_params}
-        paths = {n: n.rpartition(".")[0] for n in self.edit_params}
-        with torch.enable_grad(), GradientFactors(model, paths.values()) as capture:
-            nll, _ = target_nll(edited_forward(model, leaves, batch), batch)
-            targets = capture.grad_targets()
-            if not targets:
-                raise EditError(f"MEND: none of the modules {sorted(set(paths.values()))} ran in the forward")
-            torch.autograd.grad(nll, targets, allow_unused=True)
-        factors = {}
-        for name, path in paths.items():
-            try:
-                x, delta = capture.factors(path)
-            except KeyError as err:
-                raise EditError(f"MEND: {err.args[0]} (parameter {name!r})") from err
-            rows = capture.factor_rows(path)
-            x, delta = x.float(), delta.float()
-            keep = (x != 0).any(-1) & (delta != 0).any(-1)
-            factors[name] = (x[keep], delta[keep], rows[keep])
-        return factors
+        return edit_gradient_factors(model, self.edit_params, batch, owner="MEND")
 
     def _combine(self, name: str, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """``Σ_t δ_t x_tᵀ`` in the layout of parameter ``name``."""
