@@ -378,7 +378,6 @@ class RowDeltas(_Hooks):
         if len(counts) != 1:
             raise ValueError("RowDeltas: every stack must hold the same number of updates, "
                              f"got {sorted(counts)}")
-        self.num_updates = counts.pop()
 
     def _make_hook(self, name: str, kind: str):
         def hook(module, args, output):

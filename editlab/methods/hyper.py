@@ -100,9 +100,6 @@ class RowEdits:
 
     deltas: dict[str, torch.Tensor]
 
-    def __len__(self) -> int:
-        return next(iter(self.deltas.values())).shape[0]
-
 
 def is_seq2seq(model: nn.Module) -> bool:
     return bool(getattr(model.config, "is_encoder_decoder", False))
@@ -406,7 +403,7 @@ class TrainableEditor(LearnedEditor):
         """One update per row of ``batch``, each installing that row's edit alone: name →
         ``[len(batch), *shape]`` of ``new − old`` (float32), differentiable w.r.t. the editor.
         This default edits the rows one at a time with :meth:`edited_parameters`; editors that
-        can compute all of them in one pass (MEND) override it."""
+        can compute all of them in one pass (MEND, KE) override it."""
         named = dict(model.named_parameters())
         per_row = []
         for i in range(len(batch)):
