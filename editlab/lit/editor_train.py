@@ -83,6 +83,7 @@ __all__ = [
 BASE_PREFIX = "model."
 EDITOR_PREFIX = "editor."
 LOSS_KEYS = ("loss", "loss_edit", "loss_loc", "edit_acc", "loc_acc")
+LR_SCHEDULES = ("constant", "cosine")
 # val/edit_score is the harmonic mean of these validation metrics
 EDIT_SCORE_PARTS = ("reliability", "generalization", "locality")
 
@@ -95,6 +96,10 @@ class EditorTrainModule(L.LightningModule):
         editor: the trainable editor; bound to the model here (before any checkpoint is loaded).
         lr: base learning rate, passed to :meth:`LearnedEditor.optimizer_groups` (editors with
             separately tuned parameters, such as MEND's edit step sizes, set their own there).
+        lr_schedule: ``constant`` (MEND, KE), or ``cosine``: every group's learning rate follows
+            a half cosine from its own value at step 0 to ``min_lr_ratio`` times it at the
+            trainer's ``max_steps`` (which must be set), stepped after every optimizer step.
+        min_lr_ratio: the final fraction of each learning rate under ``cosine``.
         val_edits_per_batch: records edited together in validation (1: single edits, as the edit
             loop evaluates by default; None: each validation batch is one batch edit).
         val_losses: also compute the training objective on validation batches (``val/loss`` …).
@@ -109,6 +114,8 @@ class EditorTrainModule(L.LightningModule):
         model: ModelBundle,
         editor: LearnedEditor,
         lr: float = 1e-6,
+        lr_schedule: str = "constant",
+        min_lr_ratio: float = 0.1,
         val_edits_per_batch: int | None = 1,
         val_losses: bool = True,
         chunk_size: int = 64,
@@ -118,6 +125,10 @@ class EditorTrainModule(L.LightningModule):
         super().__init__()
         if isinstance(editor_config, DictConfig):
             editor_config = OmegaConf.to_container(editor_config, resolve=True)
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         if val_edits_per_batch is not None and val_edits_per_batch < 1:
             raise ValueError(f"val_edits_per_batch must be >= 1 or None, got {val_edits_per_batch}")
         self.save_hyperparameters(ignore=["model", "editor"])
@@ -132,6 +143,8 @@ class EditorTrainModule(L.LightningModule):
             log.warning("editor.base_model is %r but the model is %r", editor.base_model, model.name)
         self.editor = editor
         self.lr = lr
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
         self.val_edits_per_batch = val_edits_per_batch
         self.val_losses = val_losses
         self.chunk_size = chunk_size
@@ -163,8 +176,20 @@ class EditorTrainModule(L.LightningModule):
         """Batches are lists of records (text); they are tokenised onto the device in the steps."""
         return batch
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.editor.optimizer_groups(self.lr))
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        optimizer = torch.optim.Adam(self.editor.optimizer_groups(self.lr))
+        if self.lr_schedule == "constant":
+            return optimizer
+        total = self.trainer.max_steps
+        if total is None or total <= 0:
+            raise ValueError("lr_schedule='cosine' needs the trainer's max_steps (fit.trainer.max_steps)")
+        ratio = self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            return ratio + (1.0 - ratio) * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Sequence[EditRecord], batch_idx: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -554,3 +555,32 @@ def test_torchrun_two_nodes(tiny, tmp_path):
     _check_ranks(dump, tiny, tmp_path, world=2)
     assert list((tmp_path / "node0" / "checkpoints").glob("*.ckpt"))
     assert json.loads((tmp_path / "node0" / "summary.json").read_text())["post/reliability"] >= 0
+
+
+def test_cosine_lr_schedule_decays_every_group_to_its_floor(tiny, tmp_path):
+    """``lr_schedule="cosine"``: each optimizer group's learning rate follows the half cosine from its
+    own value to ``min_lr_ratio`` of it at ``max_steps``; ``constant`` leaves it; no max_steps: error."""
+    bundle = tiny("llama")
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+    module = EditorTrainModule(bundle, _editor(), lr=1e-2, lr_schedule="cosine", min_lr_ratio=0.2)
+    _trainer(4, [Record()]).fit(module, datamodule=_data(tmp_path))
+    base = seen[0]
+    for step, lrs in enumerate(seen):
+        factor = 0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * step / 4))
+        assert lrs == pytest.approx([lr * factor for lr in base])
+    final = [g["lr"] for g in module.trainer.optimizers[0].param_groups]
+    assert final == pytest.approx([0.2 * lr for lr in base])
+    seen.clear()
+    constant = EditorTrainModule(bundle, _editor(), lr=1e-2)
+    _trainer(3, [Record()]).fit(constant, datamodule=_data(tmp_path))
+    assert all(lrs == seen[0] for lrs in seen)
+    with pytest.raises(ValueError, match="max_steps"):
+        _trainer(-1, max_epochs=1).fit(EditorTrainModule(bundle, _editor(), lr_schedule="cosine"),
+                                       datamodule=_data(tmp_path))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        EditorTrainModule(bundle, _editor(), lr_schedule="linear")
