@@ -86,8 +86,8 @@ def run_worker(args: argparse.Namespace) -> None:
     if trainer.is_global_zero:
         seconds = timer.seconds
         result = {
-            "method": args.worker, "batch_edits": args.batch_edits, "batch": args.batch_size,
-            "procs": args.procs, "steps": args.steps, "seconds": seconds,
+            "method": args.worker, "batch_edits": args.batch_edits, "procs": args.procs,
+            "steps": args.steps, "seconds": seconds,
             "steps_per_s": args.steps / seconds,
             "examples_per_s": args.steps * args.batch_size * args.procs / seconds,
             "peak_gb": float(peaks.max()), "editor_params": sum(p.numel() for p in editor.parameters()),
