@@ -10,7 +10,7 @@ extra; without it the plot is skipped with a warning).
 **Training.** :class:`TrainingCurves`, a callback of the fit stage, keeps the mean of every
 ``train/*`` value over each window of ``every`` optimizer steps and every ``val/*`` value at each
 validation, and writes them at the end of the fit as ``training_curves.csv`` (one row per step
-that has a value) and ``training_curves.png`` (losses on a log scale, scores and accuracies below).
+that has a value) and ``training_curves.png`` (losses on a log scale, scores and accuracies below, then the learning rate).
 Its points travel in checkpoints, so a resumed run's curves start at step 0 too.
 """
 
@@ -129,10 +129,12 @@ def write_training_curves(points: list[dict[str, float]], output_dir: Path,
 
 def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
     """Losses (``*loss*``, log scale) above the scores and accuracies, train solid and val dashed,
-    against the optimizer step; False (and a warning) without matplotlib or points."""
+    and the learning rate (``train/lr``, log scale) at the bottom, against the optimizer step;
+    False (and a warning) without matplotlib or points."""
     names = sorted({k for p in points for k in p if k != STEP})
     losses = [n for n in names if "loss" in n.split("/")[-1]]
-    scores = [n for n in names if n not in losses]  # accuracies and scores: train solid, val dashed
+    rates = [n for n in names if n.split("/")[-1] == "lr"]
+    scores = [n for n in names if n not in losses and n not in rates]  # train solid, val dashed
 
     def draw(ax: Any, label: str, group: list[str]) -> None:
         for name in group:
@@ -141,10 +143,11 @@ def plot_training_curves(points: list[dict[str, float]], path: Path) -> bool:
                 continue
             style = {"linestyle": "--", "marker": "o", "markersize": 3} if name.startswith("val/") else {}
             ax.plot([x for x, _ in xy], [y for _, y in xy], label=name, **style)
-        if label == "loss" and all(p[n] > 0 for p in points for n in group if p.get(n) is not None):
+        if label != "score" and all(p[n] > 0 for p in points for n in group if p.get(n) is not None):
             ax.set_yscale("log")
 
-    return _plot_panels(path, [("loss", losses), ("score", scores)], "optimizer step", draw)
+    panels = [("loss", losses), ("score", scores), ("learning rate", rates)]
+    return _plot_panels(path, panels, "optimizer step", draw)
 
 
 class TrainingCurves(L.Callback):

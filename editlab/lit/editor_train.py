@@ -200,6 +200,8 @@ class EditorTrainModule(L.LightningModule):
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 self.log(f"train/{key}", value.detach().float(), batch_size=len(records), sync_dist=True,
                          prog_bar=key == "loss")
+        # the learning rate of this step (the editor networks' group; the others follow the same schedule)
+        self.log("train/lr", float(self.optimizers().param_groups[0]["lr"]), batch_size=len(records))
         return out["loss"]
 
     def _sync_editor_buffers(self) -> None:

@@ -260,6 +260,7 @@ def test_training_curves_hold_window_means_and_validations(tiny, tmp_path):
     for step in (3, 6):
         assert 0.0 <= float(by_step[step]["val/reliability"]) <= 1.0 and by_step[step]["val/loss"]
     assert by_step[3]["train/loss"] == "" and by_step[2]["val/reliability"] == ""
+    assert float(by_step[4]["train/lr"]) == pytest.approx(2e-2)  # the step's lr, plotted on its own
     assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000
 
 
@@ -561,11 +562,14 @@ def test_cosine_lr_schedule_decays_every_group_to_its_floor(tiny, tmp_path):
     """``lr_schedule="cosine"``: each optimizer group's learning rate follows the half cosine from its
     own value to ``min_lr_ratio`` of it at ``max_steps``; ``constant`` leaves it; no max_steps: error."""
     bundle = tiny("llama")
-    seen = []
+    seen, logged = [], []
 
     class Record(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             seen.append([g["lr"] for g in trainer.optimizers[0].param_groups])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            logged.append(float(trainer.callback_metrics["train/lr"]))
 
     module = EditorTrainModule(bundle, _editor(), lr=1e-2, lr_schedule="cosine", min_lr_ratio=0.2)
     _trainer(4, [Record()]).fit(module, datamodule=_data(tmp_path))
@@ -575,6 +579,7 @@ def test_cosine_lr_schedule_decays_every_group_to_its_floor(tiny, tmp_path):
         assert lrs == pytest.approx([lr * factor for lr in base])
     final = [g["lr"] for g in module.trainer.optimizers[0].param_groups]
     assert final == pytest.approx([0.2 * lr for lr in base])
+    assert logged == pytest.approx([lrs[0] for lrs in seen])  # train/lr: the step's own lr
     seen.clear()
     constant = EditorTrainModule(bundle, _editor(), lr=1e-2)
     _trainer(3, [Record()]).fit(constant, datamodule=_data(tmp_path))
