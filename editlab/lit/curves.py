@@ -10,8 +10,8 @@ extra; without it the plot is skipped with a warning).
 **Training.** :class:`TrainingCurves`, a callback of the fit stage, keeps the mean of every
 ``train/*`` value over each window of ``every`` optimizer steps and every ``val/*`` value at each
 validation, and writes them at the end of the fit as ``training_curves.csv`` (one row per step
-that has a value) and ``training_curves.png`` (losses on a log scale, scores and accuracies below, then the learning rate).
-Its points travel in checkpoints, so a resumed run's curves start at step 0 too.
+that has a value) and ``training_curves.png`` (losses on a log scale, scores and accuracies below,
+then the learning rate).  Its points travel in checkpoints, so a resumed run's curves start at step 0 too.
 """
 
 from __future__ import annotations
