@@ -6,6 +6,11 @@
 #
 #   bash experiments/mend_counterfact_gpu.sh                 # 4 settings x 5 minutes, then tests
 #   TRAIN_SECONDS=1800 bash experiments/mend_counterfact_gpu.sh
+#   ONLY=both_cloc20 SCHEDULE=cosine MAX_STEPS=2000 TRAIN_SECONDS=3600 bash experiments/mend_counterfact_gpu.sh
+#
+# SCHEDULE=cosine decays every learning rate to a tenth at MAX_STEPS (fit.module.lr_schedule), so
+# MAX_STEPS, not TRAIN_SECONDS, should end those runs; on the CPU it moved the editor outward once the
+# lr fell below about 4e-6 (README, MEND CounterFact).
 #
 # Each optimizer step trains BATCH single edits, edited independently in one batched pass
 # (method.batch_edits=independent: the same objective as BATCH accumulated batches of one edit, as
@@ -27,6 +32,13 @@ LOG_DIR=${LOG_DIR:-experiments/runs/mend_counterfact_gpu_logs}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-"trainer=gpu model.device=cuda"}
 EXTRA=${EXTRA:-}                     # more overrides for every setting (e.g. data.test.limit=20)
+SCHEDULE=${SCHEDULE:-constant}       # constant | cosine (fit.module.lr_schedule)
+MAX_STEPS=${MAX_STEPS:-100000}       # optimizer steps; cosine reaches its floor here
+ONLY=${ONLY:-}                       # space-separated setting names to run (default: all)
+if [[ "$SCHEDULE" == cosine && "$MAX_STEPS" == 100000 ]]; then
+  echo "SCHEDULE=cosine needs MAX_STEPS (the step where the learning rate reaches its floor)" >&2
+  exit 2
+fi
 mkdir -p "$LOG_DIR"
 
 # name: overrides (edit loss on the rephrase and the literal prompt, locality weight, learning rates)
@@ -41,13 +53,22 @@ max_time=$(printf "00:%02d:%02d:%02d" $((TRAIN_SECONDS / 3600)) $((TRAIN_SECONDS
 # Convert the packaged model once before the processes start (they would wait on its lock anyway).
 "$PYTHON" -c "from editlab.models.packaged import SMOLLM2_135M, ensure_converted; ensure_converted(SMOLLM2_135M)"
 
+names=(${ONLY:-${!SETTINGS[@]}})
+for name in "${names[@]}"; do
+  if [[ -z "${SETTINGS[$name]+set}" ]]; then
+    echo "unknown setting '$name' in ONLY; settings: ${!SETTINGS[*]}" >&2
+    exit 2
+  fi
+done
+
 pids=()
-for name in "${!SETTINGS[@]}"; do
+for name in "${names[@]}"; do
   # shellcheck disable=SC2086  # the overrides are words
   OMP_NUM_THREADS=2 "$PYTHON" -m editlab.train experiment=mend_smollm2_counterfact \
     experiment_name="mend_smollm2_counterfact_gpu_${name}" ${SETTINGS[$name]} \
     data.train_batch_size="$BATCH" fit.trainer.accumulate_grad_batches="$ACCUMULATE" \
-    method.batch_edits="$BATCH_EDITS" fit.trainer.max_steps=100000 \
+    method.batch_edits="$BATCH_EDITS" fit.trainer.max_steps="$MAX_STEPS" \
+    fit.module.lr_schedule="$SCHEDULE" \
     $DEVICE $EXTRA \
     "+fit.trainer.max_time=\"$max_time\"" fit.trainer.val_check_interval="$VAL_EVERY" \
     fit.callbacks.checkpoint.monitor=val/edit_score fit.callbacks.checkpoint.mode=max \
