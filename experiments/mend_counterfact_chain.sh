@@ -50,6 +50,11 @@ init="$INIT"
 for ((i = FROM - 1; i < ${#STAGES[@]}; i++)); do
   IFS='|' read -r name overrides hand_on <<<"${STAGES[$i]}"
   dir="$RUNS/$name"
+  if [[ "$PYTHON" != echo && -e "$dir" ]]; then
+    # a second run into the same folder would mix its checkpoints with the first one's
+    echo "$dir exists: move it away or set RUNS to a new folder" >&2
+    exit 2
+  fi
   init_arg=()
   [[ -n "$init" ]] && init_arg=("fit.init_from=$init")
   # shellcheck disable=SC2086  # the overrides are words
