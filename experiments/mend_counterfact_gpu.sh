@@ -50,9 +50,6 @@ declare -A SETTINGS=(
 )
 max_time=$(printf "00:%02d:%02d:%02d" $((TRAIN_SECONDS / 3600)) $((TRAIN_SECONDS % 3600 / 60)) $((TRAIN_SECONDS % 60)))
 
-# Convert the packaged model once before the processes start (they would wait on its lock anyway).
-"$PYTHON" -c "from editlab.models.packaged import SMOLLM2_135M, ensure_converted; ensure_converted(SMOLLM2_135M)"
-
 names=(${ONLY:-${!SETTINGS[@]}})
 for name in "${names[@]}"; do
   if [[ -z "${SETTINGS[$name]+set}" ]]; then
@@ -60,6 +57,9 @@ for name in "${names[@]}"; do
     exit 2
   fi
 done
+
+# Convert the packaged model once before the processes start (they would wait on its lock anyway).
+"$PYTHON" -c "from editlab.models.packaged import SMOLLM2_135M, ensure_converted; ensure_converted(SMOLLM2_135M)"
 
 pids=()
 for name in "${names[@]}"; do
