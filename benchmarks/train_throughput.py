@@ -46,7 +46,7 @@ METHODS = ("mend", "ke")
 def _compose(method: str, model: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "editlab" / "configs"), version_base="1.3"):
         overrides = [f"experiment={method}_smollm2_counterfact", f"model={model}"]
         return compose(config_name="train", overrides=overrides)
 

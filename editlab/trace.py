@@ -349,7 +349,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="trace")
+@hydra.main(version_base="1.3", config_path="configs", config_name="trace")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

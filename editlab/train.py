@@ -169,7 +169,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return module.summary
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="train")
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -27,7 +27,7 @@ from editlab.models.arch import arch_for
 
 from conftest import CAUSAL_TYPES
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "editlab" / "configs"
 PROMPT = "The mother tongue of Victor Hugo was"
 SUBJECT = "Victor Hugo"
 

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf, open_dict
 from editlab.methods.base import Editor
 from editlab.train import run
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "editlab" / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 

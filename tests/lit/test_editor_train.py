@@ -42,7 +42,7 @@ from conftest import assert_state_equal, state_copy
 from learned_step import LearnedStep, write_easyedit
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "editlab" / "configs"
 TEST_CONFIGS = ROOT / "tests" / "configs"
 HERE = Path(__file__).resolve().parent
 EDIT_PARAMS = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]

@@ -161,7 +161,7 @@ def test_experiment_runs_through_the_entry_point(tmp_path):
             for i, s in enumerate(("France", "Spain"))]
     (tmp_path / "cf.json").write_text(json.dumps(rows))
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "configs"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[2] / "editlab" / "configs"), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             "experiment=calinet_smollm2_counterfact", "model=tiny_llama", f"paths.data_dir={tmp_path}",
             "data.test.path=cf.json", "method.max_steps=10", "logger=csv", "callbacks=none"])

@@ -236,7 +236,7 @@ def test_hydra_experiment_runs_end_to_end(tmp_path, monkeypatch):
     (tmp_path / "counterfact" / "counterfact-val.json").write_text(json.dumps(rows[:2]))
     (tmp_path / "counterfact" / "counterfact-train.json").write_text(json.dumps(rows[2:]))
     GlobalHydra.instance().clear()
-    configs = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs")
+    configs = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "editlab" / "configs")
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             "experiment=ike_smollm2_counterfact", "model=tiny_llama", f"paths.data_dir={tmp_path}",

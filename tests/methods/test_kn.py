@@ -329,7 +329,7 @@ def test_experiment_runs_end_to_end_on_a_tiny_model(tmp_path):
         "generation_prompts": [f"{subject}'s mother tongue is"],
     } for i, subject in enumerate(["Danielle Darrieux", "Victor Hugo"])]
     (tmp_path / "cf.json").write_text(json.dumps(rows))
-    configs = Path(__file__).resolve().parents[2] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "editlab" / "configs"
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=[

@@ -238,7 +238,7 @@ def test_experiment_runs_through_the_entry_point(tmp_path):
     (tmp_path / "zsre.json").write_text(json.dumps(rows))
     (tmp_path / "corpus.txt").write_text(TINY_CORPUS)
     GlobalHydra.instance().clear()
-    configs = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs")
+    configs = str(__import__("pathlib").Path(__file__).resolve().parents[2] / "editlab" / "configs")
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             "experiment=t_patcher_smollm2_zsre", "model=tiny_llama", f"paths.data_dir={tmp_path}",
