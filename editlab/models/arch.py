@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for", "get_module", "get_parameter", "UnknownArchitecture"]
+__all__ = ["ArchSpec", "ARCHITECTURES", "arch_for", "get_module", "get_parameter", "is_encoder_decoder",
+           "UnknownArchitecture"]
 
 
 class UnknownArchitecture(KeyError):
@@ -231,6 +232,19 @@ def arch_for(model_or_type: nn.Module | str) -> ArchSpec:
             f"{sorted(ARCHITECTURES)}. Add an entry to editlab/models/arch.py."
         )
     return ARCHITECTURES[model_type]
+
+
+def is_encoder_decoder(model_or_config) -> bool:
+    """Whether a model (or its Hugging Face config, or a model bundle) is an encoder-decoder model.
+
+    The one place editlab asks this question.  The answer is the config's ``is_encoder_decoder``
+    flag, which Hugging Face sets for every seq2seq model; wrappers that hold a model (a bundle, an
+    editor's wrapper exposing ``config``) answer for the model they hold.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    if hasattr(config, "model") and not hasattr(config, "is_encoder_decoder"):  # a bundle
+        config = getattr(config.model, "config", None)
+    return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def _has_module(model: nn.Module, path: str) -> bool:
