@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from editlab.causal import noise_std, trace_prompt
-from editlab.data.datamodule import EditBatchCollator, EditDataModule
+from editlab.data.collate import EditBatchCollator
+from editlab.data.datamodule import EditDataModule
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.editor_train import EditorTrainModule

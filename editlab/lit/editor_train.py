@@ -9,7 +9,7 @@ at all), and only the editor's parameters are optimised (Adam over
 :meth:`LearnedEditor.optimizer_groups`).
 
 * **Training step**: the batch of records is tokenised into an
-  :class:`~editlab.data.datamodule.EditBatch` (edit / rephrase / locality pairs, MEND's
+  :class:`~editlab.data.collate.EditBatch` (edit / rephrase / locality pairs, MEND's
   edit_inner / edit_outer / loc) and the editor's :meth:`~LearnedEditor.training_losses` are
   logged as ``train/<key>`` (``loss``, ``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``, and
   whatever else the editor returns), averaged over ranks.
@@ -63,7 +63,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
-from editlab.data.datamodule import EditBatchCollator
+from editlab.data.collate import EditBatchCollator
 from editlab.data.records import EditRecord
 from editlab.lit.probes import build_plan
 from editlab.methods.base import applied

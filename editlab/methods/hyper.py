@@ -10,7 +10,7 @@ unmaintained and patches whole modules, ``functional_call`` is part of PyTorch a
 the edited tensors.)
 
 Training (``editlab/lit/editor_train.py``) calls :meth:`TrainableEditor.training_losses` on an
-:class:`~editlab.data.datamodule.EditBatch`; evaluation goes through the same edit loop as every
+:class:`~editlab.data.collate.EditBatch`; evaluation goes through the same edit loop as every
 other editor, because a trainable editor is also an :class:`~editlab.methods.base.Editor`:
 :meth:`TrainableEditor.compute_deltas` returns ``new − old`` for the edited parameters.
 
@@ -59,8 +59,7 @@ from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from editlab.data.collate import PairBatch, encode_pairs
-from editlab.data.datamodule import EditBatch
+from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import arch_for, get_module

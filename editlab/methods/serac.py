@@ -84,8 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editlab.data.collate import PairBatch, encode_pairs
-from editlab.data.datamodule import EditBatch
+from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Edit, EditError
 from editlab.methods.conditioned import ConditionedLM, default_bos
