@@ -69,7 +69,7 @@ from torch import nn
 from editlab.data.collate import encode_pairs, subject_span
 from editlab.data.loaders import resolve_data_dir
 from editlab.data.records import RecordError
-from editlab.models.arch import ArchSpec, arch_for, get_module
+from editlab.models.arch import ArchSpec, arch_for, get_module, is_encoder_decoder
 from editlab.scoring import head_logits
 from editlab.tracing import CallRecorder, Trace, replay_layers
 
@@ -202,12 +202,11 @@ def load_known(path: str | Path = "known_1000/known_1000.json", limit: int | Non
 # --------------------------------------------------------------------------------------------
 
 def _causal_spec(model: nn.Module) -> ArchSpec:
-    spec = arch_for(model)
-    if spec.is_encoder_decoder or getattr(model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ValueError(
             f"causal tracing needs a decoder-only model; {type(model).__name__} "
             f"(model_type {model.config.model_type!r}) is encoder-decoder")
-    return spec
+    return arch_for(model)
 
 
 def _device(model: nn.Module) -> torch.device:

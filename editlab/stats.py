@@ -47,7 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from editlab.models.arch import arch_for, get_module
+from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.tracing import Trace
 
 __all__ = [
@@ -474,9 +474,9 @@ def layer_stats(
     wanted = list(dict.fromkeys(int(layer) for layer in layers))
     if not wanted:
         raise ValueError("layer_stats needs at least one layer")
-    spec = arch_for(model)
-    if spec.is_encoder_decoder:
+    if is_encoder_decoder(model):
         raise ValueError("layer_stats supports decoder-only models")
+    spec = arch_for(model)
     count_layers = spec.num_layers(model)
     for layer in wanted:
         if not 0 <= layer < count_layers:

@@ -70,6 +70,7 @@ from editlab.methods.base import applied
 from editlab.methods.hyper import LearnedEditor
 from editlab.metrics.edit import build_edit_metrics, computed
 from editlab.metrics.functional import harmonic_mean
+from editlab.models.arch import is_encoder_decoder
 from editlab.models.loading import ModelBundle, freeze
 from editlab.scoring import ScoreCache, score_pairs
 
@@ -150,7 +151,7 @@ class EditorTrainModule(L.LightningModule):
         self.chunk_size = chunk_size
         self.max_prompt_tokens = max_prompt_tokens
         self.editor_config = editor_config
-        seq2seq = model.is_encoder_decoder
+        seq2seq = is_encoder_decoder(model)
         start = getattr(self.model.config, "decoder_start_token_id", None) if seq2seq else None
         self.collator = EditBatchCollator(model.tokenizer, seq2seq=seq2seq, decoder_start_token_id=start,
                                           max_prompt_tokens=max_prompt_tokens)

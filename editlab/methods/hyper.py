@@ -62,7 +62,7 @@ from transformers.pytorch_utils import Conv1D
 from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
-from editlab.models.arch import arch_for, get_module
+from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.tracing import GradientFactors, RowDeltas
 
 __all__ = [
@@ -75,7 +75,6 @@ __all__ = [
     "row_gradients",
     "target_nll",
     "locality_kl",
-    "is_seq2seq",
     "last_mlp_weights",
     "EDIT_OUTER",
     "LOC_POSITIONS",
@@ -98,10 +97,6 @@ class RowEdits:
     with that edit alone (:class:`~editlab.tracing.RowDeltas`)."""
 
     deltas: dict[str, torch.Tensor]
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def edited_forward(model: nn.Module, params: dict[str, torch.Tensor] | RowEdits | None, batch: PairBatch,
@@ -373,7 +368,7 @@ class TrainableEditor(LearnedEditor):
         ``cond`` is the conditioning text where the editor reads one (KE)."""
 
     def encode(self, tokenizer, model: nn.Module, records: Sequence[EditRecord]) -> PairBatch:
-        seq2seq = is_seq2seq(model)
+        seq2seq = is_encoder_decoder(model)
         start = getattr(model.config, "decoder_start_token_id", None) if seq2seq else None
         return encode_pairs(tokenizer, [r.prompt for r in records], [r.target_new for r in records],
                             seq2seq=seq2seq, decoder_start_token_id=start)

@@ -83,6 +83,7 @@ from torch import nn
 from editlab.data.records import EditRecord
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, host_patches, resolve_layer
+from editlab.models.arch import is_encoder_decoder
 from editlab.stats import Corpus, WikipediaSample, batch_rows, effective_seq_len, model_identity, pack_rows
 from editlab.tracing import Trace
 
@@ -239,7 +240,7 @@ class TPatcher(Editor):
         if key is not None and self._memory_cache is not None and self._memory_cache[0] == key:
             return self._memory_cache[1]
         device = next(model.parameters()).device
-        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        seq2seq = is_encoder_decoder(model)
         start = getattr(model.config, "decoder_start_token_id", None) or 0
         chunks, total = [], 0
         for ids, mask in self._rows(model, tokenizer):

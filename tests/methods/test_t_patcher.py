@@ -13,6 +13,7 @@ from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.base import EditError, WeightEditSession, applied
 from editlab.methods.patches import FFNPatch, HostReplay, host_patches
 from editlab.methods.t_patcher import TPatcher
+from editlab.models.arch import is_encoder_decoder
 from editlab.scoring import score_pairs
 from editlab.tracing import Trace
 
@@ -43,7 +44,7 @@ def _host_inputs(bundle, path, texts):
     out = []
     for text in texts:
         ids = bundle.tokenizer(text, return_tensors="pt")["input_ids"]
-        extra = {"decoder_input_ids": ids} if bundle.is_encoder_decoder else {}
+        extra = {"decoder_input_ids": ids} if is_encoder_decoder(bundle) else {}
         with Trace(bundle.model, [path], retain_input=True, stop=True) as tr, torch.no_grad():
             bundle.model(input_ids=ids, use_cache=False, **extra)
         out.append(tr.inputs[path].reshape(-1, tr.inputs[path].shape[-1]))
