@@ -14,7 +14,7 @@ import lightning as L
 import pytest
 import torch
 
-from editlab.causal import noise_std, trace_prompt
+from editlab.analysis.causal import noise_std, trace_prompt
 from editlab.data.collate import EditBatchCollator
 from editlab.data.corpora import TextFile
 from editlab.data.datamodule import EditDataModule
