@@ -6,10 +6,10 @@ projection — over a large text corpus.  The statistic follows ``rome/layer_sta
 ``util/runningstats.SecondMoment`` of kmeng01/rome (defaults there: Wikipedia, 100,000 documents,
 float32); the way it is gathered differs:
 
-* **Packing.**  ROME truncates and pads each document.  Here (:func:`editlab.data.corpora.pack_rows`)
-  documents are tokenized without special tokens, joined with the tokenizer's EOS token in between (when it has one) and cut into
-  rows of exactly ``max_seq_len`` tokens; rows attend across document boundaries, as in packed
-  pre-training.  Every position is a real token, so ``count`` is the number of corpus tokens
+* **Packing** (:func:`editlab.data.corpora.pack_rows`).  ROME truncates and pads each document.
+  Here documents are tokenized without special tokens, joined with the tokenizer's EOS token in
+  between (when it has one) and cut into rows of exactly ``max_seq_len`` tokens; rows attend
+  across document boundaries, as in packed pre-training.  Every position is a real token, so ``count`` is the number of corpus tokens
   (EOS separators included) or ``n_tokens`` when capped.  The final row may be shorter: it runs
   alone, as a batch of one row.
 * **One stopped forward.**  All requested layers' modules are traced in the same forward, which

@@ -128,8 +128,9 @@ class TPatcher(Editor):
             trains ``v`` alone.
         activation: the neuron's activation (an ``ACT2FN`` key); None: ReLU on gated hosts, the
             host's activation on ungated ones.
-        memory_corpus: unrelated text for the memory set: a :class:`~editlab.data.corpora.Corpus` (packed
-            rows), a list of prompts (one row each), or None for :class:`~editlab.data.corpora.WikipediaSample`.
+        memory_corpus: unrelated text for the memory set: a :class:`~editlab.data.corpora.Corpus`
+            (packed rows), a list of prompts (one row each), or None for
+            :class:`~editlab.data.corpora.WikipediaSample`.
         memory_tokens: memory positions at most.
         memory_seq_len: row length when packing a corpus.
         cache_memory: keep the memory set between calls (per model identity and host).

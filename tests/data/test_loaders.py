@@ -646,8 +646,9 @@ def test_load_mquake_shared_release():
 
 def known_records() -> list[dict[str, Any]]:
     return [
-        {"known_id": 7, "subject": "Victor Hugo", "attribute": "French", "template": "The mother tongue of {} was",
-         "prediction": " French", "prompt": "The mother tongue of Victor Hugo was", "relation_id": "P103"},
+        {"known_id": 7, "subject": "Victor Hugo", "attribute": "French",
+         "template": "The mother tongue of {} was", "prediction": " French",
+         "prompt": "The mother tongue of Victor Hugo was", "relation_id": "P103"},
         {"known_id": 9, "subject": " Toyota", "attribute": "Japan ", "template": "{} is a company from",
          "prediction": " Japan", "prompt": "Toyota is a company from", "relation_id": "P17"},
     ]
@@ -658,9 +659,9 @@ def test_load_known_reads_and_strips(tmp_path: Path) -> None:
 
     write_json(tmp_path / "known.json", known_records())
     recs = load_known("known.json", data_dir=tmp_path)
-    assert recs[1] == KnownRecord(known_id=9, subject="Toyota", attribute="Japan", template="{} is a company from",
-                                  prediction=" Japan", prompt="Toyota is a company from", relation_id="P17",
-                                  source=str(tmp_path / "known.json"), index=1)
+    assert recs[1] == KnownRecord(
+        known_id=9, subject="Toyota", attribute="Japan", template="{} is a company from", prediction=" Japan",
+        prompt="Toyota is a company from", relation_id="P17", source=str(tmp_path / "known.json"), index=1)
     assert recs[0].prediction == " French"  # a raw continuation: not stripped
     assert [r.known_id for r in load_known("known.json", limit=1, offset=1, data_dir=tmp_path)] == [9]
 

@@ -556,7 +556,8 @@ def test_torchrun_two_nodes(tiny, tmp_path):
     _check_ranks(dump, tiny, tmp_path, world=2)
     assert list((tmp_path / "node0" / "checkpoints").glob("*.ckpt"))
     # each test record scored once, on one node; the summary (node 0's) averages both nodes' records
-    rows = [json.loads(x) for f in sorted(tmp_path.glob("node*/records*.jsonl")) for x in f.read_text().splitlines()]
+    files = sorted(tmp_path.glob("node*/records*.jsonl"))
+    rows = [json.loads(line) for f in files for line in f.read_text().splitlines()]
     assert sorted(r["record_id"] for r in rows) == [12, 13]
     summary = json.loads((tmp_path / "node0" / "summary.json").read_text())
     per_record = [r["post"]["reliability"] for r in rows]

@@ -28,7 +28,8 @@ print(json.dumps({{"modules": modules, "culprits": culprits}}))
 
 
 def test_no_editor_module_imports_lightning_or_hydra():
-    expected = sorted(p.stem for p in Path(editlab.methods.__file__).parent.glob("*.py") if p.stem != "__init__")
+    folder = Path(editlab.methods.__file__).parent
+    expected = sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _PROBE.format(forbidden=FORBIDDEN)], capture_output=True,
