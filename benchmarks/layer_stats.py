@@ -30,9 +30,10 @@ import warnings
 
 import torch
 
+from editlab.data.corpora import WikipediaSample, batch_rows, pack_rows
 from editlab.models.arch import arch_for
 from editlab.models.packaged import smollm2_135m
-from editlab.stats import WikipediaSample, batch_rows, effective_seq_len, layer_stats, pack_rows
+from editlab.stats import effective_seq_len, layer_stats
 from editlab.tracing import Trace
 
 # EasyEdit (ROME/MEMIT layer_stats), SmolLM2-135M, the same Wikipedia sample, 2 CPU cores

@@ -122,7 +122,7 @@ def test_locate_then_edit_experiments_run_end_to_end(tmp_path, monkeypatch, expe
         "data.test.limit=2",
         "method.v_num_grad_steps=3",
         "method.context_template_length_params=[[5,2]]",
-        "method.mom2_corpus._target_=editlab.stats.TextFile",
+        "method.mom2_corpus._target_=editlab.data.corpora.TextFile",
         f"+method.mom2_corpus.path={tmp_path / 'corpus.txt'}",
         "logger=csv",
         "callbacks=none",
@@ -155,7 +155,7 @@ def test_entry_point_with_generation_mode(tmp_path):
 
 def test_general_ability_config_group():
     from editlab.general import GeneralAbility
-    from editlab.stats import WikipediaSample
+    from editlab.data.corpora import WikipediaSample
 
     assert _compose(["experiment=ft_smollm2_zsre"]).module.general_ability is None  # off by default
     cfg = _compose(["experiment=ft_smollm2_zsre", "+general_ability=default"])

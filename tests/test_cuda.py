@@ -14,8 +14,10 @@ import lightning as L
 import pytest
 import torch
 
-from editlab.causal import noise_std, trace_prompt
-from editlab.data.datamodule import EditBatchCollator, EditDataModule
+from editlab.analysis.causal import noise_std, trace_prompt
+from editlab.data.collate import EditBatchCollator
+from editlab.data.corpora import TextFile
+from editlab.data.datamodule import EditDataModule
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.editor_train import EditorTrainModule
@@ -27,7 +29,7 @@ from editlab.methods.mend import MEND
 from editlab.methods.rome import ROME
 from editlab.models.tiny import TINY_CORPUS
 from editlab.scoring import score_pairs
-from editlab.stats import TextFile, layer_stats
+from editlab.stats import layer_stats
 
 from conftest import assert_state_equal, make_records, state_copy
 

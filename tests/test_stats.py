@@ -1,5 +1,3 @@
-import itertools
-import sys
 import time
 
 import pytest
@@ -8,15 +6,8 @@ import torch
 from editlab import stats
 from editlab.models.arch import arch_for, get_module
 from editlab.models.tiny import TINY_CORPUS, tiny_model
-from editlab.stats import (
-    HFDataset,
-    TextFile,
-    WikipediaSample,
-    batch_rows,
-    layer_stats,
-    model_identity,
-    pack_rows,
-)
+from editlab.data.corpora import TextFile
+from editlab.stats import layer_stats, model_identity
 
 from conftest import assert_state_equal, state_copy
 
@@ -181,16 +172,9 @@ def test_cache_root_from_environment(tiny, corpus, tmp_path, monkeypatch):
     assert not list(got[0].path.parent.glob(".*"))  # no temp files left behind
 
 
-def test_packing_has_no_padding(tiny, corpus, tmp_path):
+def test_count_is_every_packed_token(tiny, corpus, tmp_path):
     b = tiny("gpt2")
-    tok = b.tokenizer
-    stream = _stream(tok, _docs())
-    rows = list(pack_rows(tok, _docs(), SEQ))
-    assert all(len(r) == SEQ for r in rows[:-1]) and 0 < len(rows[-1]) <= SEQ
-    assert torch.cat(rows).tolist() == stream
-    batches = list(batch_rows(rows, 4))
-    assert all(x.shape[0] <= 4 for x in batches) and sum(x.numel() for x in batches) == len(stream)
-    assert torch.cat(list(pack_rows(tok, _docs(), SEQ, n_tokens=70))).tolist() == stream[:70]
+    stream = _stream(b.tokenizer, _docs())
     full = layer_stats(b.model, b.tokenizer, [1], corpus, cache_dir=tmp_path, **KW)
     assert full[1].count == len(stream)
     capped = layer_stats(b.model, b.tokenizer, [1], corpus, cache_dir=tmp_path, n_tokens=70, **KW)
@@ -209,32 +193,6 @@ def test_model_unchanged_and_no_hooks(corpus, tmp_path):
     _no_hooks(model)
     assert {name: m.training for name, m in model.named_modules()} == modes
     assert all(not p.requires_grad for p in model.parameters())
-
-
-def test_wikipedia_sample_yields_english_paragraphs():
-    corpus = WikipediaSample()
-    paragraphs = list(itertools.islice(corpus.texts(), 4))
-    assert paragraphs[0].startswith("Anarchism is a political philosophy")
-    for text in paragraphs:
-        assert len(text.split()) >= corpus.min_words
-        assert not any(mark in text for mark in ("'''", "[[", "{{", "<ref", "=="))
-        assert " the " in text and text[0].isupper()
-    assert corpus.key == WikipediaSample().key
-
-
-def test_text_file_jsonl_and_hf_dataset_error(tmp_path, monkeypatch):
-    path = tmp_path / "docs.jsonl"
-    path.write_text('{"text": "First document."}\n\n{"text": "Second one.", "id": 2}\n', encoding="utf-8")
-    assert list(TextFile(path).texts()) == ["First document.", "Second one."]
-    txt = tmp_path / "docs.txt"
-    txt.write_text("one\ntwo\n\n\nthree\n", encoding="utf-8")
-    assert list(TextFile(txt).texts()) == ["one two", "three"]
-    key = TextFile(txt).key
-    txt.write_text("one\ntwo\n\nfour\n", encoding="utf-8")
-    assert TextFile(txt).key != key
-    monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(ImportError, match="pip install datasets"):
-        next(HFDataset("wikitext", "wikitext-103-raw-v1").texts())
 
 
 def test_rejects_bad_arguments(tiny, corpus, tmp_path):

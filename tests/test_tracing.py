@@ -1,9 +1,8 @@
 import pytest
 import torch
-
-from editlab.models.arch import arch_for, get_module
 from torch.func import functional_call
 
+from editlab.models.arch import arch_for, get_module
 from editlab.tracing import (
     CallRecorder, GradientFactors, RowDeltas, StopForward, Trace, replay_layers,
 )
@@ -38,7 +37,7 @@ def test_trace_captures_inputs_and_outputs(tiny, model_type):
         b.model(**_inputs(b))
     assert torch.equal(tr.inputs[mlp_out], seen["inp"])
     assert torch.equal(tr.outputs[mlp_out], seen["out"])
-    assert tr.outputs[block].shape[-1] == b.model.config.hidden_size if hasattr(b.model.config, "hidden_size") else True
+    assert tr.outputs[block].shape == (*seen["out"].shape[:-1], b.model.config.hidden_size)
     _no_hooks(b.model)
 
 
@@ -78,12 +77,38 @@ def test_hooks_removed_after_exception(tiny):
     def boom(p, x):
         raise ValueError("boom")
 
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="boom"):  # only StopForward is swallowed
         with Trace(b.model, [path], edit_output=boom):
             b.model(**_inputs(b))
     _no_hooks(b.model)
-    with pytest.raises(StopForward):  # outside a Trace nothing swallows it
+
+
+def test_stop_forward_is_swallowed_by_its_trace_only(tiny):
+    b = tiny("gpt2")
+    arch = arch_for(b.model)
+    first, last = arch.layer_path(0), arch.layer_path(1)
+    after_forward = []
+    with torch.no_grad(), Trace(b.model, [first], retain_output=True, stop=True) as tr:
+        b.model(**_inputs(b))
+        after_forward.append(1)  # skipped: the stopped forward leaves the block
+    assert after_forward == [] and first in tr.outputs
+    _no_hooks(b.model)
+
+    def stopper(module, args):
         raise StopForward()
+
+    handle = get_module(b.model, last).register_forward_pre_hook(stopper)
+    try:
+        with torch.no_grad(), pytest.raises(StopForward):  # outside a Trace it reaches the caller
+            b.model(**_inputs(b))
+        with torch.no_grad(), Trace(b.model, [first], retain_output=True) as tr:  # inside one it is swallowed
+            b.model(**_inputs(b))
+        assert first in tr.outputs
+    finally:
+        handle.remove()
+    with torch.no_grad():  # nothing left behind: a full forward reaches the LM head
+        logits = b.model(**_inputs(b)).logits
+    assert logits.shape[-1] == b.model.config.vocab_size
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)

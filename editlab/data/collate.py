@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["PairBatch", "encode_pairs", "subject_span", "target_text"]
+from editlab.data.records import EditRecord
+
+__all__ = ["PairBatch", "EditBatch", "EditBatchCollator", "encode_pairs", "subject_span", "target_text"]
 
 
 def target_text(target: str) -> str:
@@ -196,3 +198,66 @@ def encode_pairs(
         positions=positions,
         prompt_lengths=lengths,
     )
+
+
+@dataclass
+class EditBatch:
+    """Tokenised training batch: ``edit`` (prompt → target_new), ``rephrase`` (first rephrase →
+    target_new; None when no record has one) and ``locality`` (first locality probe → its answer).
+    ``rephrase_rows`` / ``locality_rows`` give, for each of their rows, the index of its record
+    (and of its row in ``edit``); None: row ``i`` belongs to record ``i``."""
+
+    records: list[EditRecord]
+    edit: PairBatch
+    rephrase: PairBatch | None
+    locality: PairBatch | None
+    rephrase_rows: torch.Tensor | None = None
+    locality_rows: torch.Tensor | None = None
+
+    def to(self, device) -> EditBatch:
+        def move(t):
+            return t.to(device) if t is not None else None
+
+        return EditBatch(self.records, self.edit.to(device), move(self.rephrase), move(self.locality),
+                         move(self.rephrase_rows), move(self.locality_rows))
+
+    def rows_of(self, part: PairBatch) -> torch.Tensor:
+        """The record index of every row of ``part`` (``edit``, ``rephrase`` or ``locality``)."""
+        if part is self.rephrase and self.rephrase_rows is not None:
+            return self.rephrase_rows
+        if part is self.locality and self.locality_rows is not None:
+            return self.locality_rows
+        if part is not self.edit and part is not self.rephrase and part is not self.locality:
+            raise ValueError("rows_of: not a part of this batch")
+        return torch.arange(len(part), device=part.input_ids.device)
+
+
+class EditBatchCollator:
+    """Collate records into :class:`EditBatch` for a causal (``seq2seq=False``) or seq2seq model."""
+
+    def __init__(self, tokenizer, seq2seq: bool = False, decoder_start_token_id: int | None = None,
+                 max_prompt_tokens: int | None = None):
+        self.tokenizer = tokenizer
+        self.seq2seq = seq2seq
+        self.decoder_start_token_id = decoder_start_token_id
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def _encode(self, prompts: list[str], targets: list[str]) -> PairBatch | None:
+        if not prompts:
+            return None
+        return encode_pairs(self.tokenizer, prompts, targets, seq2seq=self.seq2seq,
+                            decoder_start_token_id=self.decoder_start_token_id,
+                            max_prompt_tokens=self.max_prompt_tokens)
+
+    def __call__(self, items: list[EditRecord]) -> EditBatch:
+        records = list(items)
+        reph = [(i, r.rephrase_prompts[0], r.target_new) for i, r in enumerate(records) if r.rephrase_prompts]
+        loc = [(i, r.locality[0].prompt, r.locality[0].target) for i, r in enumerate(records) if r.locality]
+        return EditBatch(
+            records=records,
+            edit=self._encode([r.prompt for r in records], [r.target_new for r in records]),
+            rephrase=self._encode([p for _, p, _ in reph], [t for _, _, t in reph]),
+            locality=self._encode([p for _, p, _ in loc], [t for _, _, t in loc]),
+            rephrase_rows=torch.tensor([i for i, _, _ in reph], dtype=torch.long) if reph else None,
+            locality_rows=torch.tensor([i for i, _, _ in loc], dtype=torch.long) if loc else None,
+        )

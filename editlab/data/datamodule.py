@@ -3,8 +3,9 @@
 The splits are given as callables returning records (in Hydra configs: a loader function with
 ``_partial_: true``), so a split is read only when a stage needs it and each DDP rank reads its
 own copy.  Batches are either lists of :class:`EditRecord` (the edit loop: editors and the scorer
-tokenise themselves) or, with a tokenizer, :class:`EditBatch` tensors for training editors
-(the edit pair, its rephrasings and its locality probes, as MEND's edit_inner / edit_outer / loc).
+tokenise themselves) or, with a collator such as :class:`editlab.data.collate.EditBatchCollator`,
+:class:`~editlab.data.collate.EditBatch` tensors for training editors (the edit pair, its
+rephrasings and its locality probes, as MEND's edit_inner / edit_outer / loc).
 
 Training editors (``train``/``val`` splits):
 
@@ -26,21 +27,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 
-__all__ = [
-    "RecordDataset", "EditBatch", "EditBatchCollator", "EditDataModule", "EpochSampler",
-    "ResumableDataLoader", "pair_locality",
-]
+__all__ = ["RecordDataset", "EditDataModule", "EpochSampler", "ResumableDataLoader", "pair_locality"]
 
 log = logging.getLogger(__name__)
 
@@ -172,69 +167,6 @@ def collate_records(items: list[EditRecord]) -> list[EditRecord]:
     return list(items)
 
 
-@dataclass
-class EditBatch:
-    """Tokenised training batch: ``edit`` (prompt → target_new), ``rephrase`` (first rephrase →
-    target_new; None when no record has one) and ``locality`` (first locality probe → its answer).
-    ``rephrase_rows`` / ``locality_rows`` give, for each of their rows, the index of its record
-    (and of its row in ``edit``); None: row ``i`` belongs to record ``i``."""
-
-    records: list[EditRecord]
-    edit: PairBatch
-    rephrase: PairBatch | None
-    locality: PairBatch | None
-    rephrase_rows: torch.Tensor | None = None
-    locality_rows: torch.Tensor | None = None
-
-    def to(self, device) -> EditBatch:
-        def move(t):
-            return t.to(device) if t is not None else None
-
-        return EditBatch(self.records, self.edit.to(device), move(self.rephrase), move(self.locality),
-                         move(self.rephrase_rows), move(self.locality_rows))
-
-    def rows_of(self, part: PairBatch) -> torch.Tensor:
-        """The record index of every row of ``part`` (``edit``, ``rephrase`` or ``locality``)."""
-        if part is self.rephrase and self.rephrase_rows is not None:
-            return self.rephrase_rows
-        if part is self.locality and self.locality_rows is not None:
-            return self.locality_rows
-        if part is not self.edit and part is not self.rephrase and part is not self.locality:
-            raise ValueError("rows_of: not a part of this batch")
-        return torch.arange(len(part), device=part.input_ids.device)
-
-
-class EditBatchCollator:
-    """Collate records into :class:`EditBatch` for a causal (``seq2seq=False``) or seq2seq model."""
-
-    def __init__(self, tokenizer, seq2seq: bool = False, decoder_start_token_id: int | None = None,
-                 max_prompt_tokens: int | None = None):
-        self.tokenizer = tokenizer
-        self.seq2seq = seq2seq
-        self.decoder_start_token_id = decoder_start_token_id
-        self.max_prompt_tokens = max_prompt_tokens
-
-    def _encode(self, prompts: list[str], targets: list[str]) -> PairBatch | None:
-        if not prompts:
-            return None
-        return encode_pairs(self.tokenizer, prompts, targets, seq2seq=self.seq2seq,
-                            decoder_start_token_id=self.decoder_start_token_id,
-                            max_prompt_tokens=self.max_prompt_tokens)
-
-    def __call__(self, items: list[EditRecord]) -> EditBatch:
-        records = list(items)
-        reph = [(i, r.rephrase_prompts[0], r.target_new) for i, r in enumerate(records) if r.rephrase_prompts]
-        loc = [(i, r.locality[0].prompt, r.locality[0].target) for i, r in enumerate(records) if r.locality]
-        return EditBatch(
-            records=records,
-            edit=self._encode([r.prompt for r in records], [r.target_new for r in records]),
-            rephrase=self._encode([p for _, p, _ in reph], [t for _, _, t in reph]),
-            locality=self._encode([p for _, p, _ in loc], [t for _, _, t in loc]),
-            rephrase_rows=torch.tensor([i for i, _, _ in reph], dtype=torch.long) if reph else None,
-            locality_rows=torch.tensor([i for i, _, _ in loc], dtype=torch.long) if loc else None,
-        )
-
-
 class EditDataModule(L.LightningDataModule):
     """Edit records for the edit loop (``test``) and for training editors (``train``/``val``).
 
@@ -243,7 +175,7 @@ class EditDataModule(L.LightningDataModule):
         batch_size: records per batch (per edit, in the edit loop: 1 = single edits, >1 = batch edits).
         train_batch_size / val_batch_size: records per training / validation batch (None: ``batch_size``).
         collator: None → batches are lists of records; else a callable such as
-            :class:`EditBatchCollator`.
+            :class:`editlab.data.collate.EditBatchCollator`.
         num_workers: DataLoader workers.
         shuffle_train: shuffle the training split (a new seeded permutation every epoch).
         seed: seed of the training order (the permutation of epoch ``e`` is seeded by ``seed + e``).

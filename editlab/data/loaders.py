@@ -12,6 +12,8 @@ One function per source schema (Hydra configs call them directly through ``_targ
   WikiData_recent) and KnowEdit's WikiBio.
 * :func:`load_piqa` — PIQA (``goal``/``sol1``/``sol2`` JSONL + a labels file) as
   :class:`ChoiceItem` lists, for the general-ability check (:mod:`editlab.general`).
+* :func:`load_known` — ROME's known_1000 facts as :class:`KnownRecord` lists, for causal tracing
+  (:mod:`editlab.analysis.trace`).
 
 Conventions shared by all loaders:
 
@@ -53,6 +55,8 @@ __all__ = [
     "load_mquake",
     "ChoiceItem",
     "load_piqa",
+    "KnownRecord",
+    "load_known",
 ]
 
 log = logging.getLogger(__name__)
@@ -220,11 +224,11 @@ def _resolve_path(path: str | Path, data_dir: str | Path | None) -> Path:
     return file
 
 
-Parser = Callable[[_Fields], "EditRecord | list[EditRecord]"]
+Parser = Callable[[_Fields], Any]  # one record (EditRecord, KnownRecord) or a list of them
 
 
 def _load(path: str | Path, limit: int | None, offset: int, data_dir: str | Path | None,
-          parse: Parser) -> list[EditRecord]:
+          parse: Parser) -> list[Any]:
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     if limit is not None and limit < 0:
@@ -242,7 +246,7 @@ def _load(path: str | Path, limit: int | None, offset: int, data_dir: str | Path
         raise RecordError(source, None, "<file>",
                           f"top level must be a JSON list of records, got {type(raw).__name__}")
     stop = len(raw) if limit is None else min(len(raw), offset + limit)
-    records: list[EditRecord] = []
+    records: list[Any] = []
     notes: dict[str, list[int]] = defaultdict(list)
     for i in range(offset, stop):
         item = raw[i]
@@ -593,3 +597,54 @@ def load_piqa(path: str | Path = "locality/piqa_valid.jsonl", labels: str | Path
             raise RecordError(str(label_file), i, "label", f"must be 0 or 1, got {label!r:.40}")
         items.append(ChoiceItem(texts[0], (texts[1], texts[2]), int(label), i))
     return items
+
+
+# --------------------------------------------------------------------------------------------
+# known_1000 (causal tracing)
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KnownRecord:
+    """One record of ROME's ``known_1000.json`` (facts GPT-2 XL was found to know).
+
+    ``prompt`` is the text traced (it ends where the attribute should follow); ``template`` and
+    ``prediction`` (GPT-2 XL's continuation) are kept for reference only.
+    """
+
+    known_id: int
+    subject: str
+    attribute: str
+    template: str
+    prediction: str
+    prompt: str
+    relation_id: str
+    source: str = ""
+    index: int = -1
+
+
+_KNOWN_TEXT = ("subject", "attribute", "template", "prompt", "relation_id")
+
+
+def _parse_known(rec: _Fields) -> KnownRecord:
+    values = {name: rec.text(name) for name in _KNOWN_TEXT}
+    prediction = rec.required("prediction")
+    if not isinstance(prediction, str):
+        rec.fail("prediction", f"must be a string, got {type(prediction).__name__}")
+    known_id = rec.required("known_id")
+    if isinstance(known_id, bool) or not isinstance(known_id, int):
+        rec.fail("known_id", f"must be an integer, got {type(known_id).__name__}")
+    if values["subject"] not in values["prompt"]:
+        rec.fail("subject", f"{values['subject']!r} does not occur in the prompt {values['prompt']!r}")
+    return KnownRecord(known_id=known_id, prediction=prediction, source=rec.source, index=rec.index, **values)
+
+
+def load_known(path: str | Path = "known_1000/known_1000.json", limit: int | None = None, offset: int = 0, *,
+               data_dir: str | Path | None = None) -> list[KnownRecord]:
+    """ROME's known_1000 file: records ``[offset, offset + limit)`` by position.
+
+    Validated like every loader here: a bad record raises :class:`RecordError` naming the file,
+    the record index and the field.  Strings are stripped of surrounding whitespace except
+    ``prediction`` (a raw continuation).  The subject must occur in the prompt (causal tracing
+    corrupts its tokens).
+    """
+    return _load(path, limit, offset, data_dir, _parse_known)

@@ -9,7 +9,7 @@ at all), and only the editor's parameters are optimised (Adam over
 :meth:`LearnedEditor.optimizer_groups`).
 
 * **Training step**: the batch of records is tokenised into an
-  :class:`~editlab.data.datamodule.EditBatch` (edit / rephrase / locality pairs, MEND's
+  :class:`~editlab.data.collate.EditBatch` (edit / rephrase / locality pairs, MEND's
   edit_inner / edit_outer / loc) and the editor's :meth:`~LearnedEditor.training_losses` are
   logged as ``train/<key>`` (``loss``, ``loss_edit``, ``loss_loc``, ``edit_acc``, ``loc_acc``, and
   whatever else the editor returns), averaged over ranks.
@@ -63,13 +63,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
-from editlab.data.datamodule import EditBatchCollator
+from editlab.data.collate import EditBatchCollator
 from editlab.data.records import EditRecord
 from editlab.lit.probes import build_plan
 from editlab.methods.base import applied
 from editlab.methods.hyper import LearnedEditor
 from editlab.metrics.edit import build_edit_metrics, computed
 from editlab.metrics.functional import harmonic_mean
+from editlab.models.arch import is_encoder_decoder
 from editlab.models.loading import ModelBundle, freeze
 from editlab.scoring import ScoreCache, score_pairs
 
@@ -150,7 +151,7 @@ class EditorTrainModule(L.LightningModule):
         self.chunk_size = chunk_size
         self.max_prompt_tokens = max_prompt_tokens
         self.editor_config = editor_config
-        seq2seq = model.is_encoder_decoder
+        seq2seq = is_encoder_decoder(model)
         start = getattr(self.model.config, "decoder_start_token_id", None) if seq2seq else None
         self.collator = EditBatchCollator(model.tokenizer, seq2seq=seq2seq, decoder_start_token_id=start,
                                           max_prompt_tokens=max_prompt_tokens)

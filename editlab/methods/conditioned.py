@@ -57,7 +57,7 @@ from torch import nn
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import CausalLMOutput, Seq2SeqLMOutput
 
-from editlab.models.arch import arch_for
+from editlab.models.arch import arch_for, is_encoder_decoder
 from editlab.scoring import head_logits
 from editlab.tracing import CallRecorder
 
@@ -78,10 +78,6 @@ def default_bos(tokenizer) -> int | None:
         return None
     ids = tokenizer("a")["input_ids"]
     return bos if ids and ids[0] == bos else None
-
-
-def _is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
 
 def _max_positions(model: nn.Module) -> int | None:
@@ -191,7 +187,7 @@ class ConditionedLM(nn.Module):
         models = [model] if models is None else list(models)
         if not models or models[0] is not model:
             raise ValueError("models[0] must be the base model")
-        kinds = [_is_seq2seq(m) for m in models]
+        kinds = [is_encoder_decoder(m) for m in models]
         if any(k != kinds[0] for k in kinds):
             names = ", ".join(f"{i}: {type(m).__name__} ({'encoder-decoder' if k else 'decoder-only'})"
                               for i, (m, k) in enumerate(zip(models, kinds)))

@@ -27,7 +27,7 @@ from torch import nn
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
-from editlab.models.arch import arch_for, get_module, get_parameter
+from editlab.models.arch import arch_for, get_module, get_parameter, is_encoder_decoder
 from editlab.scoring import head_nll
 from editlab.tracing import CallRecorder, replay_layers
 
@@ -86,7 +86,7 @@ class FTL(Editor):
     def _batch(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> PairBatch:
         prompts = [r.prompt for r in records]
         targets = [r.target_new for r in records]
-        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        seq2seq = is_encoder_decoder(model)
         batch = encode_pairs(
             tokenizer, prompts, targets, seq2seq=seq2seq,
             decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
@@ -145,7 +145,7 @@ class FTL(Editor):
         deltas = {name: torch.zeros_like(w, requires_grad=True) for name, w in weights.items()}
 
         batch = self._batch(model, tokenizer, records).to(device)
-        use_replay = self.replay and not arch.is_encoder_decoder
+        use_replay = self.replay and not is_encoder_decoder(model)
         first = self.layers[0]
         upper = block_paths[first:]
         final_norm = get_module(model, arch.final_norm)

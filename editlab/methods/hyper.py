@@ -10,7 +10,7 @@ unmaintained and patches whole modules, ``functional_call`` is part of PyTorch a
 the edited tensors.)
 
 Training (``editlab/lit/editor_train.py``) calls :meth:`TrainableEditor.training_losses` on an
-:class:`~editlab.data.datamodule.EditBatch`; evaluation goes through the same edit loop as every
+:class:`~editlab.data.collate.EditBatch`; evaluation goes through the same edit loop as every
 other editor, because a trainable editor is also an :class:`~editlab.methods.base.Editor`:
 :meth:`TrainableEditor.compute_deltas` returns ``new − old`` for the edited parameters.
 
@@ -59,11 +59,10 @@ from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
-from editlab.data.collate import PairBatch, encode_pairs
-from editlab.data.datamodule import EditBatch
+from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
-from editlab.models.arch import arch_for, get_module
+from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.tracing import GradientFactors, RowDeltas
 
 __all__ = [
@@ -76,7 +75,6 @@ __all__ = [
     "row_gradients",
     "target_nll",
     "locality_kl",
-    "is_seq2seq",
     "last_mlp_weights",
     "EDIT_OUTER",
     "LOC_POSITIONS",
@@ -99,10 +97,6 @@ class RowEdits:
     with that edit alone (:class:`~editlab.tracing.RowDeltas`)."""
 
     deltas: dict[str, torch.Tensor]
-
-
-def is_seq2seq(model: nn.Module) -> bool:
-    return bool(getattr(model.config, "is_encoder_decoder", False))
 
 
 def edited_forward(model: nn.Module, params: dict[str, torch.Tensor] | RowEdits | None, batch: PairBatch,
@@ -374,7 +368,7 @@ class TrainableEditor(LearnedEditor):
         ``cond`` is the conditioning text where the editor reads one (KE)."""
 
     def encode(self, tokenizer, model: nn.Module, records: Sequence[EditRecord]) -> PairBatch:
-        seq2seq = is_seq2seq(model)
+        seq2seq = is_encoder_decoder(model)
         start = getattr(model.config, "decoder_start_token_id", None) if seq2seq else None
         return encode_pairs(tokenizer, [r.prompt for r in records], [r.target_new for r in records],
                             seq2seq=seq2seq, decoder_start_token_id=start)

@@ -63,8 +63,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence
 from transformers.pytorch_utils import Conv1D
 
-from editlab.data.collate import PairBatch
-from editlab.data.datamodule import EditBatch
+from editlab.data.collate import EditBatch, PairBatch
 from editlab.methods.base import EditError
 from editlab.methods.hyper import (
     TrainableEditor, edit_gradients, edited_forward, locality_terms, row_gradients, target_nll,

@@ -39,11 +39,12 @@ from torch import nn
 from transformers import Cache, DynamicCache
 
 from editlab.data.collate import encode_pairs, subject_span
+from editlab.data.corpora import Corpus, WikipediaSample
 from editlab.data.records import EditRecord
 from editlab.methods.base import EditError, Editor
-from editlab.models.arch import arch_for, get_module
+from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.scoring import head_logits, head_nll
-from editlab.stats import Corpus, WikipediaSample, layer_stats, model_identity
+from editlab.stats import layer_stats, model_identity
 from editlab.tracing import CallRecorder, Trace, first_tensor
 
 log = logging.getLogger(__name__)
@@ -289,10 +290,9 @@ class KeyValueEditor(Editor):
 
     def check(self, model: nn.Module, records: Sequence[EditRecord]) -> None:
         check_records(records, self.method)
-        spec = arch_for(model)
-        if spec.is_encoder_decoder:
+        if is_encoder_decoder(model):
             raise EditError(f"{self.method} supports decoder-only models")
-        n = spec.num_layers(model)
+        n = arch_for(model).num_layers(model)
         for layer in self.layers:
             if not 0 <= layer < n:
                 raise EditError(f"{self.method} layer {layer} out of range: the model has {n} blocks")

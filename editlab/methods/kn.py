@@ -83,7 +83,7 @@ from transformers import Cache, DynamicCache
 from editlab.data.collate import encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, Editor
-from editlab.models.arch import ArchSpec, arch_for, get_module, get_parameter
+from editlab.models.arch import ArchSpec, arch_for, get_module, get_parameter, is_encoder_decoder
 from editlab.scoring import head_logits
 from editlab.tracing import CallRecorder, LayerCall, Trace, first_tensor
 
@@ -411,7 +411,7 @@ def _prob_grad(
 
 def _decoder_arch(model: nn.Module) -> ArchSpec:
     arch = arch_for(model)
-    if arch.is_encoder_decoder or getattr(model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise EditError(
             f"KN supports decoder-only models; {type(model).__name__} is an encoder-decoder model"
         )

@@ -34,7 +34,7 @@ from transformers.activations import ACT2FN
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import EditError
-from editlab.models.arch import ArchSpec, arch_for, get_module
+from editlab.models.arch import ArchSpec, arch_for, get_module, is_encoder_decoder
 from editlab.scoring import head_logits, head_nll
 from editlab.tracing import CallRecorder, Trace, replay_layers
 
@@ -195,7 +195,7 @@ class HostReplay:
         self.layer = layer
         self.host_path = self.arch.module_path(model, "mlp", layer)
         self.host = get_module(model, self.host_path)
-        self.seq2seq = bool(self.arch.is_encoder_decoder)
+        self.seq2seq = is_encoder_decoder(model)
         device = next(model.parameters()).device
         try:
             batch = encode_pairs(

@@ -37,11 +37,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from editlab.data.corpora import Corpus
 from editlab.data.records import EditRecord
 from editlab.methods.base import Deltas, EditError, WeightEditSession
 from editlab.methods.keyvalue import DEFAULT_TEMPLATE_PROMPTS, KeyValueEditor, mean_keys, optimize_values
 from editlab.models.arch import arch_for, get_module
-from editlab.stats import Corpus
 
 log = logging.getLogger(__name__)
 

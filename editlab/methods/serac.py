@@ -84,12 +84,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from editlab.data.collate import PairBatch, encode_pairs
-from editlab.data.datamodule import EditBatch
+from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
 from editlab.methods.base import Edit, EditError
 from editlab.methods.conditioned import ConditionedLM, default_bos
-from editlab.methods.hyper import LearnedEditor, is_seq2seq
+from editlab.methods.hyper import LearnedEditor
+from editlab.models.arch import is_encoder_decoder
 from editlab.models.encoder import SentenceEncoder
 from editlab.models.loading import ModelBundle, from_pretrained
 from editlab.scoring import head_logits, lm_head_input
@@ -465,8 +465,8 @@ class SERAC(LearnedEditor):
                 cf = source
             else:
                 raise TypeError(f"counterfactual must give a ModelBundle or a model, got {type(source).__name__}")
-        if is_seq2seq(cf) != is_seq2seq(model):
-            kind = "an encoder-decoder" if is_seq2seq(model) else "a decoder-only"
+        if is_encoder_decoder(cf) != is_encoder_decoder(model):
+            kind = "an encoder-decoder" if is_encoder_decoder(model) else "a decoder-only"
             raise TypeError(f"the counterfactual model ({type(cf).__name__}) must be {kind} model, "
                             f"as the base model ({type(model).__name__})")
         if tokenizer is not None and self._tokenizer is not None:
@@ -539,7 +539,7 @@ class SERAC(LearnedEditor):
             raise EditError("SERAC has no tokenizer: bind(model, tokenizer) first")
         records = list(batch.records)
         device = next(self.classifier.parameters()).device
-        seq2seq = is_seq2seq(model)
+        seq2seq = is_encoder_decoder(model)
         pairs_kw = {"seq2seq": seq2seq,
                     "decoder_start_token_id": getattr(model.config, "decoder_start_token_id", None) if seq2seq else None}
         # in-scope inputs (one per record) and out-of-scope locality inputs, as the scorer runs them

@@ -42,8 +42,8 @@ Memory set.  The repository's memory holds the host inputs of the task's trainin
 vectors; the top-1000 terms enter the loss) plus the inputs of every earlier edit
 (``update_memory``).  Here it holds the host inputs at every position of ``memory_tokens`` tokens of
 ``memory_corpus`` (by default a fixed sample of the offline Wikipedia text,
-:class:`editlab.stats.WikipediaSample`, packed into rows of ``memory_seq_len``; or any
-:class:`~editlab.stats.Corpus`; or a list of prompts), plus the ``anchors`` of the T-Patcher patches
+:class:`editlab.data.corpora.WikipediaSample`, packed into rows of ``memory_seq_len``; or any
+:class:`~editlab.data.corpora.Corpus`; or a list of prompts), plus the ``anchors`` of the T-Patcher patches
 already installed on the host: the host inputs at every target position of their edits, so that
 in a sequential stream each new neuron learns to stay silent on the earlier edits' inputs
 (``update_memory``).  Not the records' locality prompts: those are what the locality metric
@@ -80,10 +80,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from editlab.data.corpora import Corpus, WikipediaSample, batch_rows, pack_rows
 from editlab.data.records import EditRecord
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, host_patches, resolve_layer
-from editlab.stats import Corpus, WikipediaSample, batch_rows, effective_seq_len, model_identity, pack_rows
+from editlab.models.arch import is_encoder_decoder
+from editlab.stats import effective_seq_len, model_identity
 from editlab.tracing import Trace
 
 log = logging.getLogger(__name__)
@@ -126,8 +128,9 @@ class TPatcher(Editor):
             trains ``v`` alone.
         activation: the neuron's activation (an ``ACT2FN`` key); None: ReLU on gated hosts, the
             host's activation on ungated ones.
-        memory_corpus: unrelated text for the memory set: a :class:`~editlab.stats.Corpus` (packed
-            rows), a list of prompts (one row each), or None for :class:`~editlab.stats.WikipediaSample`.
+        memory_corpus: unrelated text for the memory set: a :class:`~editlab.data.corpora.Corpus`
+            (packed rows), a list of prompts (one row each), or None for
+            :class:`~editlab.data.corpora.WikipediaSample`.
         memory_tokens: memory positions at most.
         memory_seq_len: row length when packing a corpus.
         cache_memory: keep the memory set between calls (per model identity and host).
@@ -239,7 +242,7 @@ class TPatcher(Editor):
         if key is not None and self._memory_cache is not None and self._memory_cache[0] == key:
             return self._memory_cache[1]
         device = next(model.parameters()).device
-        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        seq2seq = is_encoder_decoder(model)
         start = getattr(model.config, "decoder_start_token_id", None) or 0
         chunks, total = [], 0
         for ids, mask in self._rows(model, tokenizer):

@@ -56,8 +56,8 @@ class ArchSpec:
             ``transformers.activations.ACT2FN``); the first one set wins.
         transposed: weights stored as ``(in, out)`` (GPT-2 ``Conv1D``) instead of ``(out, in)``.
         encoder_layers / encoder_mlp / encoder_mlp_in / encoder_mlp_out: the encoder stack of
-            encoder-decoder models (T5), for methods that edit both stacks.
-        is_encoder_decoder: True for seq2seq models.
+            encoder-decoder models (T5), for methods that edit both stacks.  Whether a model *is*
+            encoder-decoder is not a table fact: :func:`is_encoder_decoder` reads its config.
         residual: the module whose output is the residual stream after a block, relative to a
             block ("" = the block itself).
     """
@@ -77,7 +77,6 @@ class ArchSpec:
     encoder_mlp: Paths = ()
     encoder_mlp_in: Paths = ()
     encoder_mlp_out: Paths = ()
-    is_encoder_decoder: bool = False
     residual: str = ""
 
     # ----------------------------------------------------------------- paths
@@ -215,7 +214,6 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         encoder_mlp=("layer.1.DenseReluDense",),
         encoder_mlp_in=("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_1"),
         encoder_mlp_out=("layer.1.DenseReluDense.wo",),
-        is_encoder_decoder=True,
     ),
 }
 

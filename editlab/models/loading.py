@@ -24,6 +24,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from editlab.models.arch import is_encoder_decoder
+
 __all__ = [
     "ModelBundle",
     "ModelLoadError",
@@ -59,10 +61,6 @@ class ModelBundle:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     name: str
-
-    @property
-    def is_encoder_decoder(self) -> bool:
-        return bool(getattr(self.model.config, "is_encoder_decoder", False))
 
     @property
     def model_type(self) -> str:
@@ -217,8 +215,8 @@ def from_pretrained(
     try:
         config = AutoConfig.from_pretrained(source, **hf_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs)
-        is_seq2seq = bool(getattr(config, "is_encoder_decoder", False)) if seq2seq is None else seq2seq
-        auto_cls = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
+        seq2seq = is_encoder_decoder(config) if seq2seq is None else seq2seq
+        auto_cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
         model = auto_cls.from_pretrained(source, config=config, dtype=torch_dtype, **hf_kwargs)
     except OSError as err:
         if local:

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from editlab.data.collate import encode_pairs
+from editlab.data.collate import EditBatchCollator, encode_pairs
+
+from conftest import make_records
 
 
 def test_causal_positions_predict_targets(tiny):
@@ -41,3 +43,26 @@ def test_errors(tiny):
         encode_pairs(tok, ["a"], ["b", "c"])
     with pytest.raises(ValueError):
         encode_pairs(tok, [], [])
+
+
+def test_edit_batch_collator_maps_rows_to_records(tiny):
+    """Record 2 has no rephrasing: the rephrase part has rows for records 0 and 1 only, and
+    ``rows_of`` names each row's record; every record has a locality probe (rows = records)."""
+    tok = tiny("gpt2").tokenizer
+    records = make_records()
+    batch = EditBatchCollator(tok)(records)
+    assert batch.records == records
+    edit = encode_pairs(tok, [r.prompt for r in records], [r.target_new for r in records])
+    assert torch.equal(batch.edit.input_ids, edit.input_ids)
+    rephrase = encode_pairs(tok, [r.rephrase_prompts[0] for r in records[:2]], [r.target_new for r in records[:2]])
+    assert torch.equal(batch.rephrase.input_ids, rephrase.input_ids)
+    assert batch.rows_of(batch.rephrase).tolist() == [0, 1]
+    assert batch.rows_of(batch.locality).tolist() == [0, 1, 2] and batch.rows_of(batch.edit).tolist() == [0, 1, 2]
+    assert batch.locality.target_mask.any(dim=1).all()
+    moved = batch.to("cpu")
+    assert moved.rephrase_rows.tolist() == [0, 1] and moved.records == records
+    with pytest.raises(ValueError, match="not a part of this batch"):
+        batch.rows_of(edit)
+    bare = [r for r in records if r.record_id == 2]
+    alone = EditBatchCollator(tok)(bare)
+    assert alone.rephrase is None and alone.rephrase_rows is None and len(alone.locality) == 1

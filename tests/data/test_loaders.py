@@ -640,3 +640,59 @@ def test_load_mquake_shared_release():
     recs = loaders.load_mquake()
     assert len(recs) == 4 * 429
     assert all(len(r.portability) == 3 for r in recs[3::4]) and not any(r.portability for r in recs[0::4])
+
+
+# ------------------------------------------------------------------ known_1000 (causal tracing)
+
+def known_records() -> list[dict[str, Any]]:
+    return [
+        {"known_id": 7, "subject": "Victor Hugo", "attribute": "French",
+         "template": "The mother tongue of {} was", "prediction": " French",
+         "prompt": "The mother tongue of Victor Hugo was", "relation_id": "P103"},
+        {"known_id": 9, "subject": " Toyota", "attribute": "Japan ", "template": "{} is a company from",
+         "prediction": " Japan", "prompt": "Toyota is a company from", "relation_id": "P17"},
+    ]
+
+
+def test_load_known_reads_and_strips(tmp_path: Path) -> None:
+    from editlab.data.loaders import KnownRecord, load_known
+
+    write_json(tmp_path / "known.json", known_records())
+    recs = load_known("known.json", data_dir=tmp_path)
+    assert recs[1] == KnownRecord(
+        known_id=9, subject="Toyota", attribute="Japan", template="{} is a company from", prediction=" Japan",
+        prompt="Toyota is a company from", relation_id="P17", source=str(tmp_path / "known.json"), index=1)
+    assert recs[0].prediction == " French"  # a raw continuation: not stripped
+    assert [r.known_id for r in load_known("known.json", limit=1, offset=1, data_dir=tmp_path)] == [9]
+
+
+@pytest.mark.parametrize("dotted, value, field, expect", [
+    ("attribute", None, "attribute", "is null"),
+    ("prompt", "   ", "prompt", "non-empty"),
+    ("known_id", True, "known_id", "must be an integer"),
+    ("known_id", "9", "known_id", "must be an integer"),
+    ("prediction", 3, "prediction", "must be a string"),
+    ("subject", "Honda", "subject", "does not occur in the prompt"),
+])
+def test_load_known_names_file_index_and_field(tmp_path: Path, dotted: str, value: Any, field: str,
+                                               expect: str) -> None:
+    from editlab.data.loaders import load_known
+
+    records = known_records()
+    records[1][dotted] = value
+    with pytest.raises(RecordError, match=expect) as err:
+        load_known(write_json(tmp_path / "bad.json", records))
+    assert err.value.index == 1 and err.value.field == field and "bad.json" in str(err.value)
+    del records[1][dotted]
+    with pytest.raises(RecordError, match="missing") as err:
+        load_known(write_json(tmp_path / "bad.json", records))
+    assert err.value.field == field
+
+
+@pytest.mark.data
+def test_load_known_shared_release() -> None:
+    from editlab.data.loaders import load_known
+
+    records = load_known(_real_file("known_1000/known_1000.json"))
+    assert len(records) == 1209 and len({r.known_id for r in records}) == len(records)
+    assert all(r.subject in r.prompt for r in records)

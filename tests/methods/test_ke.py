@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from editlab.data.datamodule import EditBatchCollator
+from editlab.data.collate import EditBatchCollator
 from editlab.methods.base import EditError
 from editlab.methods.hyper import edit_gradients, edited_forward, last_mlp_weights, target_nll
 from editlab.methods.ke import KE, _ConditionedParameter, _ReverseGrad, _smoothed_nll

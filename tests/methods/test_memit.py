@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from editlab.data.corpora import TextFile
 from editlab.methods.memit import MEMIT, memit_update
 from editlab.models.tiny import TINY_CORPUS
 from editlab.scoring import score_pairs
-from editlab.stats import TextFile
 
 from conftest import CAUSAL_TYPES, assert_state_equal, make_records, state_copy
 

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from editlab.data.datamodule import EditBatchCollator
+from editlab.data.collate import EditBatchCollator
 from editlab.methods.base import EditError
 from editlab.methods.hyper import edit_gradients, edited_forward, last_mlp_weights, locality_kl, target_nll
 from editlab.methods.ke import KE

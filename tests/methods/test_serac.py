@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
-from editlab.data.collate import encode_pairs
-from editlab.data.datamodule import EditBatchCollator, EditDataModule
+from editlab.data.collate import EditBatchCollator, encode_pairs
+from editlab.data.datamodule import EditDataModule
 from editlab.data.loaders import load_counterfact_easyedit
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule

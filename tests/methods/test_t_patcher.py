@@ -13,6 +13,7 @@ from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.base import EditError, WeightEditSession, applied
 from editlab.methods.patches import FFNPatch, HostReplay, host_patches
 from editlab.methods.t_patcher import TPatcher
+from editlab.models.arch import is_encoder_decoder
 from editlab.scoring import score_pairs
 from editlab.tracing import Trace
 
@@ -43,7 +44,7 @@ def _host_inputs(bundle, path, texts):
     out = []
     for text in texts:
         ids = bundle.tokenizer(text, return_tensors="pt")["input_ids"]
-        extra = {"decoder_input_ids": ids} if bundle.is_encoder_decoder else {}
+        extra = {"decoder_input_ids": ids} if is_encoder_decoder(bundle) else {}
         with Trace(bundle.model, [path], retain_input=True, stop=True) as tr, torch.no_grad():
             bundle.model(input_ids=ids, use_cache=False, **extra)
         out.append(tr.inputs[path].reshape(-1, tr.inputs[path].shape[-1]))
@@ -166,14 +167,14 @@ def test_memory_is_cached_per_model_and_host(tiny, tmp_path):
     bundle = tiny("gpt2")
     corpus_file = tmp_path / "wiki.txt"
     corpus_file.write_text("The river flows through the city.\n\nThe sea is to the south of the country.\n")
-    from editlab.stats import TextFile
+    from editlab.data.corpora import TextFile
 
     editor = TPatcher(memory_corpus=TextFile(str(corpus_file)), memory_tokens=10, memory_seq_len=8)
     m1 = editor.memory(bundle.model, bundle.tokenizer, "transformer.h.1.mlp")
     assert m1.shape == (10, 32) and m1.dtype == torch.float32
     assert editor.memory(bundle.model, bundle.tokenizer, "transformer.h.1.mlp") is m1
     assert editor.memory(bundle.model, bundle.tokenizer, "transformer.h.0.mlp") is not m1
-    from editlab.stats import WikipediaSample
+    from editlab.data.corpora import WikipediaSample
 
     default = TPatcher(memory_tokens=100)  # the offline Wikipedia sample
     assert isinstance(default.memory_corpus, WikipediaSample)
@@ -244,7 +245,7 @@ def test_experiment_runs_through_the_entry_point(tmp_path):
             "experiment=t_patcher_smollm2_zsre", "model=tiny_llama", f"paths.data_dir={tmp_path}",
             "data.test.path=zsre.json", "module.generation_framing=plain", "method.max_steps=20",
             "method.memory_tokens=64",
-            "method.memory_corpus._target_=editlab.stats.TextFile",
+            "method.memory_corpus._target_=editlab.data.corpora.TextFile",
             f"+method.memory_corpus.path={tmp_path / 'corpus.txt'}", "logger=csv", "callbacks=none"])
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "out")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from editlab.models.arch import ARCHITECTURES, UnknownArchitecture, arch_for, get_module
+from editlab.models.arch import ARCHITECTURES, UnknownArchitecture, arch_for, get_module, is_encoder_decoder
 from editlab.models.tiny import TINY_MODEL_TYPES, tiny_model
 
 ROLES = ("mlp", "mlp_in", "mlp_out", "attn_out")
@@ -42,7 +42,8 @@ def test_top_level_paths_resolve(bundle) -> None:
     assert isinstance(get_module(model, spec.final_norm), nn.Module)
     lm_head = get_module(model, spec.lm_head)
     assert lm_head is model.get_output_embeddings()
-    assert spec.is_encoder_decoder == bundle.is_encoder_decoder
+    # the table names an encoder stack exactly for the encoder-decoder models
+    assert (spec.encoder_layers is not None) == is_encoder_decoder(model)
 
 
 def test_block_roles_resolve_in_every_layer(bundle) -> None:
@@ -87,7 +88,7 @@ def test_mlp_is_the_whole_feed_forward_with_d_model_in_and_out(bundle) -> None:
         handle = mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
         try:
             ids = torch.tensor([[5, 6, 7]])
-            extra = {"decoder_input_ids": ids} if bundle.is_encoder_decoder else {}
+            extra = {"decoder_input_ids": ids} if is_encoder_decoder(bundle) else {}
             model(input_ids=ids, use_cache=False, **extra)
         finally:
             handle.remove()
@@ -144,7 +145,7 @@ def test_weight_out_in_is_a_view_and_delta_round_trips() -> None:
 def test_t5_encoder_paths() -> None:
     model = tiny_model("t5").model
     spec = arch_for(model)
-    assert spec.is_encoder_decoder and spec.encoder_layers
+    assert is_encoder_decoder(model) and spec.encoder_layers
     assert spec.num_layers(model, encoder=True) == 2
     for layer in range(2):
         for role in ("mlp_in", "mlp_out"):
@@ -177,3 +178,23 @@ def test_unknown_module_raises_with_entry_hint() -> None:
     model = tiny_model("llama").model
     with pytest.raises(UnknownArchitecture, match="arch.py"):
         ARCHITECTURES["gpt2"].module_path(model, "mlp_in", 0)
+
+
+@pytest.mark.parametrize("model_type", TINY_MODEL_TYPES)
+def test_is_encoder_decoder_answers_for_model_config_bundle_and_wrapper(model_type) -> None:
+    bundle = tiny_model(model_type)
+    expected = model_type == "t5"
+    assert bundle.model.config.is_encoder_decoder is expected  # what Hugging Face says
+
+    class Wrapper(nn.Module):  # an editor's wrapper exposing the wrapped model's config
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+    for asked in (bundle, bundle.model, bundle.model.config, Wrapper(bundle.model)):
+        assert is_encoder_decoder(asked) is expected, type(asked).__name__
+
+
+def test_is_encoder_decoder_is_false_without_a_config() -> None:
+    assert is_encoder_decoder(nn.Linear(2, 2)) is False

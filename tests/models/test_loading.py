@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from editlab.models.arch import is_encoder_decoder
 from editlab.models.loading import (
     ModelBundle,
     ModelLoadError,
@@ -29,7 +30,7 @@ def _save(bundle: ModelBundle, folder: Path) -> Path:
 def _logits(bundle: ModelBundle) -> torch.Tensor:
     batch = bundle.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
-        if bundle.is_encoder_decoder:
+        if is_encoder_decoder(bundle):
             start = torch.full((2, 1), bundle.model.config.decoder_start_token_id)
             return bundle.model(**batch, decoder_input_ids=start).logits
         return bundle.model(**batch).logits
@@ -51,7 +52,7 @@ def test_round_trip(saved, model_type: str) -> None:
     loaded = from_pretrained(str(folder))
     assert loaded.name == str(folder)
     assert loaded.model_type == model_type
-    assert loaded.is_encoder_decoder == (model_type == "t5")
+    assert is_encoder_decoder(loaded) == (model_type == "t5")
     assert type(loaded.model) is type(original.model)
     assert loaded.device == torch.device("cpu")
     assert loaded.model.dtype == torch.float32
@@ -68,7 +69,7 @@ def test_seq2seq_flag_overrides_config(saved) -> None:
     _, folder = saved["gpt2"]
     with pytest.raises(ValueError):
         from_pretrained(str(folder), seq2seq=True)  # gpt2 has no seq2seq class
-    assert not from_pretrained(str(folder), seq2seq=False).is_encoder_decoder
+    assert not is_encoder_decoder(from_pretrained(str(folder), seq2seq=False))
 
 
 def test_pad_token_set_from_eos(saved, tmp_path: Path) -> None:

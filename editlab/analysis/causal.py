@@ -54,12 +54,10 @@ models raise ``ValueError``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,9 +65,7 @@ import torch
 from torch import nn
 
 from editlab.data.collate import encode_pairs, subject_span
-from editlab.data.loaders import resolve_data_dir
-from editlab.data.records import RecordError
-from editlab.models.arch import ArchSpec, arch_for, get_module
+from editlab.models.arch import ArchSpec, arch_for, get_module, is_encoder_decoder
 from editlab.scoring import head_logits
 from editlab.tracing import CallRecorder, Trace, replay_layers
 
@@ -77,9 +73,7 @@ __all__ = [
     "KINDS",
     "CATEGORIES",
     "CATEGORY_LABELS",
-    "KnownRecord",
     "TraceResult",
-    "load_known",
     "noise_std",
     "layer_window",
     "next_token",
@@ -110,104 +104,15 @@ CATEGORY_LABELS = {
 
 
 # --------------------------------------------------------------------------------------------
-# known_1000
-# --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class KnownRecord:
-    """One record of ROME's ``known_1000.json`` (facts GPT-2 XL was found to know).
-
-    ``prompt`` is the text traced (it ends where the attribute should follow); ``template`` and
-    ``prediction`` (GPT-2 XL's continuation) are kept for reference only.
-    """
-
-    known_id: int
-    subject: str
-    attribute: str
-    template: str
-    prediction: str
-    prompt: str
-    relation_id: str
-    source: str = ""
-    index: int = -1
-
-
-_KNOWN_TEXT = ("subject", "attribute", "template", "prompt", "relation_id")
-
-
-def load_known(path: str | Path = "known_1000/known_1000.json", limit: int | None = None, offset: int = 0,
-               data_dir: str | Path | None = None) -> list[KnownRecord]:
-    """Read ROME's known_1000 file: records ``[offset, offset + limit)`` by position.
-
-    A relative ``path`` is resolved against the data directory
-    (:func:`editlab.data.loaders.resolve_data_dir`).  Every selected record is validated; a bad one
-    raises :class:`RecordError` naming the file, the record index and the field.  Strings are
-    stripped of surrounding whitespace except ``prediction`` (a raw continuation).  The subject must
-    occur in the prompt (causal tracing corrupts its tokens).
-    """
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    file = Path(path).expanduser()
-    if not file.is_absolute():
-        file = resolve_data_dir(data_dir) / file
-    if not file.is_file():
-        raise FileNotFoundError(f"known_1000 file {file} does not exist")
-    source = str(file)
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RecordError(source, None, "<file>", f"not a JSON file: {err}") from err
-    if not isinstance(raw, list):
-        raise RecordError(source, None, "<file>", f"top level must be a JSON list, got {type(raw).__name__}")
-    stop = len(raw) if limit is None else min(len(raw), offset + limit)
-    records = []
-    for i in range(offset, stop):
-        item = raw[i]
-        if not isinstance(item, Mapping):
-            raise RecordError(source, i, "<record>", f"must be a JSON object, got {type(item).__name__}")
-
-        def get(name: str) -> Any:
-            if name not in item:
-                raise RecordError(source, i, name, "missing")
-            if item[name] is None:
-                raise RecordError(source, i, name, "is null")
-            return item[name]
-
-        values: dict[str, Any] = {}
-        for name in _KNOWN_TEXT:
-            value = get(name)
-            if not isinstance(value, str):
-                raise RecordError(source, i, name, f"must be a string, got {type(value).__name__}")
-            if not value.strip():
-                raise RecordError(source, i, name, "must be a non-empty string")
-            values[name] = value.strip()
-        prediction = get("prediction")
-        if not isinstance(prediction, str):
-            raise RecordError(source, i, "prediction", f"must be a string, got {type(prediction).__name__}")
-        known_id = get("known_id")
-        if isinstance(known_id, bool) or not isinstance(known_id, int):
-            raise RecordError(source, i, "known_id", f"must be an integer, got {type(known_id).__name__}")
-        if values["subject"] not in values["prompt"]:
-            raise RecordError(source, i, "subject",
-                              f"{values['subject']!r} does not occur in the prompt {values['prompt']!r}")
-        records.append(KnownRecord(known_id=known_id, prediction=prediction, source=source, index=i, **values))
-    log.debug("loaded %d known_1000 records from %s", len(records), source)
-    return records
-
-
-# --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
 
 def _causal_spec(model: nn.Module) -> ArchSpec:
-    spec = arch_for(model)
-    if spec.is_encoder_decoder or getattr(model.config, "is_encoder_decoder", False):
+    if is_encoder_decoder(model):
         raise ValueError(
             f"causal tracing needs a decoder-only model; {type(model).__name__} "
             f"(model_type {model.config.model_type!r}) is encoder-decoder")
-    return spec
+    return arch_for(model)
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -390,19 +295,6 @@ class TraceResult:
     def indirect_effect(self) -> np.ndarray:
         """``scores - low``: the indirect effect of each restored state."""
         return self.scores - self.low
-
-    @property
-    def total_effect(self) -> float:
-        return self.high - self.low
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kind": self.kind, "scores": self.scores.tolist(), "low": self.low, "high": self.high,
-            "tokens": self.tokens, "input_ids": self.input_ids, "subject_range": list(self.subject_range),
-            "answer": self.answer, "answer_id": self.answer_id, "prompt": self.prompt, "subject": self.subject,
-            "window": self.window, "noise": self.noise, "samples": self.samples, "seconds": self.seconds,
-            "shared_seconds": self.shared_seconds, **({"meta": self.meta} if self.meta else {}),
-        }
 
 
 # --------------------------------------------------------------------------------------------

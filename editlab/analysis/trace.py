@@ -1,6 +1,7 @@
-"""Causal tracing entry point: ``python -m editlab.trace`` (config ``configs/trace.yaml``).
+"""Causal tracing entry point: ``python -m editlab.analysis.trace`` (config ``editlab/configs/trace.yaml``).
 
-Traces ROME's known_1000 facts (Meng et al. 2022, §2) with :mod:`editlab.causal` and writes, in
+Traces ROME's known_1000 facts (Meng et al. 2022, §2) with :mod:`editlab.analysis.causal` (records
+read by :func:`editlab.data.loaders.load_known`) and writes, in
 the Hydra run directory (``experiments/runs/trace/<timestamp>/``)::
 
     cases/known_<id>.json     every kind of one record: scores [tokens × layers], low, high, tokens,
@@ -40,23 +41,22 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from editlab.causal import (
+from editlab.analysis.causal import (
     CATEGORIES,
     CATEGORY_LABELS,
     KINDS,
-    KnownRecord,
     TraceResult,
     average_indirect_effects,
     first_answer_token,
-    load_known,
     next_token,
     noise_std,
     trace_prompt,
 )
+from editlab.data.loaders import KnownRecord, load_known
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository (editlab/analysis/trace.py)
 os.environ.setdefault("EDITLAB_ROOT", str(ROOT))
 
 _CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
@@ -349,7 +349,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="trace")
+@hydra.main(version_base="1.3", config_path="../configs", config_name="trace")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

@@ -1,33 +1,24 @@
-"""Causal tracing (editlab.causal) and its entry point (editlab.trace) on tiny random models."""
-
-import json
-from pathlib import Path
+"""Causal tracing (editlab.analysis.causal) on tiny random models."""
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf, open_dict
 
-from editlab.causal import (
+from editlab.analysis.causal import (
     CATEGORIES,
     TraceResult,
     average_indirect_effects,
     layer_window,
-    load_known,
     noise_std,
     restore_probability,
     token_categories,
     trace_prompt,
 )
 from editlab.data.collate import subject_span
-from editlab.data.records import RecordError
 from editlab.models.arch import arch_for
 
 from conftest import CAUSAL_TYPES
 
-CONFIGS = Path(__file__).resolve().parent.parent / "editlab" / "configs"
 PROMPT = "The mother tongue of Victor Hugo was"
 SUBJECT = "Victor Hugo"
 
@@ -156,76 +147,3 @@ def test_token_categories_and_averages():
     np.testing.assert_allclose(avg["last_subject"]["mean"], [(0.4 + 0.0) / 2, (0.8 + 0.6) / 2])
     assert avg["last_subject"]["n"] == 2 and avg["middle_subject"]["n"] == 0
     assert set(avg) == set(CATEGORIES)
-
-
-def _known_fixture(path: Path) -> None:
-    records = [
-        {"known_id": 7, "subject": "Victor Hugo", "attribute": "French", "template": "The mother tongue of {} was",
-         "prediction": " French", "prompt": "The mother tongue of Victor Hugo was", "relation_id": "P103"},
-        {"known_id": 9, "subject": "Toyota", "attribute": "Japan", "template": "{} is a company from",
-         "prediction": " Japan", "prompt": "Toyota is a company from", "relation_id": "P17"},
-    ]
-    path.write_text(json.dumps(records))
-
-
-def test_load_known(tmp_path):
-    _known_fixture(tmp_path / "known.json")
-    recs = load_known("known.json", data_dir=tmp_path)
-    assert [r.known_id for r in recs] == [7, 9] and recs[1].subject == "Toyota" and recs[1].index == 1
-    assert [r.known_id for r in load_known("known.json", limit=1, offset=1, data_dir=tmp_path)] == [9]
-    bad = json.loads((tmp_path / "known.json").read_text())
-    del bad[1]["attribute"]
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(RecordError) as err:
-        load_known(tmp_path / "bad.json")
-    assert err.value.index == 1 and err.value.field == "attribute" and "bad.json" in str(err.value)
-    bad[1]["attribute"], bad[1]["subject"] = "Japan", "Honda"
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(RecordError, match="subject"):
-        load_known(tmp_path / "bad.json")
-
-
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        return compose(config_name="trace", overrides=overrides, return_hydra_config=True)
-
-
-def test_trace_config_composes():
-    cfg = _compose([])
-    assert cfg.model._target_.endswith("smollm2_135m")
-    assert list(cfg.trace.kinds) == ["hidden", "mlp", "attn"]
-    assert cfg.trace.samples == 10 and cfg.trace.noise_factor == 3.0 and cfg.trace.window == 10
-    assert cfg.data.n == 20
-
-
-@pytest.mark.parametrize("only_known", [False, True])
-def test_entry_point_runs_end_to_end(tmp_path, only_known):
-    from editlab.trace import run
-
-    _known_fixture(tmp_path / "known.json")
-    cfg = _compose([
-        "model=tiny_llama", f"paths.data_dir={tmp_path}", "data.path=known.json", "data.n=2",
-        f"data.only_known={str(only_known).lower()}", "trace.samples=2", "trace.window=2",
-    ])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "out")
-    OmegaConf.resolve(cfg.paths)
-    summary = run(cfg)
-    out = tmp_path / "out"
-    assert (out / "summary.json").exists() and (out / "summary.csv").exists()
-    if only_known:  # a random model knows nothing: nothing traced, and it says so
-        assert summary["n_traced"] == 0 and len(summary["skipped"]) == 2
-        return
-    assert summary["n_traced"] == 2
-    for known_id in (7, 9):
-        case = json.loads((out / "cases" / f"known_{known_id}.json").read_text())
-        assert set(case["kinds"]) == {"hidden", "mlp", "attn"}
-        assert np.load(out / "cases" / f"known_{known_id}.npz")["scores_mlp"].shape == (len(case["tokens"]), 2)
-        for kind in ("hidden", "mlp", "attn"):
-            assert (out / "plots" / f"known_{known_id}_{kind}.png").stat().st_size > 1000
-    rows = (out / "summary.csv").read_text().splitlines()
-    assert rows[0] == "kind,category,layer,aie,std,n" and any(r.startswith("mlp,last_subject,1,") for r in rows)
-    assert (out / "summary.png").exists() and (out / "summary_heatmap.png").exists()
-    assert summary["peak_mlp_last_subject"] in (0, 1)
-    assert json.loads((out / "summary.json").read_text())["peak_mlp_last_subject"] == summary["peak_mlp_last_subject"]
