@@ -5,9 +5,9 @@ model, both modes score the same probes (reliability, generalization, portabilit
 the way the edit loop does:
 
 * teacher-forced: one batched forward per chunk of (prompt, target) sequences
-  (:func:`editlab.scoring.score_pairs`);
+  (:func:`editlab.evaluation.teacher_forced.score_pairs`);
 * generation: batched greedy answers (KV cache, left padding, per-row stop at EOS / newline /
-  sentence end or the target-derived cap; :func:`editlab.scoring.greedy_generate`), scored by
+  sentence end or the target-derived cap; :func:`editlab.evaluation.generation.greedy_generate`), scored by
   exact match, token F1 and containment.
 
 Prints records/s of each, the ratio (the issue asks generation to stay within 3x of teacher
@@ -29,7 +29,7 @@ import torch
 
 from editlab.data.loaders import load_zsre_mend
 from editlab.lit.edit_eval import FRAMINGS, EditEvalModule
-from editlab.lit.probes import build_plan
+from editlab.evaluation.probes import build_plan
 from editlab.metrics import functional as F
 from editlab.models.packaged import smollm2_135m
 from editlab.models.tiny import tiny_model

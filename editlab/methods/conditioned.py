@@ -33,7 +33,7 @@ padding; rows sharing a prefix run as ``[prefix | padding | row]`` with the pref
 keys/values passed in, so only the rows' own tokens are prefilled) and returns
 ``[input_ids | new tokens]`` in the input's frame, as Hugging Face ``generate`` does, with
 stopping criteria that see the input-frame ids; so
-:func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
+:func:`editlab.evaluation.generation.greedy_generate` works on the wrapper unchanged.
 
 Encoder-decoder models (T5; ``config.is_encoder_decoder``, every wrapped model alike): the prefix
 goes before the row's *encoder* tokens (``text_join``: the encoder reads the tokenizer's encoding

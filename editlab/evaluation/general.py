@@ -12,7 +12,7 @@
   vocabulary projection runs on ``logit_rows`` positions at a time.
 * **PIQA accuracy** (Bisk et al. 2020) on the first ``piqa_examples`` items of the validation set:
   each solution is scored by its log-likelihood after ``"Question: {goal}\\nAnswer:"``
-  (:func:`editlab.scoring.score_pairs`: batched, padding-safe, only the scored logits), and the
+  (:func:`editlab.evaluation.teacher_forced.score_pairs`: batched, padding-safe, only the scored logits), and the
   prediction is the solution with the higher total (``piqa_acc``) or the higher total per
   character of the continuation (``piqa_acc_norm``): lm-evaluation-harness's ``acc`` /
   ``acc_norm``.
@@ -36,9 +36,10 @@ from torch import nn
 
 from editlab.data.collate import target_text
 from editlab.data.loaders import ChoiceItem, load_piqa
+from editlab.evaluation.teacher_forced import score_pairs
 from editlab.metrics.general import MultipleChoiceAccuracy, Perplexity
-from editlab.models.arch import arch_for
-from editlab.scoring import head_logits, is_edit_wrapper, score_pairs, wrapper_logits_at
+from editlab.models.arch import arch_for, is_encoder_decoder
+from editlab.scoring import head_logits, is_edit_wrapper, wrapper_logits_at
 from editlab.stats import Corpus, WikipediaSample, batch_rows, effective_seq_len, pack_rows
 from editlab.tracing import CallRecorder
 
@@ -190,7 +191,7 @@ class GeneralAbility:
 
     def perplexity(self, model: nn.Module, tokenizer) -> dict[str, float]:
         """``perplexity``, ``nll`` (mean token NLL) and ``tokens`` (tokens scored) on the corpus sample."""
-        if getattr(model.config, "is_encoder_decoder", False):
+        if is_encoder_decoder(model):
             if not self._warned_seq2seq:
                 log.warning("general ability: perplexity is skipped for the seq2seq model %s "
                             "(only decoder-only models are scored on free text); PIQA is still scored",
