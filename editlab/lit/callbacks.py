@@ -110,4 +110,5 @@ class EditorCallback(L.Callback):
         pl_module.session.restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        pl_module.session.restore()
+        if isinstance(pl_module, EditTarget):  # (not one: refused in setup, nothing was edited)
+            pl_module.session.restore()

@@ -36,8 +36,8 @@ from editlab.metrics.keys import STAGES, parse_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECORDS", "EvalResults", "ResultsWriter", "format_summary", "merge_record_files", "stage_rows",
-           "write_summary"]
+__all__ = ["RECORDS", "EvalResults", "ResultsWriter", "format_summary", "merge_record_files", "rank_file",
+           "stage_rows", "write_summary"]
 
 RECORDS = "records.jsonl"
 
@@ -59,6 +59,7 @@ class EvalResults:
 
 
 def rank_file(output_dir: Path, rank: int) -> Path:
+    """The records file rank ``rank`` appends to while a multi-process run goes on."""
     return output_dir / f"records.rank{rank}.jsonl"
 
 
