@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["EditEvalModule"]
 
-GeneralAbility = Callable[[nn.Module, Any], dict[str, float]]
+GeneralEvaluator = Callable[[nn.Module, Any], dict[str, float]]
 """``(model, tokenizer) -> {name: value}``, e.g. :class:`editlab.evaluation.general.GeneralAbility`."""
 
 
@@ -150,7 +150,7 @@ class EditEvalModule(L.LightningModule):
         generation_max_new_tokens: int = 32,
         generation_chunk_size: int = 32,
         judge: Judge | str | None = None,
-        general_ability: GeneralAbility | None = None,
+        general_ability: GeneralEvaluator | None = None,
         eval_every: int | None = None,
     ) -> None:
         super().__init__()

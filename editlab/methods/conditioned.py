@@ -25,7 +25,7 @@ and the model is unchanged); the LM head is applied only at the rows' real posit
 gives it) in sub-batches of at most ``max_batch_tokens`` tokens, prefix included.
 
 :meth:`ConditionedLM.logits_at` computes the LM head only at requested ``(row, position)`` pairs
-(``[M, V]``, what :func:`editlab.scoring.lm_logits_at` and :func:`editlab.general.token_nll` read);
+(``[M, V]``, what :func:`editlab.scoring.lm_logits_at` and :func:`editlab.evaluation.general.token_nll` read);
 the plain forward returns the full aligned ``[N, L, V]`` logits.
 
 :meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left

@@ -69,3 +69,13 @@ def test_fluency_reads_the_first_distinct_prompts(tiny):
     bundle = tiny("gpt2")
     texts, owners = Fluency(prompts=1, max_new_tokens=3).texts(bundle.model, bundle.tokenizer, make_records())
     assert owners == [0] and len(texts) == 1
+
+
+def test_evaluation_runs_without_lightning_or_hydra():
+    import subprocess
+    import sys
+
+    code = ("import sys, editlab.evaluation, editlab.metrics.keys; "
+            "print(sorted(m for m in ('lightning', 'hydra', 'editlab.lit') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
