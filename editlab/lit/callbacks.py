@@ -23,6 +23,7 @@ import time
 from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
+import torch
 from torch import nn
 
 from editlab.data.records import check_complete_cases
@@ -41,6 +42,8 @@ class EditTarget(Protocol):
     session: WeightEditSession
     """Holds the model (``session.model``); edits are installed and undone through it."""
     tokenizer: Any
+    device: torch.device
+    """Where a trained editor (an ``nn.Module``) is moved."""
     needs_sequential: bool
     """True when the module scores the model between batches as the stream leaves it (``eval_every``):
     edits must then accumulate (``sequential=True``)."""
@@ -73,18 +76,18 @@ class EditorCallback(L.Callback):
             return
         if not isinstance(pl_module, EditTarget):
             raise TypeError(f"EditorCallback edits the model of an EditTarget module (session, tokenizer, "
-                            f"record_edit, record_failure, needs_sequential); {type(pl_module).__name__} is not one")
+                            f"device, needs_sequential, record_edit, record_failure); {type(pl_module).__name__} is not one")
         if pl_module.needs_sequential and not self.sequential:
             raise ValueError("eval_every scores the records edited so far on the edited model: it needs sequential "
                              "editing (edit.sequential=true, or a `stream` config), not independent edits")
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def on_test_start(self, trainer: L.Trainer, pl_module: EditTarget) -> None:
         if isinstance(self.editor, nn.Module):  # a trained editor: beside the model, never training
             self.editor.to(pl_module.device)
             self.editor.eval()
 
     def on_test_batch_start(
-        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: EditTarget, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not self.sequential:
             check_complete_cases(list(batch))
@@ -101,12 +104,13 @@ class EditorCallback(L.Callback):
         pl_module.record_edit(batch_idx, time.perf_counter() - start)
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: EditTarget, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0
     ) -> None:
         if not self.sequential:
             pl_module.session.restore()
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def on_test_end(self, trainer: L.Trainer, pl_module: EditTarget) -> None:
         pl_module.session.restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
