@@ -138,7 +138,7 @@ def main() -> None:
     trainer.test(module, datamodule=EditDataModule(test=records), verbose=False)
     total_s = time.perf_counter() - t1
     s = module.summary
-    edits = module._timings["edit"]
+    edits = module.timings["edit"]
     ref_edit = ref_eval = float("nan")
     if args.reference_records:
         ref_records = records()[: args.reference_records]

@@ -1,6 +1,6 @@
 """Benchmark: seconds of one general-ability pass (perplexity + PIQA) on an unedited model.
 
-Runs :class:`editlab.general.GeneralAbility` with the edit loop's defaults (the first 16,384
+Runs :class:`editlab.evaluation.general.GeneralAbility` with the edit loop's defaults (the first 16,384
 tokens of the offline Wikipedia sample in rows of 256; the first 200 PIQA validation items) and
 prints the time of each part, tokens/s, questions/s and the scores.  The edit loop runs this pass
 once before editing, once after the last edit and, with ``score_after_stream``, once more.
@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from editlab.general import GeneralAbility
+from editlab.evaluation.general import GeneralAbility
 from editlab.models.packaged import smollm2_135m
 from editlab.models.tiny import tiny_model
 

@@ -5,9 +5,9 @@ model, both modes score the same probes (reliability, generalization, portabilit
 the way the edit loop does:
 
 * teacher-forced: one batched forward per chunk of (prompt, target) sequences
-  (:func:`editlab.scoring.score_pairs`);
+  (:func:`editlab.evaluation.teacher_forced.score_pairs`);
 * generation: batched greedy answers (KV cache, left padding, per-row stop at EOS / newline /
-  sentence end or the target-derived cap; :func:`editlab.scoring.greedy_generate`), scored by
+  sentence end or the target-derived cap; :func:`editlab.evaluation.generation.greedy_generate`), scored by
   exact match, token F1 and containment.
 
 Prints records/s of each, the ratio (the issue asks generation to stay within 3x of teacher
@@ -28,8 +28,9 @@ import warnings
 import torch
 
 from editlab.data.loaders import load_zsre_mend
-from editlab.lit.edit_eval import FRAMINGS, EditEvalModule
-from editlab.lit.probes import build_plan
+from editlab.evaluation.generation import FRAMINGS
+from editlab.evaluation.probes import build_plan
+from editlab.evaluation.scorer import build_scorer
 from editlab.metrics import functional as F
 from editlab.models.packaged import smollm2_135m
 from editlab.models.tiny import tiny_model
@@ -64,23 +65,24 @@ def main() -> None:
 
     bundle = _load(args.model)
     records = load_zsre_mend("zsre/zsre_mend_eval_portability_gpt4.json", limit=args.records, data_dir=args.data_dir)
-    module = EditEvalModule(bundle, chunk_size=args.chunk_size, generation_chunk_size=args.gen_chunk_size,
-                            generation_margin=args.margin, generation_framing=args.framing,
-                            scoring_modes=["teacher_forced", "generation"])
+    scorer = build_scorer(bundle.tokenizer, chunk_size=args.chunk_size, generation_chunk_size=args.gen_chunk_size,
+                          generation_margin=args.margin, generation_framing=args.framing,
+                          scoring_modes=["teacher_forced", "generation"])
+    generation, model = scorer.generation, bundle.model
     plan = build_plan(records, comparison=False)
-    gplan = module._generation_plan(records)
+    gplan = generation.plan(records)
     with torch.no_grad():
-        module._score(build_plan(records[:2], comparison=False))  # warm-up (allocator, kernels)
-        module._generate(module._generation_plan(records[:2]))
+        scorer.scores(model, build_plan(records[:2], comparison=False))  # warm-up (allocator, kernels)
+        generation.generate(model, generation.plan(records[:2]))
         t0 = time.perf_counter()
-        scores = module._score(plan)
+        scores = scorer.scores(model, plan)
         tf_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        texts = module._generate(gplan)
+        texts = generation.generate(model, gplan)
         gen_s = time.perf_counter() - t0
 
     n = len(records)
-    label = module.generation_label
+    label = generation.label
     print(f"\n{args.model}, first {n} records of zsre_mend_eval_portability_gpt4.json, unedited model, "
           f"torch threads {torch.get_num_threads()}, framing {args.framing}, answer cap = target tokens + "
           f"{args.margin}")

@@ -50,7 +50,7 @@ def peak_rss_gb() -> float:
 
 
 def _quality(model, tok, records, edit_ctx) -> dict[str, float]:
-    from editlab.scoring import score_pairs
+    from editlab.evaluation.teacher_forced import score_pairs
 
     def acc(scores):
         hits = (scores.pred == scores.target) & scores.mask

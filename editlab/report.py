@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -41,14 +40,17 @@ from pathlib import Path
 
 import yaml
 
+from editlab.metrics.keys import (
+    GENERATION_KINDS, generation_metric, join, parse_generation_metric, parse_key, time_key,
+)
+
 __all__ = ["Run", "collect_runs", "format_table", "main"]
 
 log = logging.getLogger(__name__)
 
 METRICS = ("reliability", "generalization", "locality", "portability")
 PC_KEYS = {"reliability": "efficacy_score", "generalization": "paraphrase_score", "locality": "neighborhood_score"}
-GENERATION_SCORES = ("em", "f1", "contains", "judge")
-_GEN_KEY = re.compile(r"^(?P<metric>\w+)@(?P<label>generation(?:_qa|_chat)?)_(?P<score>em|f1|contains|judge)$")
+GENERATION_SCORES = GENERATION_KINDS
 MODE_TITLES = {"teacher_forced": "TF", "probability_comparison": "PC", "generation": "GEN", "generation_qa": "GEN-QA",
                "generation_chat": "GEN-CHAT"}
 
@@ -69,32 +71,33 @@ class Run:
     @property
     def seconds_per_edit(self) -> float | None:
         """Median edit time per record: a batch's time over its size (one call edits the batch)."""
-        value = self.summary.get("time/edit_seconds_median")
+        value = self.summary.get(time_key("edit"))
         return None if value is None else float(value) / self.batch_size
 
     def value(self, stage: str, mode: str, metric: str, generation_score: str = "em") -> float | None:
         """The run's number for (stage, scoring mode, metric), or None when it has none."""
         if mode == "teacher_forced":
-            key = f"{stage}/{metric}"
+            key = join(stage, metric)
         elif mode == "probability_comparison":
             if metric not in PC_KEYS:
                 return None
-            key = f"{stage}/{PC_KEYS[metric]}"
+            key = join(stage, PC_KEYS[metric])
         else:
-            key = f"{stage}/{metric}@{mode}_{generation_score}"
+            key = join(stage, generation_metric(metric, mode, generation_score))
         value = self.summary.get(key)
         return None if value is None or not math.isfinite(value) else float(value)
 
     def modes(self) -> list[str]:
         found = []
-        if any(k.split("/", 1)[1] in METRICS for k in self.summary if "/" in k):
+        metrics = [key.metric for key in map(parse_key, self.summary) if key.stage]
+        if any(m in METRICS for m in metrics):
             found.append("teacher_forced")
-        if any(k.endswith("/efficacy_score") for k in self.summary):
+        if "efficacy_score" in metrics:
             found.append("probability_comparison")
-        for key in self.summary:
-            m = _GEN_KEY.match(key.split("/", 1)[-1])
-            if m and m["label"] not in found:
-                found.append(m["label"])
+        for metric in metrics:
+            parts = parse_generation_metric(metric)
+            if parts is not None and parts.label not in found:
+                found.append(parts.label)
         return found
 
 

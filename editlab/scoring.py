@@ -1,33 +1,26 @@
-"""Teacher-forced scoring that computes only the logits it scores.
+"""Reading a model's LM head: logits only where they are needed.
 
-One forward per chunk of (prompt, target) sequences runs the network up to the LM head (the
-vocabulary projection itself is skipped by stopping the forward at the head's input), gathers the
-hidden states at the positions that predict target tokens, and projects just those.  With a
-262k-token vocabulary (Gemma-3) this is the difference between megabytes and gigabytes.
+The forward runs up to the LM head (stopped at the head's input, so the vocabulary projection is
+skipped), and only the positions that are scored are projected.  With a 262k-token vocabulary
+(Gemma-3) this is the difference between megabytes and gigabytes.
 
-:func:`lm_logits_at` is the shared primitive; editors that optimise a target likelihood use it
-too, so training objectives and metrics read logits the same way.
+These are the primitives shared by editors (:mod:`editlab.methods`: target likelihoods, the fused
+NLL :func:`head_nll`), causal tracing and evaluation (:mod:`editlab.evaluation`: teacher-forced
+scores, perplexity), so training objectives and metrics read logits the same way.  They live here,
+below both, because editors may not import :mod:`editlab.evaluation` (imports point one way:
+``lit → methods, evaluation → models, data, metrics, tracing, scoring``).
 """
 
 from __future__ import annotations
 
-import re
-import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from transformers import StoppingCriteria, StoppingCriteriaList
 
-from editlab.data.collate import PairBatch, encode_pairs
+from editlab.data.collate import PairBatch
 from editlab.models.arch import arch_for, get_module
 from editlab.tracing import CallRecorder
 
-__all__ = [
-    "ANSWER_END", "ProbeScores", "ScoreCache", "answer_token_table", "cut_answer", "greedy_generate", "head_logits",
-    "head_nll", "is_edit_wrapper", "lm_logits_at", "score_pairs", "wrapper_logits_at",
-]
+__all__ = ["head_logits", "head_nll", "is_edit_wrapper", "lm_head_input", "lm_logits_at", "wrapper_logits_at"]
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -144,249 +137,3 @@ def lm_logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
         return wrapper_logits_at(model, rows, pos, batch.model_inputs())
     hidden = lm_head_input(model, batch)
     return head_logits(model, hidden[rows, pos])
-
-
-@dataclass
-class ProbeScores:
-    """Per-sequence teacher-forced results.
-
-    ``nll``: mean negative log-likelihood of the target tokens (ROME's per-token mean);
-    ``pred``/``target``/``mask``: ``[N, T]`` argmax tokens, target tokens, real-token mask.
-    """
-
-    nll: torch.Tensor
-    pred: torch.Tensor
-    target: torch.Tensor
-    mask: torch.Tensor
-
-    def to(self, device: torch.device | str) -> ProbeScores:
-        return ProbeScores(self.nll.to(device), self.pred.to(device), self.target.to(device), self.mask.to(device))
-
-
-@torch.no_grad()
-def _score_batch(model: nn.Module, batch: PairBatch) -> ProbeScores:
-    logits = lm_logits_at(model, batch)
-    logp = torch.log_softmax(logits, dim=-1)
-    targets = batch.target_ids[batch.target_mask]
-    token_nll = -logp.gather(1, targets.unsqueeze(1)).squeeze(1)
-    pred_flat = logits.argmax(dim=-1)
-    pred = torch.zeros_like(batch.target_ids)
-    pred[batch.target_mask] = pred_flat
-    nll_tok = torch.zeros(batch.target_ids.shape, dtype=torch.float32, device=logits.device)
-    nll_tok[batch.target_mask] = token_nll
-    counts = batch.target_mask.sum(dim=1).clamp(min=1)
-    return ProbeScores(nll_tok.sum(dim=1) / counts, pred, batch.target_ids, batch.target_mask)
-
-
-def score_pairs(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    targets: Sequence[str],
-    *,
-    chunk_size: int = 64,
-    max_prompt_tokens: int | None = None,
-) -> ProbeScores:
-    """Teacher-forced scores of ``targets`` after ``prompts``, in chunks of ``chunk_size`` sequences.
-
-    Sequences are sorted by length before chunking so each chunk pads little.
-    """
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    start = getattr(model.config, "decoder_start_token_id", None)
-    device = next(model.parameters()).device
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
-    parts: list[tuple[list[int], ProbeScores]] = []
-    width = 0
-    for lo in range(0, len(order), chunk_size):
-        idx = order[lo: lo + chunk_size]
-        batch = encode_pairs(
-            tokenizer,
-            [prompts[i] for i in idx],
-            [targets[i] for i in idx],
-            seq2seq=seq2seq,
-            decoder_start_token_id=start,
-            max_prompt_tokens=max_prompt_tokens,
-        ).to(device)
-        scores = _score_batch(model, batch)
-        width = max(width, scores.pred.shape[1])
-        parts.append((idx, scores))
-    n = len(prompts)
-    nll = torch.empty(n, device=device)
-    pred = torch.zeros((n, width), dtype=torch.long, device=device)
-    target = torch.zeros((n, width), dtype=torch.long, device=device)
-    mask = torch.zeros((n, width), dtype=torch.bool, device=device)
-    for idx, s in parts:
-        rows = torch.tensor(idx, device=device)
-        t = s.pred.shape[1]
-        nll[rows] = s.nll
-        pred[rows, :t] = s.pred
-        target[rows, :t] = s.target
-        mask[rows, :t] = s.mask
-    return ProbeScores(nll, pred, target, mask)
-
-
-class ScoreCache:
-    """Scores of (prompt, target) pairs on one fixed model state, computed once.
-
-    The edit loop keeps one for the unedited model: pre-edit scores of every record are computed
-    in large batches up front (identical pairs shared across records) and read back per batch.
-    """
-
-    def __init__(self) -> None:
-        self._rows: dict[tuple[str, str], tuple[float, torch.Tensor, torch.Tensor]] = {}
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def __contains__(self, pair: tuple[str, str]) -> bool:
-        return pair in self._rows
-
-    def clear(self) -> None:
-        self._rows.clear()
-
-    def scores(self, model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
-               **kwargs) -> ProbeScores:
-        """Scores of the pairs, computing (in one batched call) only those not cached yet."""
-        pairs = list(zip(prompts, targets))
-        missing = list(dict.fromkeys(p for p in pairs if p not in self._rows))
-        if missing:
-            new = score_pairs(model, tokenizer, [p for p, _ in missing], [t for _, t in missing], **kwargs)
-            for i, pair in enumerate(missing):
-                n = int(new.mask[i].sum())
-                self._rows[pair] = (float(new.nll[i]), new.pred[i, :n].cpu(), new.target[i, :n].cpu())
-        rows = [self._rows[p] for p in pairs]
-        width = max(len(r[1]) for r in rows)
-        nll = torch.tensor([r[0] for r in rows])
-        pred = torch.zeros((len(rows), width), dtype=torch.long)
-        target = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (_, p, t) in enumerate(rows):
-            pred[i, : len(p)] = p
-            target[i, : len(t)] = t
-            mask[i, : len(p)] = True
-        return ProbeScores(nll, pred, target, mask)
-
-
-ANSWER_END = re.compile(r"\n|[.!?](?=\s|$)")
-"""Where a generated answer ends: a newline, or ``.``/``!``/``?`` followed by whitespace or the end."""
-
-
-def cut_answer(text: str) -> str:
-    """The answer part of a generation: leading whitespace dropped, cut before the first
-    :data:`ANSWER_END` (so ``" Paris.\nThe"`` → ``"Paris"``)."""
-    text = text.lstrip()
-    match = ANSWER_END.search(text)
-    return text[: match.start()] if match else text
-
-
-_ANSWER_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def answer_token_table(tokenizer, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ends, content)``, two bool tensors over token ids (cached per tokenizer).
-
-    ``ends[v]``: token ``v``'s text contains a newline or ends (right-stripped) with ``.``, ``!``
-    or ``?``, i.e. it can end an answer; ``content[v]``: its text has a non-space character.
-    ``size`` pads both to the model's vocabulary (ids past the tokenizer's are neither).
-    """
-    n = len(tokenizer)
-    table = _ANSWER_TABLES.get(tokenizer)
-    if table is None:
-        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
-        ends = torch.tensor([("\n" in t) or t.rstrip().endswith((".", "!", "?")) for t in texts])
-        content = torch.tensor([bool(t.strip()) for t in texts])
-        table = (ends, content)
-        _ANSWER_TABLES[tokenizer] = table
-    ends, content = table
-    if size is not None and size > n:
-        pad = torch.zeros(size - n, dtype=torch.bool)
-        ends, content = torch.cat([ends, pad]), torch.cat([content, pad])
-    return ends, content
-
-
-class _AnswerStop(StoppingCriteria):
-    """Per-row stop: the row reached its own token cap, or (``answer_end``) produced a token that
-    ends an answer after the answer had started (a leading newline does not end an empty answer).
-    Records how many new tokens each row kept."""
-
-    def __init__(self, caps: torch.Tensor, offset: int, tables: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-        self.caps = caps
-        self.offset = offset
-        self.tables = tables
-        self.done = torch.zeros_like(caps, dtype=torch.bool)
-        self.started = torch.zeros_like(self.done)
-        self.kept = caps.clone()
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        step = input_ids.shape[1] - self.offset
-        stop = torch.full_like(self.caps, step) >= self.caps
-        if self.tables is not None:
-            last = input_ids[:, -1]
-            ends, content = self.tables[0].to(last.device), self.tables[1].to(last.device)
-            self.started |= content[last]
-            stop |= ends[last] & self.started
-        new = stop & ~self.done
-        self.kept[new] = step
-        self.done |= stop
-        return self.done.clone()
-
-
-@torch.no_grad()
-def greedy_generate(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int | Sequence[int] = 50,
-    chunk_size: int = 16,
-    stop_at_answer_end: bool = False,
-) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, KV cache, left padding for decoder-only models;
-    a seq2seq model's encoder reads the prompt as is), decoded without the prompt.
-
-    ``max_new_tokens``: one cap for all, or one per prompt (answer scoring derives it from the
-    target's length); with per-prompt caps the prompts are sorted by cap and length before chunking,
-    so a chunk's rows need similar numbers of steps and little padding.  A row stops at its cap;
-    with ``stop_at_answer_end`` also at EOS, at a newline or at a sentence end (see
-    :func:`answer_token_table`), and the text returned is :func:`cut_answer` of the generation.
-    A chunk stops as soon as all its rows have stopped (rows that stopped earlier are carried as
-    padding until then; sorting by cap keeps that short).
-    """
-    device = next(model.parameters()).device
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    per_row = not isinstance(max_new_tokens, int)
-    caps = list(max_new_tokens) if per_row else [max_new_tokens] * len(prompts)
-    if len(caps) != len(prompts):
-        raise ValueError(f"{len(caps)} token caps for {len(prompts)} prompts")
-    if any(c < 1 for c in caps):
-        raise ValueError(f"token caps must be >= 1, got {min(caps)}")
-    order = (sorted(range(len(prompts)), key=lambda i: (caps[i], len(prompts[i]))) if per_row
-             else list(range(len(prompts))))
-    tables = None
-    if stop_at_answer_end:
-        tables = answer_token_table(tokenizer, int(model.get_output_embeddings().weight.shape[0]))
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    outputs: list[str] = [""] * len(prompts)
-    try:
-        for lo in range(0, len(order), chunk_size):
-            idx = order[lo: lo + chunk_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-            row_caps = torch.tensor([caps[i] for i in idx], device=device)
-            offset = 1 if seq2seq else enc["input_ids"].shape[1]
-            stop = _AnswerStop(row_caps, offset, tables)
-            out = model.generate(
-                **enc,
-                max_new_tokens=int(row_caps.max()),
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                stopping_criteria=StoppingCriteriaList([stop]),
-            )
-            new = out[:, offset:]
-            for j, i in enumerate(idx):
-                tokens = new[j, : int(stop.kept[j])]
-                text = tokenizer.decode(tokens, skip_special_tokens=True)
-                outputs[i] = cut_answer(text) if stop_at_answer_end else text
-    finally:
-        tokenizer.padding_side = side
-    return outputs

@@ -33,7 +33,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from editlab.lit.callbacks import EditorCallback
-from editlab.lit.edit_eval import format_summary
+from editlab.lit.results import format_summary
 from editlab.lit.editor_train import load_editor, training_order
 
 log = logging.getLogger(__name__)

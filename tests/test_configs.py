@@ -154,8 +154,8 @@ def test_entry_point_with_generation_mode(tmp_path):
 
 
 def test_general_ability_config_group():
-    from editlab.general import GeneralAbility
     from editlab.data.corpora import WikipediaSample
+    from editlab.evaluation.general import GeneralAbility
 
     assert _compose(["experiment=ft_smollm2_zsre"]).module.general_ability is None  # off by default
     cfg = _compose(["experiment=ft_smollm2_zsre", "+general_ability=default"])

@@ -28,7 +28,7 @@ from editlab.methods.memit import MEMIT
 from editlab.methods.mend import MEND
 from editlab.methods.rome import ROME
 from editlab.models.tiny import TINY_CORPUS
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 from editlab.stats import layer_stats
 
 from conftest import assert_state_equal, make_records, state_copy

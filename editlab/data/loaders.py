@@ -11,7 +11,7 @@ One function per source schema (Hydra configs call them directly through ``_targ
 * :func:`load_knowedit` / :func:`load_wikibio` — KnowEdit (ZsRE, WikiData_counterfact,
   WikiData_recent) and KnowEdit's WikiBio.
 * :func:`load_piqa` — PIQA (``goal``/``sol1``/``sol2`` JSONL + a labels file) as
-  :class:`ChoiceItem` lists, for the general-ability check (:mod:`editlab.general`).
+  :class:`ChoiceItem` lists, for the general-ability check (:mod:`editlab.evaluation.general`).
 * :func:`load_known` — ROME's known_1000 facts as :class:`KnownRecord` lists, for causal tracing
   (:mod:`editlab.analysis.trace`).
 

@@ -10,23 +10,49 @@ and installs it through the module's :class:`~editlab.methods.base.WeightEditSes
 batch it restores the model
 (single or batch editing), or lets the edits accumulate (``sequential=True``) until the end of the
 run.  Whatever happens — an exception, an interrupted run — the model is restored.
+
+The callback and the module it edits know each other only through :class:`EditTarget`: the
+module's weight-edit session and tokenizer, two reports (edit applied / edit failed) and whether
+its scoring needs the edits to accumulate.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
+import torch
 from torch import nn
 
 from editlab.data.records import check_complete_cases
-from editlab.methods.base import EditError, Editor
+from editlab.methods.base import EditError, Editor, WeightEditSession
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditorCallback"]
+__all__ = ["EditTarget", "EditorCallback"]
+
+
+@runtime_checkable
+class EditTarget(Protocol):
+    """What :class:`EditorCallback` needs from the LightningModule whose model it edits (the edit
+    loop, :class:`editlab.lit.edit_eval.EditEvalModule`), and all it uses."""
+
+    session: WeightEditSession
+    """Holds the model (``session.model``); edits are installed and undone through it."""
+    tokenizer: Any
+    device: torch.device
+    """Where a trained editor (an ``nn.Module``) is moved."""
+    needs_sequential: bool
+    """True when the module scores the model between batches as the stream leaves it (``eval_every``):
+    edits must then accumulate (``sequential=True``)."""
+
+    def record_edit(self, batch_idx: int, seconds: float) -> None:
+        """The edit of batch ``batch_idx`` is applied; it took ``seconds`` to compute and apply."""
+
+    def record_failure(self, batch_idx: int, message: str) -> None:
+        """The edit of batch ``batch_idx`` failed and was skipped: the model is unchanged."""
 
 
 class EditorCallback(L.Callback):
@@ -45,19 +71,29 @@ class EditorCallback(L.Callback):
         self.sequential = sequential
         self.skip_failed = skip_failed
 
-    def on_test_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
+        if stage != "test":
+            return
+        if not isinstance(pl_module, EditTarget):
+            raise TypeError(f"EditorCallback edits the model of an EditTarget module (session, tokenizer, "
+                            f"device, needs_sequential, record_edit, record_failure); {type(pl_module).__name__} is not one")
+        if pl_module.needs_sequential and not self.sequential:
+            raise ValueError("eval_every scores the records edited so far on the edited model: it needs sequential "
+                             "editing (edit.sequential=true, or a `stream` config), not independent edits")
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: EditTarget) -> None:
         if isinstance(self.editor, nn.Module):  # a trained editor: beside the model, never training
             self.editor.to(pl_module.device)
             self.editor.eval()
 
     def on_test_batch_start(
-        self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: EditTarget, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if not self.sequential:
             check_complete_cases(list(batch))
         start = time.perf_counter()
         try:
-            edit = self.editor.compute_edit(pl_module.model, pl_module.tokenizer, list(batch))
+            edit = self.editor.compute_edit(pl_module.session.model, pl_module.tokenizer, list(batch))
             pl_module.session.apply(edit)
         except EditError as err:
             if not self.skip_failed:
@@ -68,13 +104,15 @@ class EditorCallback(L.Callback):
         pl_module.record_edit(batch_idx, time.perf_counter() - start)
 
     def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: L.Trainer, pl_module: EditTarget, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0
     ) -> None:
         if not self.sequential:
             pl_module.session.restore()
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+    def on_test_end(self, trainer: L.Trainer, pl_module: EditTarget) -> None:
         pl_module.session.restore()
 
     def on_exception(self, trainer: L.Trainer, pl_module: Any, exception: BaseException) -> None:
-        pl_module.session.restore()
+        if isinstance(pl_module, EditTarget):  # (not one: refused in setup, nothing was edited)
+            pl_module.session.restore()

@@ -5,7 +5,8 @@
 metric names as in the summary's keys after the stage (``reliability``, ``efficacy_score``,
 ``reliability@generation_em``, ``general_perplexity``, …); this module writes them as
 ``curves.csv`` (one row per checkpoint) and ``curves.png`` (matplotlib, optional: the ``plot``
-extra; without it the plot is skipped with a warning).
+extra; without it the plot is skipped with a warning); :class:`editlab.lit.results.ResultsWriter`
+calls them.
 
 **Training.** :class:`TrainingCurves`, a callback of the fit stage, keeps the mean of every
 ``train/*`` value over each window of ``every`` optimizer steps and every ``val/*`` value at each
@@ -25,10 +26,12 @@ from typing import Any
 
 import lightning as L
 
+from editlab.metrics.keys import is_general
+
 log = logging.getLogger(__name__)
 
 __all__ = ["TrainingCurves", "curve_columns", "plot_curves", "plot_training_curves", "write_curves",
-           "write_training_curves"]
+           "write_curves_csv", "write_training_curves"]
 
 INDEX = ("edits", "batches")
 # general ability gets panels of its own (other scales); fluency (n-gram entropy) and the
@@ -44,14 +47,19 @@ def curve_columns(points: list[dict[str, float]]) -> list[str]:
     return names
 
 
-def write_curves(points: list[dict[str, float]], output_dir: Path) -> None:
-    """Write ``curves.csv`` and (when matplotlib is installed) ``curves.png`` into ``output_dir``."""
+def write_curves_csv(points: list[dict[str, float]], output_dir: Path) -> None:
+    """Write ``curves.csv`` (one row per point) into ``output_dir``."""
     columns = curve_columns(points)
     with open(output_dir / "curves.csv", "w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for point in points:
             writer.writerow([_cell(point.get(c), integer=c in INDEX) for c in columns])
+
+
+def write_curves(points: list[dict[str, float]], output_dir: Path) -> None:
+    """Write ``curves.csv`` and (when matplotlib is installed) ``curves.png`` into ``output_dir``."""
+    write_curves_csv(points, output_dir)
     plot_curves(points, output_dir / "curves.png")
 
 
@@ -92,7 +100,7 @@ def plot_curves(points: list[dict[str, float]], path: Path) -> bool:
     if not points:
         return False
     columns = curve_columns(points)
-    scores = [c for c in columns if c not in INDEX and not c.startswith("general_")
+    scores = [c for c in columns if c not in INDEX and not is_general(c)
               and not c.endswith("_magnitude") and c != "fluency"]
     panels = [("score (records edited so far)", scores)]
     panels += [(names[0], [n for n in names if n in columns])

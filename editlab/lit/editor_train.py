@@ -65,14 +65,14 @@ from torchmetrics import MeanMetric
 
 from editlab.data.collate import EditBatchCollator
 from editlab.data.records import EditRecord
-from editlab.lit.probes import build_plan
+from editlab.evaluation.probes import build_plan
+from editlab.evaluation.teacher_forced import ScoreCache, score_pairs
 from editlab.methods.base import applied
 from editlab.methods.hyper import LearnedEditor
 from editlab.metrics.edit import build_edit_metrics, computed
 from editlab.metrics.functional import harmonic_mean
 from editlab.models.arch import is_encoder_decoder
 from editlab.models.loading import ModelBundle, freeze
-from editlab.scoring import ScoreCache, score_pairs
 
 log = logging.getLogger(__name__)
 

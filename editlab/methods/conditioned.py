@@ -25,7 +25,7 @@ and the model is unchanged); the LM head is applied only at the rows' real posit
 gives it) in sub-batches of at most ``max_batch_tokens`` tokens, prefix included.
 
 :meth:`ConditionedLM.logits_at` computes the LM head only at requested ``(row, position)`` pairs
-(``[M, V]``, what :func:`editlab.scoring.lm_logits_at` and :func:`editlab.general.token_nll` read);
+(``[M, V]``, what :func:`editlab.scoring.lm_logits_at` and :func:`editlab.evaluation.general.token_nll` read);
 the plain forward returns the full aligned ``[N, L, V]`` logits.
 
 :meth:`ConditionedLM.generate` runs each model's own ``generate`` on the prefixed rows (left
@@ -33,7 +33,7 @@ padding; rows sharing a prefix run as ``[prefix | padding | row]`` with the pref
 keys/values passed in, so only the rows' own tokens are prefilled) and returns
 ``[input_ids | new tokens]`` in the input's frame, as Hugging Face ``generate`` does, with
 stopping criteria that see the input-frame ids; so
-:func:`editlab.scoring.greedy_generate` works on the wrapper unchanged.
+:func:`editlab.evaluation.generation.greedy_generate` works on the wrapper unchanged.
 
 Encoder-decoder models (T5; ``config.is_encoder_decoder``, every wrapped model alike): the prefix
 goes before the row's *encoder* tokens (``text_join``: the encoder reads the tokenizer's encoding

@@ -1,8 +1,9 @@
 """Knowledge-editing metrics.
 
 Pure functions live in :mod:`.functional`; DDP-safe ``torchmetrics`` classes in :mod:`.edit`
-(editing) and :mod:`.general` (perplexity, multiple-choice accuracy); judges of generated answers
-in :mod:`.judge`.
+(editing) and :mod:`.general` (perplexity, multiple-choice accuracy); metric keys
+(``{stage}/{family}@{label}_{kind}``) are built and parsed by :mod:`.keys`.  What runs a model to
+produce the values (probes, generation, judges, general ability) is :mod:`editlab.evaluation`.
 """
 
 from editlab.metrics.edit import (

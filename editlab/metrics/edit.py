@@ -27,6 +27,7 @@ from editlab.metrics.functional import (
     token_accuracy,
     token_agreement,
 )
+from editlab.metrics.keys import JUDGE, generation_metric, parse_generation_metric
 
 __all__ = [
     "GENERATION_FAMILIES",
@@ -233,12 +234,13 @@ class GenerationMatch(RecordMean):
 
 def generation_metric_names(label: str = "generation", kinds: Sequence[str] = tuple(GENERATION_SCORES),
                             judge: bool = False) -> list[str]:
-    """Names of the generation-mode members: ``{family}@{label}_{kind}`` for every family of
+    """Names of the generation-mode members (:func:`editlab.metrics.keys.generation_metric`):
+    ``{family}@{label}_{kind}`` for every family of
     :data:`GENERATION_FAMILIES` and score kind, plus ``{family}@{label}_judge`` for the families
     scored against a reference when ``judge``."""
-    names = [f"{family}@{label}_{kind}" for family in GENERATION_FAMILIES for kind in kinds]
+    names = [generation_metric(family, label, kind) for family in GENERATION_FAMILIES for kind in kinds]
     if judge:
-        names += [f"{family}@{label}_judge" for family in GENERATION_FAMILIES if family != "locality"]
+        names += [generation_metric(family, label, JUDGE) for family in GENERATION_FAMILIES if family != "locality"]
     return names
 
 
@@ -274,8 +276,8 @@ def build_edit_metrics(prefix: str, generation: str | None = None, judge: bool =
     }
     if generation:
         for name in generation_metric_names(generation, judge=judge):
-            kind = name.rpartition("_")[2]
-            members[name] = RecordMean() if kind == "judge" else GenerationMatch(kind)
+            kind = parse_generation_metric(name).kind
+            members[name] = RecordMean() if kind == JUDGE else GenerationMatch(kind)
     return MetricCollection(members, prefix=prefix, compute_groups=False)
 
 

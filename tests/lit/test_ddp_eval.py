@@ -1,4 +1,5 @@
-"""The edit loop on 2 gloo processes: every record scored exactly once, metrics reduced over ranks."""
+"""The edit loop on 2 gloo processes: every record scored exactly once, metrics reduced over ranks,
+one records.jsonl."""
 
 import json
 import subprocess
@@ -28,9 +29,13 @@ def test_ddp_two_processes_match_one(tmp_path):
     _write_fixture(tmp_path / "cf.json", n=5)
     single = _run(tmp_path, "single", [])
     ddp = _run(tmp_path, "ddp", ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"])
-    rows = [json.loads(x) for f in sorted(ddp.glob("records*.jsonl")) for x in f.read_text().splitlines()]
-    assert sorted(r["record_id"] for r in rows) == list(range(5))  # each record once, none padded in
-    assert len(list(ddp.glob("records.rank1.jsonl"))) == 1
+    # rank 0 merged the ranks' files into one records.jsonl, in record order, and removed them
+    assert [f.name for f in ddp.glob("records*.jsonl")] == ["records.jsonl"]
+    rows = [json.loads(x) for x in (ddp / "records.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == list(range(5))  # each record once, none padded in
+    assert sorted(r["record_id"] for r in rows) == list(range(5))
+    single_rows = [json.loads(x) for x in (single / "records.jsonl").read_text().splitlines()]
+    assert [r["record_id"] for r in rows] == [r["record_id"] for r in single_rows]
     a = json.loads((single / "summary.json").read_text())
     b = json.loads((ddp / "summary.json").read_text())
     for key in ("pre/reliability", "post/reliability", "post/locality", "post/efficacy_score",

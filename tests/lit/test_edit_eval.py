@@ -7,7 +7,8 @@ import torch
 
 from editlab.data.datamodule import EditDataModule
 from editlab.lit.callbacks import EditorCallback
-from editlab.lit.edit_eval import EditEvalModule, format_summary
+from editlab.lit.edit_eval import EditEvalModule
+from editlab.lit.results import format_summary
 from editlab.methods.base import EditError, Editor
 from editlab.methods.ft import FTL
 
@@ -260,10 +261,10 @@ def test_scoring_modes_are_checked(tiny):
         EditEvalModule(bundle, scoring_modes=MODES, generation_framing="chat")
     bundle.tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
     chat = EditEvalModule(bundle, scoring_modes=MODES, generation_framing="chat")
-    assert chat._frame("The capital of X is") == "<u>The capital of X is</u><a>"
+    assert chat.scorer.generation.frame("The capital of X is") == "<u>The capital of X is</u><a>"
     assert "reliability@generation_chat_em" in chat.stage_metrics["post"]
     plain = EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced"])
-    assert not plain.generation and not plain.probability_comparison
+    assert plain.scorer.generation is None and not plain.scorer.probability_comparison
     assert "reliability@generation_em" not in plain.stage_metrics["post"]
 
 
@@ -273,8 +274,8 @@ GENERAL_KEYS = ("general_perplexity", "general_nll", "general_tokens", "general_
 
 
 def _general(tmp_path):
-    from editlab.general import GeneralAbility
-    from editlab.stats import TextFile
+    from editlab.evaluation.general import GeneralAbility
+    from editlab.data.corpora import TextFile
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     text = tmp_path / "heldout.txt"

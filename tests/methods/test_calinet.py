@@ -13,7 +13,7 @@ from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.base import EditError, WeightEditSession, applied
 from editlab.methods.calinet import CaliNet
 from editlab.methods.patches import FFNPatch, HostReplay, host_patches
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import assert_state_equal, state_copy
 

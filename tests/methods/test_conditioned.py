@@ -5,10 +5,12 @@ import torch
 from tokenizers import processors
 
 from editlab.data.collate import encode_pairs
-from editlab.general import token_nll
+from editlab.evaluation.general import token_nll
 from editlab.methods.conditioned import ConditionedLM
 from editlab.models.tiny import tiny_model, tiny_tokenizer
-from editlab.scoring import greedy_generate, is_edit_wrapper, lm_logits_at, score_pairs
+from editlab.evaluation.generation import greedy_generate
+from editlab.evaluation.teacher_forced import score_pairs
+from editlab.scoring import is_edit_wrapper, lm_logits_at
 
 from conftest import assert_state_equal, state_copy
 

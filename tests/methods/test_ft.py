@@ -3,7 +3,7 @@ import torch
 
 from editlab.methods.base import EditError
 from editlab.methods.ft import FTL
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import CAUSAL_TYPES, assert_state_equal, state_copy
 

@@ -15,7 +15,8 @@ from editlab.methods.conditioned import ConditionedLM
 from editlab.methods.ike import IKE
 from editlab.models.encoder import SentenceEncoder
 from editlab.models.tiny import tiny_model
-from editlab.scoring import greedy_generate, score_pairs
+from editlab.evaluation.generation import greedy_generate
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import assert_state_equal, make_records, state_copy
 
@@ -255,7 +256,7 @@ def test_hydra_experiment_runs_end_to_end(tmp_path, monkeypatch):
 def test_ike_on_cuda_matches_the_cpu(encoder, tmp_path):
     import copy
 
-    from editlab.scoring import greedy_generate
+    from editlab.evaluation.generation import greedy_generate
 
     cpu = tiny_model("llama", max_position_embeddings=512)
     gpu = copy.deepcopy(cpu.model).cuda()

@@ -7,7 +7,7 @@ from editlab.methods.base import EditError
 from editlab.methods.kn import KN
 from editlab.models.arch import arch_for, get_module
 from editlab.models.tiny import tiny_model
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 from editlab.tracing import Trace
 
 from conftest import CAUSAL_TYPES, assert_state_equal, state_copy

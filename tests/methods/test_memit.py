@@ -4,7 +4,7 @@ import torch
 from editlab.data.corpora import TextFile
 from editlab.methods.memit import MEMIT, memit_update
 from editlab.models.tiny import TINY_CORPUS
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import CAUSAL_TYPES, assert_state_equal, make_records, state_copy
 

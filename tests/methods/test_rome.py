@@ -6,7 +6,7 @@ from editlab.methods.base import EditError
 from editlab.methods.rome import ROME
 from editlab.models.arch import arch_for, get_module
 from editlab.models.tiny import TINY_CORPUS
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import CAUSAL_TYPES, assert_state_equal, make_records, state_copy
 

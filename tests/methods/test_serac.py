@@ -27,7 +27,8 @@ from editlab.methods.serac import (
 )
 from editlab.models.encoder import SentenceEncoder
 from editlab.models.tiny import tiny_model
-from editlab.scoring import greedy_generate, score_pairs
+from editlab.evaluation.generation import greedy_generate
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import assert_state_equal, state_copy
 

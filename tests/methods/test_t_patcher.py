@@ -13,8 +13,8 @@ from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.base import EditError, WeightEditSession, applied
 from editlab.methods.patches import FFNPatch, HostReplay, host_patches
 from editlab.methods.t_patcher import TPatcher
+from editlab.evaluation.teacher_forced import score_pairs
 from editlab.models.arch import is_encoder_decoder
-from editlab.scoring import score_pairs
 from editlab.tracing import Trace
 
 from conftest import assert_state_equal, state_copy

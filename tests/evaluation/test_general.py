@@ -1,4 +1,4 @@
-"""General ability (editlab/general.py): perplexity on held-out text and PIQA accuracy."""
+"""General ability (editlab/evaluation/general.py): perplexity on held-out text and PIQA accuracy."""
 
 import json
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-import editlab.general as general
-from editlab.general import GeneralAbility, token_nll
-from editlab.stats import TextFile
+import editlab.evaluation.general as general
+from editlab.evaluation.general import GeneralAbility, token_nll
+from editlab.data.corpora import TextFile
 
 from conftest import scripted_next_tokens, state_copy, assert_state_equal
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from editlab.metrics.judge import LLMJudge, build_judge, judge_scores
+from editlab.evaluation.judge import LLMJudge, build_judge, judge_scores
 
 
 def _contains_judge(prompt: str, target: str, generation: str) -> float:

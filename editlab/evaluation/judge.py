@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from editlab.models.arch import is_encoder_decoder
 from editlab.models.loading import ModelBundle, from_pretrained
 
 __all__ = ["JUDGE_TEMPLATE", "Judge", "LLMJudge", "build_judge", "judge_scores"]
@@ -64,7 +65,7 @@ class LLMJudge:
         try:
             for lo in range(0, len(texts), self.chunk_size):
                 enc = tok(texts[lo: lo + self.chunk_size], return_tensors="pt", padding=True).to(self.bundle.device)
-                if self.bundle.is_encoder_decoder:
+                if is_encoder_decoder(model):
                     start = torch.full((enc["input_ids"].shape[0], 1), model.config.decoder_start_token_id,
                                        device=self.bundle.device)
                     logits = model(**enc, decoder_input_ids=start).logits[:, -1]

@@ -3,16 +3,16 @@
 :class:`GeneralAbility` measures, on the model as it is when called,
 
 * **perplexity** on a fixed held-out text sample: the first ``n_tokens`` tokens of a corpus of
-  :mod:`editlab.stats` (:class:`~editlab.stats.WikipediaSample`, the offline English Wikipedia
-  extract, by default; :class:`~editlab.stats.TextFile` or :class:`~editlab.stats.HFDataset` for
-  other text), packed as in :func:`editlab.stats.pack_rows` (documents joined by EOS, rows of
+  :mod:`editlab.data.corpora` (:class:`~editlab.data.corpora.WikipediaSample`, the offline English Wikipedia
+  extract, by default; :class:`~editlab.data.corpora.TextFile` or :class:`~editlab.data.corpora.HFDataset` for
+  other text), packed as in :func:`editlab.data.corpora.pack_rows` (documents joined by EOS, rows of
   ``seq_len`` tokens).  When the tokenizer adds a BOS token by default it is prepended to every
   row and every row token is scored; otherwise a row's first token is context only.  Rows have
   equal lengths within a forward (no padding); the forward stops at the LM head's input and the
   vocabulary projection runs on ``logit_rows`` positions at a time.
 * **PIQA accuracy** (Bisk et al. 2020) on the first ``piqa_examples`` items of the validation set:
   each solution is scored by its log-likelihood after ``"Question: {goal}\\nAnswer:"``
-  (:func:`editlab.scoring.score_pairs`: batched, padding-safe, only the scored logits), and the
+  (:func:`editlab.evaluation.teacher_forced.score_pairs`: batched, padding-safe, only the scored logits), and the
   prediction is the solution with the higher total (``piqa_acc``) or the higher total per
   character of the continuation (``piqa_acc_norm``): lm-evaluation-harness's ``acc`` /
   ``acc_norm``.
@@ -36,10 +36,12 @@ from torch import nn
 
 from editlab.data.collate import target_text
 from editlab.data.loaders import ChoiceItem, load_piqa
+from editlab.evaluation.teacher_forced import score_pairs
 from editlab.metrics.general import MultipleChoiceAccuracy, Perplexity
-from editlab.models.arch import arch_for
-from editlab.scoring import head_logits, is_edit_wrapper, score_pairs, wrapper_logits_at
-from editlab.stats import Corpus, WikipediaSample, batch_rows, effective_seq_len, pack_rows
+from editlab.models.arch import arch_for, is_encoder_decoder
+from editlab.scoring import head_logits, is_edit_wrapper, wrapper_logits_at
+from editlab.data.corpora import Corpus, WikipediaSample, batch_rows, pack_rows
+from editlab.stats import effective_seq_len
 from editlab.tracing import CallRecorder
 
 __all__ = ["GeneralAbility", "PIQA_TEMPLATE", "token_nll"]
@@ -190,7 +192,7 @@ class GeneralAbility:
 
     def perplexity(self, model: nn.Module, tokenizer) -> dict[str, float]:
         """``perplexity``, ``nll`` (mean token NLL) and ``tokens`` (tokens scored) on the corpus sample."""
-        if getattr(model.config, "is_encoder_decoder", False):
+        if is_encoder_decoder(model):
             if not self._warned_seq2seq:
                 log.warning("general ability: perplexity is skipped for the seq2seq model %s "
                             "(only decoder-only models are scored on free text); PIQA is still scored",
