@@ -65,6 +65,7 @@ from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import PairBatch
 from editlab.data.datamodule import EditBatch
+from editlab.errors import require
 from editlab.methods.base import EditError
 from editlab.methods.hyper import (
     TrainableEditor, edit_gradients, edited_forward, locality_terms, row_gradients, target_nll,
@@ -234,6 +235,7 @@ class KE(TrainableEditor):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if margin < 0 or margin_min < 0:
             raise ValueError(f"margins must be >= 0, got {margin}, {margin_min}")
+        require(lr_multiplier > 0, "lr_multiplier", "must be > 0", lr_multiplier)
         self.hidden_dim = hidden_dim
         self.condition_dim = condition_dim
         self.max_scale = max_scale
