@@ -2,7 +2,15 @@
 
 Composes ``configs/train.yaml``, builds everything by ``_target_``, and runs the edit loop
 (``trainer.test``) with the configured editor as a callback.  Prints (logs) the summary table and
-writes results under the Hydra run directory in ``experiments/``.
+writes results under the Hydra run directory in ``experiments/``: the resolved config as
+``config.yaml`` there (the console gets one line naming the run folder).
+
+What a user can get wrong is checked before the model loads (which takes minutes on a fresh cache):
+the settings, the records of every split the run reads (:class:`~editlab.data.records.RecordError`
+names the file, record and field) and the editor's arguments, named by their config key
+(``method.lr must be > 0, got -1.0``: editors raise :class:`~editlab.errors.SettingError` under
+their argument's name).  Such errors are printed as one line, ``error: ...``, without a traceback,
+and the exit status is 1; ``HYDRA_FULL_ERROR=1`` shows the traceback.
 
 Trainable editors (MEND, KE): experiments that select a ``fit`` config (``override /fit: editor``)
 first train the editor (``trainer.fit`` with the ``fit.module`` LightningModule, the ``fit.callbacks``
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -235,17 +244,27 @@ USER_ERRORS = (UserError, RecordError, ModelLoadError, FileNotFoundError, Missin
                InterpolationResolutionError)
 
 
+# Hydra names the node whose constructor failed at the end of its message (its only record of it)
+_FULL_KEY = re.compile(r"\nfull_key: (\S+)\s*$")
+
+
 @contextmanager
 def _settings_of(node: str) -> Iterator[None]:
     """Name a :class:`SettingError` raised while building config node ``node`` by its config key
-    (``lr`` → ``method.lr``); Hydra wraps it in an InstantiationException, which is dropped."""
+    (``lr`` → ``method.lr``; an argument of a node inside it, such as ``method.mom2_corpus``, by that
+    node's key).  Hydra's InstantiationException around it is dropped from the message."""
     try:
         yield
     except Exception as exc:
         err = find_user_error(exc, (SettingError,), through=(InstantiationException,))
         if err is None:
             raise
-        raise err.within(node) from exc
+        key, current = node, exc
+        while current is not None and current is not err:
+            found = _FULL_KEY.search(str(current)) if isinstance(current, InstantiationException) else None
+            key = found.group(1) if found else key
+            current = current.__cause__
+        raise err.within(key) from exc
 
 
 def user_error(exc: BaseException) -> BaseException | None:
@@ -262,7 +281,17 @@ def main(cfg: DictConfig) -> None:
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {err}", file=sys.stderr)
+        _log_to_files(logging.ERROR, str(err))
         sys.exit(1)
+
+
+def _log_to_files(level: int, message: str) -> None:
+    """Write ``message`` to the log files only (the run folder's ``train.log``): the console
+    already has it, without the log format."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,4 @@ def test_editors_name_a_bad_learning_rate_or_step_count(target, kwargs, key):
     with pytest.raises(SettingError) as info:
         hydra.utils.get_class(target)(**kwargs)
     assert info.value.key == key and str(info.value).startswith(f"{key} must be")
+

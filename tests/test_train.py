@@ -9,8 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import hydra
+import pytest
 import yaml
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
 from test_configs import _write_fixture
+
+from editlab.errors import SettingError
+from editlab.train import _settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -98,9 +105,10 @@ def test_a_malformed_record_names_file_record_and_field(tmp_path):
 
 def test_a_bad_learning_rate_is_named_by_its_config_key(tmp_path):
     _write_fixture(tmp_path / "cf.json")
-    proc, marker, _ = _train(tmp_path, "method.lr=-1.0")
+    proc, marker, out = _train(tmp_path, "method.lr=-1.0")
     error = _assert_one_line_error(proc, marker)
     assert error == "error: method.lr must be > 0, got -1.0"
+    assert "[ERROR] - method.lr must be > 0, got -1.0" in (out / "train.log").read_text()  # the run folder has it
 
 
 def test_a_bad_stream_setting_is_named_by_its_config_key(tmp_path):
@@ -142,3 +150,18 @@ def test_the_offline_hub_error_is_one_readable_line(tmp_path):
     assert "EleutherAI/gpt-j-6b" in error and "HF_HUB_OFFLINE is set" in error
     assert "Original error" in error  # the cause is on the same line
     assert "\\n" not in error
+
+
+def test_the_entry_point_names_a_setting_by_its_config_key():
+    cfg = OmegaConf.create({"method": {"_target_": "editlab.methods.ft.FTL", "lr": -1.0},
+                            "outer": {"_target_": "builtins.dict",
+                                      "inner": {"_target_": "editlab.methods.calinet.CaliNet", "max_steps": 0}}})
+    with pytest.raises(SettingError, match=r"^method\.lr must be > 0, got -1\.0$"):
+        with _settings_of("method"):
+            hydra.utils.instantiate(cfg.method)
+    with pytest.raises(SettingError, match=r"^outer\.inner\.max_steps must be >= 1, got 0$"):
+        with _settings_of("outer"):
+            hydra.utils.instantiate(cfg.outer)
+    with pytest.raises(InstantiationException):  # not a setting error: left as it is
+        with _settings_of("method"):
+            hydra.utils.instantiate({"_target_": "editlab.methods.ft.FTL", "objective": "nonsense"})
