@@ -17,7 +17,6 @@ from omegaconf import OmegaConf
 from test_configs import _write_fixture
 
 from editlab.errors import SettingError
-from editlab.train import _settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -153,6 +152,9 @@ def test_the_offline_hub_error_is_one_readable_line(tmp_path):
 
 
 def test_the_entry_point_names_a_setting_by_its_config_key():
+    # imported here: the training subprocesses import this module for marked_tiny_model
+    from editlab.train import _settings_of
+
     cfg = OmegaConf.create({"method": {"_target_": "editlab.methods.ft.FTL", "lr": -1.0},
                             "outer": {"_target_": "builtins.dict",
                                       "inner": {"_target_": "editlab.methods.calinet.CaliNet", "max_steps": 0}}})
