@@ -19,6 +19,21 @@ neighbourhood score in PC.  A cell is empty when the run has no such number.  Th
 ``post`` (each record scored right after its own edit) unless ``--stage final`` asks for the
 scores after a whole sequential stream.
 
+**Sweeps.**  Given a Hydra multirun folder (``python -m editlab.train -m ...`` writes
+``experiments/multiruns/<experiment>/<time>/`` with one numbered folder per job), the report is one
+row per job instead: the job, the swept settings (the overrides whose values differ between the
+jobs) and the metrics of the stage (``post/...``), then seconds per edit and records scored.  A job
+that has not finished has a row with its records so far and no metrics.  Given
+``multiruns/<experiment>/``, the latest sweep is reported::
+
+    python -m editlab.train -m experiment=ft_smollm2_counterfact method.lr=1e-4,5e-4,1e-3
+    python -m editlab.report --runs experiments/multiruns/ft_smollm2_counterfact --out lr.csv
+
+Records are counted in ``records.jsonl`` and, for a run that was killed before its DDP ranks'
+files were merged into it, in the ``records.rank<N>.jsonl`` files beside it (each record once).
+``--out FILE`` writes the table to FILE as well as to stdout: CSV when FILE ends in ``.csv``
+(a sweep's metrics at full precision), markdown otherwise.
+
 ``--run EXP [EXP ...]`` first runs the named experiments that have no finished run yet
 (``python -m editlab.train experiment=EXP``, one after another), so one command reproduces the
 table from nothing::
@@ -29,6 +44,8 @@ table from nothing::
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import logging
 import math
@@ -44,7 +61,7 @@ from editlab.metrics.keys import (
     GENERATION_KINDS, generation_metric, join, parse_generation_metric, parse_key, time_key,
 )
 
-__all__ = ["Run", "collect_runs", "format_table", "main"]
+__all__ = ["Run", "Job", "collect_runs", "collect_sweep", "is_sweep", "format_table", "format_sweep", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +122,42 @@ def _class_name(target: str | None) -> str:
     return (target or "?").rsplit(".", 1)[-1]
 
 
-def _load_run(folder: Path) -> Run | None:
+def count_records(folder: Path) -> int:
+    """The records a run wrote: ``records.jsonl`` and any ``records.rank<N>.jsonl`` beside it (a DDP
+    run killed before rank 0 merged them), each record once (by its source file and index)."""
+    files = [folder / "records.jsonl", *sorted(folder.glob("records.rank*.jsonl"))]
+    seen: set[tuple] = set()
+    anonymous = 0
+    for path in files:
+        if not path.is_file():
+            continue
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if isinstance(record, dict) and "index" in record:
+                    seen.add((record.get("source"), record["index"]))
+                else:
+                    anonymous += 1
+    return len(seen) + anonymous
+
+
+def _load_run(folder: Path, finished: bool = True) -> Run | None:
+    """The edit-loop run in ``folder``; None when it is not one, or (``finished``) has no summary."""
     summary_path = folder / "summary.json"
     config_path = folder / ".hydra" / "config.yaml"
-    if not summary_path.is_file() or not config_path.is_file():
+    if not config_path.is_file() or (finished and not summary_path.is_file()):
         return None
     with open(config_path, encoding="utf-8") as fh:
         config = yaml.safe_load(fh) or {}
-    with open(summary_path, encoding="utf-8") as fh:
-        summary = json.load(fh)
+    summary = {}
+    if summary_path.is_file():
+        with open(summary_path, encoding="utf-8") as fh:
+            summary = json.load(fh)
     method = config.get("method") or {}
     data = config.get("data") or {}
     test = data.get("test") or {}
@@ -124,12 +168,8 @@ def _load_run(folder: Path) -> Run | None:
     dataset = str(test.get("path", "?"))
     if test.get("offset"):
         dataset += f" [{test['offset']}:]"
-    records = 0
-    if (folder / "records.jsonl").is_file():
-        with open(folder / "records.jsonl", encoding="utf-8") as fh:
-            records = sum(1 for line in fh if line.strip())
     return Run(folder, str(config.get("experiment_name", folder.parent.name)), _class_name(method.get("_target_")),
-               dataset, str(name), summary, records, int(data.get("batch_size") or 1))
+               dataset, str(name), summary, count_records(folder), int(data.get("batch_size") or 1))
 
 
 def collect_runs(root: str | Path, experiments: Sequence[str] | None = None, model: str | None = None) -> list[Run]:
@@ -198,6 +238,139 @@ def format_table(runs: Sequence[Run], stage: str = "post", generation_score: str
     return "\n".join(lines + notes) + "\n"
 
 
+@dataclass
+class Job:
+    """One job of a Hydra sweep: its folder name (the job number), its overrides and its run."""
+
+    name: str
+    overrides: dict[str, str]
+    run: Run
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.run.summary)
+
+
+def is_sweep(folder: str | Path) -> bool:
+    """Whether ``folder`` is one Hydra multirun: Hydra writes ``multirun.yaml`` there when it starts."""
+    return (Path(folder) / "multirun.yaml").is_file()
+
+
+def _sweep_folder(folder: Path) -> Path | None:
+    """``folder`` when it is a sweep, the latest sweep in it when it holds sweeps
+    (``multiruns/<experiment>/``), else None."""
+    if is_sweep(folder):
+        return folder
+    if not folder.is_dir():
+        return None
+    sweeps = sorted(p for p in folder.iterdir() if p.is_dir() and is_sweep(p))
+    return sweeps[-1] if sweeps else None
+
+
+def _parse_overrides(path: Path) -> dict[str, str]:
+    """Hydra's ``overrides.yaml`` (``key=value`` lines, ``+``/``++`` prefixes, ``~key`` deletions)
+    as ``{key: value}``; a deleted key's value is ``~``."""
+    with open(path, encoding="utf-8") as fh:
+        lines = yaml.safe_load(fh) or []
+    out = {}
+    for line in lines:
+        line = str(line)
+        if line.startswith("~"):
+            out[line[1:].split("=", 1)[0]] = "~"
+            continue
+        key, _, value = line.lstrip("+").partition("=")
+        out[key] = value
+    return out
+
+
+def _job_order(folder: Path) -> tuple:
+    return (0, int(folder.name), "") if folder.name.isdigit() else (1, 0, folder.name)
+
+
+def collect_sweep(folder: str | Path) -> list[Job]:
+    """Every edit-loop job of the sweep ``folder`` (or of the latest sweep in it), finished or not,
+    in job order."""
+    folder = Path(folder)
+    sweep = _sweep_folder(folder)
+    if sweep is None:
+        raise ValueError(f"{folder} is not a sweep folder (multiruns/<experiment>/<time>/ with one folder per job)")
+    jobs = []
+    for job_dir in sorted((p for p in sweep.iterdir() if p.is_dir()), key=_job_order):
+        overrides = job_dir / ".hydra" / "overrides.yaml"
+        run = _load_run(job_dir, finished=False) if overrides.is_file() else None
+        if run is not None:
+            jobs.append(Job(job_dir.name, _parse_overrides(overrides), run))
+    return jobs
+
+
+def swept_keys(jobs: Sequence[Job]) -> list[str]:
+    """The override keys whose values differ between ``jobs``, in the order they are first given."""
+    keys = list(dict.fromkeys(k for job in jobs for k in job.overrides))
+    return [k for k in keys if len({job.overrides.get(k) for job in jobs}) > 1]
+
+
+def sweep_table(jobs: Sequence[Job], stage: str = "post") -> tuple[list[str], list[list]]:
+    """The header and rows of a sweep's table: job, swept settings, the metrics of ``stage``
+    (summary keys ``<stage>/<metric>``, in the order the runs list them), seconds per edit and
+    records.  Metric cells are floats (None: the job has no such number)."""
+    if not jobs:
+        raise ValueError("no jobs to report in this sweep")
+    keys = swept_keys(jobs)
+    prefix = f"{stage}/"
+    metrics = list(dict.fromkeys(k[len(prefix):] for job in jobs for k in job.run.summary if k.startswith(prefix)))
+    header = ["job", *keys, *metrics, "s/edit (median)", "records"]
+    rows = []
+    for job in jobs:
+        values = [job.run.summary.get(prefix + m) for m in metrics]
+        values = [float(v) if v is not None and math.isfinite(v) else None for v in values]
+        rows.append([job.name, *(job.overrides.get(k, "") for k in keys), *values, job.run.seconds_per_edit,
+                     job.run.records])
+    return header, rows
+
+
+def format_sweep(jobs: Sequence[Job], stage: str = "post", digits: int = 3) -> str:
+    """The markdown table of a sweep (see the module docstring), with what the jobs share below it."""
+    header, rows = sweep_table(jobs, stage)
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return _fmt(value, digits)
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    swept = set(swept_keys(jobs))
+    shared = [f"{k}={v}" for k, v in jobs[0].overrides.items() if k not in swept]
+    first = jobs[0].run
+    unfinished = [job.name for job in jobs if not job.finished]
+    notes = [
+        "",
+        f"Sweep of {first.experiment} ({first.method}, {first.model}, {first.dataset}): {len(jobs)} jobs in "
+        f"`{first.path.parent}`. Stage `{stage}`; s/edit: median edit time per record.",
+        "",
+        "Every job: " + (" ".join(f"`{o}`" for o in shared) if shared else "(no other overrides)"),
+    ]
+    if unfinished:
+        notes += ["", "Not finished (no summary yet): job " + ", ".join(unfinished)]
+    return "\n".join(lines + notes) + "\n"
+
+
+def to_csv(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """``header`` and ``rows`` as CSV (numbers at full precision, None as an empty cell)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buffer.getvalue()
+
+
+def _markdown_rows(table: str) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the first markdown table in ``table`` (for its CSV form)."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines if not line.startswith("|---")]
+    return cells[0], cells[1:]
+
+
 def _run_missing(experiments: Sequence[str], root: Path, overrides: Sequence[str]) -> None:
     have = {r.experiment for r in collect_runs(root, experiments)}
     for exp in experiments:
@@ -211,7 +384,10 @@ def _run_missing(experiments: Sequence[str], root: Path, overrides: Sequence[str
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m editlab.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="experiments/runs", help="folder holding <experiment>/<time>/ runs")
+    parser.add_argument("--runs", default="experiments/runs",
+                        help="folder holding <experiment>/<time>/ runs, or a sweep folder "
+                             "(multiruns/<experiment>/<time>/, or multiruns/<experiment>/ for its latest sweep): "
+                             "one row per job")
     parser.add_argument("--experiments", nargs="*", help="only these experiments (default: all with a summary)")
     parser.add_argument("--run", nargs="*", default=None, metavar="EXP",
                         help="run these experiments first when they have no finished run (and report only them)")
@@ -219,19 +395,33 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--model", default=None, help="only runs whose model name contains this")
     parser.add_argument("--stage", default="post", choices=["pre", "post", "final"])
     parser.add_argument("--generation-score", default="em", choices=GENERATION_SCORES)
-    parser.add_argument("--out", default=None, help="write the table here (markdown) as well as to stdout")
+    parser.add_argument("--out", default=None,
+                        help="write the table here as well as to stdout: CSV when the name ends in .csv, else markdown")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     root = Path(args.runs)
-    experiments = args.experiments
-    if args.run:
-        _run_missing(args.run, root, args.override)
-        experiments = list(args.run) + list(experiments or [])
-    table = format_table(collect_runs(root, experiments, args.model), args.stage, args.generation_score)
+    if _sweep_folder(root) is not None:
+        if args.run or args.experiments or args.model:
+            parser.error(f"{root} is a sweep: --run, --experiments and --model select runs of a runs folder")
+        jobs = collect_sweep(root)
+        table = format_sweep(jobs, args.stage)
+        csv_text = to_csv(*sweep_table(jobs, args.stage))
+    else:
+        experiments = args.experiments
+        if args.run:
+            _run_missing(args.run, root, args.override)
+            experiments = list(args.run) + list(experiments or [])
+        runs = collect_runs(root, experiments, args.model)
+        if not runs:
+            raise ValueError(f"no finished runs to report in {root} (a folder of <experiment>/<time>/ runs, or "
+                             "a sweep folder multiruns/<experiment>/<time>/)")
+        table = format_table(runs, args.stage, args.generation_score)
+        csv_text = to_csv(*_markdown_rows(table))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table, encoding="utf-8")
-        log.info("wrote %s", args.out)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(csv_text if out.suffix.lower() == ".csv" else table, encoding="utf-8")
+        log.info("wrote %s", out)
     sys.stdout.write(table)
     return table
 

@@ -2,7 +2,15 @@
 
 Composes ``configs/train.yaml``, builds everything by ``_target_``, and runs the edit loop
 (``trainer.test``) with the configured editor as a callback.  Prints (logs) the summary table and
-writes results under the Hydra run directory in ``experiments/``.
+writes results under the Hydra run directory in ``experiments/``: the resolved config as
+``config.yaml`` there (the console gets one line naming the run folder).
+
+What a user can get wrong is checked before the model loads (which takes minutes on a fresh cache):
+the settings, the records of every split the run reads (:class:`~editlab.data.records.RecordError`
+names the file, record and field) and the editor's arguments, named by their config key
+(``method.lr must be > 0, got -1.0``: editors raise :class:`~editlab.errors.SettingError` under
+their argument's name).  Such errors are printed as one line, ``error: ...``, without a traceback,
+and the exit status is 1; ``HYDRA_FULL_ERROR=1`` shows the traceback.
 
 Trainable editors (MEND, KE): experiments that select a ``fit`` config (``override /fit: editor``)
 first train the editor (``trainer.fit`` with the ``fit.module`` LightningModule, the ``fit.callbacks``
@@ -26,15 +34,25 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from editlab.data.records import RecordError
+from editlab.errors import SettingError, UserError, find_user_error
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.results import format_summary
 from editlab.lit.editor_train import load_editor, training_order
+from editlab.models.loading import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +81,6 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  **_container(fit.get("trainer")))
     resume, init = fit.get("resume_from"), fit.get("init_from")
-    if resume and init:
-        raise ValueError("set fit.resume_from (continue a run: editor, optimizer, step) or fit.init_from "
-                         "(start a new run from an editor's weights), not both")
     if resume:
         log.info("resuming editor training from %s", resume)
     if init:
@@ -76,10 +91,7 @@ def fit_editor(cfg: DictConfig, bundle, editor, datamodule, loggers: list):
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume or None)
     checkpoint = next((c for c in trainer.checkpoint_callbacks if c.monitor), None)  # not checkpoint_last
     best = checkpoint.best_model_path if checkpoint is not None else ""
-    which = fit.get("test_weights", "best")
-    if which not in ("best", "last"):
-        raise ValueError(f"fit.test_weights must be 'best' or 'last', got {which!r}")
-    if which == "best" and best:
+    if fit.get("test_weights", "best") == "best" and best:
         score = checkpoint.best_model_score
         log.info("testing the best checkpoint's editor: %s (%s = %s)", best, checkpoint.monitor,
                  f"{float(score):.4f}" if score is not None else "n/a")
@@ -103,16 +115,23 @@ def _warn_repeated_order(init: str, datamodule) -> None:
                 order["epoch"])
 
 
-def build_editor(cfg: DictConfig, bundle, datamodule, loggers: list):
-    """The editor to test: none, a configured one, one trained here (``fit``), or a saved one
-    (``ckpt_path``)."""
+def build_editor(cfg: DictConfig):
+    """The configured editor, built before the model (editors take the model when they edit), or
+    None: no ``method``, or ``ckpt_path`` (that editor is rebuilt from its checkpoint, which needs
+    the model: :func:`finish_editor`).  Bad constructor arguments are named by their config key."""
+    if cfg.get("ckpt_path") or cfg.get("method") is None:
+        return None
+    with _settings_of("method"):
+        return hydra.utils.instantiate(cfg.method)
+
+
+def finish_editor(cfg: DictConfig, editor, bundle, datamodule, loggers: list):
+    """The editor to test: the one saved in ``ckpt_path``, ``editor`` trained here (``fit``), or
+    ``editor`` as built."""
     if cfg.get("ckpt_path"):
         # the editor is rebuilt from the config stored with its weights; cfg.method is not used
         return load_editor(cfg.ckpt_path, bundle)
-    if cfg.get("method") is None:
-        return None
-    editor = hydra.utils.instantiate(cfg.method)
-    if cfg.get("fit") is not None:
+    if editor is not None and cfg.get("fit") is not None:
         editor = fit_editor(cfg, bundle, editor, datamodule, loggers)
     return editor
 
@@ -130,11 +149,11 @@ def apply_stream(cfg: DictConfig) -> None:
         return
     unknown = set(stream) - {"edits", "batch_size", "eval_every"}
     if unknown:
-        raise ValueError(f"unknown stream settings {sorted(unknown)}: use edits, batch_size, eval_every")
+        raise SettingError("stream", f"has unknown settings {sorted(unknown)}: use edits, batch_size, eval_every")
     for key in ("edits", "batch_size", "eval_every"):
         value = stream.get(key)
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"stream.{key} must be a positive integer or null, got {value!r}")
+            raise SettingError(f"stream.{key}", "must be a positive integer or null", value)
     with open_dict(cfg):
         if stream.get("edits") is not None:
             cfg.data.test.limit = stream.edits
@@ -148,16 +167,67 @@ def apply_stream(cfg: DictConfig) -> None:
              f", curves every {cfg.module.eval_every} batches" if cfg.module.eval_every else "")
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Build and run one experiment from a composed config; return the summary metrics."""
+def check_config(cfg: DictConfig) -> None:
+    """Check the settings that no constructor checks, and the files they name, before anything is
+    built: a mistake here costs nothing yet."""
     apply_stream(cfg)
+    fit = cfg.get("fit")
+    if fit is not None:
+        if fit.get("resume_from") and fit.get("init_from"):
+            raise SettingError("fit.resume_from", "and fit.init_from are both set: set resume_from to continue a run "
+                               "(editor, optimizer, step) or init_from to start a new run from an editor's "
+                               "weights, not both")
+        which = fit.get("test_weights", "best")
+        if which not in ("best", "last"):
+            raise SettingError("fit.test_weights", "must be 'best' or 'last'", which)
+    paths = {"ckpt_path": cfg.get("ckpt_path")}
+    if fit is not None:
+        paths.update({"fit.resume_from": fit.get("resume_from"), "fit.init_from": fit.get("init_from")})
+    for key, path in paths.items():
+        if path and not Path(str(path)).expanduser().is_file():
+            raise SettingError(key, "names no file", str(path))
+
+
+def load_records(cfg: DictConfig):
+    """The data module with its records read and validated: the test split, and the train / val
+    splits for a run that trains an editor (``fit``)."""
+    with _settings_of("data"):
+        datamodule = hydra.utils.instantiate(cfg.data)
+    stages = ("fit", "test") if cfg.get("fit") is not None and not cfg.get("ckpt_path") else ("test",)
+    if "fit" in stages and cfg.data.get("train") is None:
+        raise SettingError("data.train", "must be set: this run trains an editor (fit) on it")
+    counts = datamodule.load(*stages)
+    log.info("records: %s", ", ".join(f"{n} {split}" for split, n in counts.items()))
+    return datamodule
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig) -> None:
+    """Write the resolved config (``stream`` expanded, interpolations filled in) to the run folder as
+    ``config.yaml``, beside Hydra's ``.hydra/`` (the config as composed, with its overrides)."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Hydra's own node stays in .hydra/hydra.yaml
+    resolved = {key: OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                for key, value in cfg.items() if key != "hydra"}
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(resolved), encoding="utf-8")
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Build and run one experiment from a composed config; return the summary metrics.
+
+    Everything a user can get wrong is checked before the model is loaded (which can take minutes):
+    the settings, the records of every split the run reads, and the editor's arguments."""
+    check_config(cfg)
+    save_config(cfg)
+    log.info("%s: run folder %s (resolved config: config.yaml)", cfg.get("experiment_name", ""), cfg.paths.output_dir)
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
-    log.info("config:\n%s", OmegaConf.to_yaml({k: v for k, v in cfg.items() if k != "hydra"}))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = load_records(cfg)
+    editor = build_editor(cfg)
     bundle = hydra.utils.instantiate(cfg.model)
-    datamodule = hydra.utils.instantiate(cfg.data)
     loggers = _instantiate_group(cfg.get("logger"))
-    editor = build_editor(cfg, bundle, datamodule, loggers)
+    editor = finish_editor(cfg, editor, bundle, datamodule, loggers)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if editor is not None:
         callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
@@ -169,9 +239,59 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return module.summary
 
 
+# What a user can fix from the message alone: shown without a traceback (HYDRA_FULL_ERROR=1 shows it).
+USER_ERRORS = (UserError, RecordError, ModelLoadError, FileNotFoundError, MissingMandatoryValue,
+               InterpolationResolutionError)
+
+
+# Hydra names the node whose constructor failed at the end of its message (its only record of it)
+_FULL_KEY = re.compile(r"\nfull_key: (\S+)\s*$")
+
+
+@contextmanager
+def _settings_of(node: str) -> Iterator[None]:
+    """Name a :class:`SettingError` raised while building config node ``node`` by its config key
+    (``lr`` → ``method.lr``; an argument of a node inside it, such as ``method.mom2_corpus``, by that
+    node's key).  Hydra's InstantiationException around it is dropped from the message."""
+    try:
+        yield
+    except Exception as exc:
+        err = find_user_error(exc, (SettingError,), through=(InstantiationException,))
+        if err is None:
+            raise
+        key, current = node, exc
+        while current is not None and current is not err:
+            found = _FULL_KEY.search(str(current)) if isinstance(current, InstantiationException) else None
+            key = found.group(1) if found else key
+            current = current.__cause__
+        raise err.within(key) from exc
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc`` (itself, or the one a Hydra instantiation error wraps), or None."""
+    return find_user_error(exc, USER_ERRORS, through=(InstantiationException,))
+
+
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        _log_to_files(logging.ERROR, str(err))
+        sys.exit(1)
+
+
+def _log_to_files(level: int, message: str) -> None:
+    """Write ``message`` to the log files only (the run folder's ``train.log``): the console
+    already has it, without the log format."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 if __name__ == "__main__":

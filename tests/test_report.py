@@ -1,9 +1,15 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from editlab.report import collect_runs, format_table, main
+from editlab.report import collect_runs, collect_sweep, format_table, main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(root, exp, time, method, path, summary, batch_size=1, records=2):
@@ -59,3 +65,82 @@ def test_command_writes_the_file_and_filters(tmp_path):
     assert out.read_text() == table and "| 0.500 |" in table
     with pytest.raises(ValueError, match="no finished runs"):
         main(["--runs", str(tmp_path / "runs"), "--model", "gptj"])
+
+
+def _job(sweep, name, overrides, summary=None, records=()):
+    """A sweep job folder: .hydra/{config,overrides}.yaml, summary.json unless None, records lines."""
+    folder = _run(sweep.parent, sweep.name, name, "FTL", "cf.json", summary or {}, records=0)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if summary is None:
+        (folder / "summary.json").unlink()
+    (folder / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    return folder
+
+
+def test_records_are_counted_across_rank_files_once_each(tmp_path):
+    folder = _run(tmp_path, "ddp", "t", "ROME", "cf.json", {"post/reliability": 1.0}, records=0)
+    rec = lambda i: json.dumps({"source": "cf.json", "index": i}) + "\n"  # noqa: E731
+    (folder / "records.jsonl").write_text(rec(0) + rec(2))
+    (folder / "records.rank1.jsonl").write_text(rec(1) + rec(3) + '{"source": "cf.js')  # killed mid-line
+    assert collect_runs(tmp_path)[0].records == 4
+    # merged into records.jsonl but the rank file left beside it: still 4, not 6
+    (folder / "records.jsonl").write_text(rec(0) + rec(2) + rec(1) + rec(3))
+    assert collect_runs(tmp_path)[0].records == 4
+    (folder / "records.rank1.jsonl").unlink()
+    assert collect_runs(tmp_path)[0].records == 4
+
+
+def test_a_sweep_is_one_row_per_job_with_its_swept_values(tmp_path):
+    sweep = tmp_path / "multiruns" / "ft" / "2026-01-01_00-00-00"
+    common = ["experiment=ft", "data.test.limit=4"]
+    _job(sweep, "0", [*common, "method.lr=0.001", "+method.x=1"], {"post/reliability": 0.5, "pre/reliability": 0.1},
+         [{"source": "cf.json", "index": i} for i in range(4)])
+    _job(sweep, "1", [*common, "method.lr=0.01", "+method.x=1"], {"post/reliability": 0.75, "post/locality": 0.9},
+         [{"source": "cf.json", "index": i} for i in range(4)])
+    _job(sweep, "2", [*common, "method.lr=0.1", "+method.x=1"], None, [{"source": "cf.json", "index": 0}])
+    (sweep / "10").mkdir()  # a job that did not start: no .hydra, no row
+    for folder in (sweep, sweep.parent):  # the sweep, or the experiment's latest sweep
+        assert [j.name for j in collect_sweep(folder)] == ["0", "1", "2"]
+    table = main(["--runs", str(sweep.parent), "--out", str(tmp_path / "sweep.csv")])
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    assert lines[0] == "| job | method.lr | reliability | locality | s/edit (median) | records |"
+    assert lines[2:] == ["| 0 | 0.001 | 0.500 |  |  | 4 |", "| 1 | 0.01 | 0.750 | 0.900 |  | 4 |",
+                         "| 2 | 0.1 |  |  |  | 1 |"]
+    assert "Not finished (no summary yet): job 2" in table and "`experiment=ft`" in table
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert rows[0] == "job,method.lr,reliability,locality,s/edit (median),records"
+    assert rows[1:] == ["0,0.001,0.5,,,4", "1,0.01,0.75,0.9,,4", "2,0.1,,,,1"]
+    with pytest.raises(SystemExit):  # --model selects runs of a runs folder, not jobs
+        main(["--runs", str(sweep), "--model", "x"])
+
+
+def test_table_one_goes_to_csv_too(tmp_path):
+    _run(tmp_path / "runs", "a", "t", "ROME", "cf.json", {"post/reliability": 0.9})
+    main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "t.csv")])
+    rows = (tmp_path / "t.csv").read_text().splitlines()
+    assert rows[0] == "data,metric,TF: ROME" and "cf.json,reliability,0.900" in rows
+
+
+def test_a_real_sweep_is_reported(tmp_path):
+    """``python -m editlab.train -m`` over two learning rates on a tiny model, then the report."""
+    from test_configs import _write_fixture
+
+    _write_fixture(tmp_path / "cf.json")
+    sweep = tmp_path / "sweep"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), EDITLAB_DATA_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "editlab.train", "-m", "experiment=ft_smollm2_counterfact", "model=tiny_llama",
+           "data.test.path=cf.json", "method.layers=[1]", "method.num_steps=2", "logger=csv", "callbacks=none",
+           "method.lr=1e-3,1e-2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = subprocess.run([sys.executable, "-m", "editlab.report", "--runs", str(sweep)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    lines = [line for line in report.stdout.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header[:2] == ["job", "method.lr"] and "reliability" in header and header[-1] == "records"
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    assert [row[:2] for row in rows] == [["0", "0.001"], ["1", "0.01"]]
+    assert all(row[-1] == "2" for row in rows)  # both records of each job
+    assert all(row[header.index("reliability")] for row in rows)

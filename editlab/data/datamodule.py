@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editlab.data.records import EditRecord
+from editlab.errors import require
 
 __all__ = ["RecordDataset", "EditDataModule", "EpochSampler", "ResumableDataLoader", "pair_locality"]
 
@@ -201,8 +202,7 @@ class EditDataModule(L.LightningDataModule):
         sizes = {"batch_size": batch_size, "train_batch_size": train_batch_size,
                  "val_batch_size": val_batch_size}
         for name, size in sizes.items():
-            if size is not None and size < 1:
-                raise ValueError(f"{name} must be >= 1, got {size}")
+            require(size is None or size >= 1, name, "must be >= 1", size)
         self.sources = {"test": test, "train": train, "val": val}
         self.batch_size = batch_size
         self.batch_sizes = {"test": batch_size, "train": train_batch_size or batch_size,
@@ -222,6 +222,17 @@ class EditDataModule(L.LightningDataModule):
                 if self.pair_locality and split in ("train", "val"):
                     records = pair_locality(records)
                 self.datasets[split] = RecordDataset(records)
+
+    def load(self, *stages: str) -> dict[str, int]:
+        """Read and validate the records of the splits ``stages`` use (``fit``: train and val,
+        ``validate``: val, ``test``: test) now, as :meth:`setup` would when Lightning calls it;
+        a malformed record raises :class:`~editlab.data.records.RecordError` before anything
+        else is built.  Returns the number of records of every split loaded so far."""
+        for stage in stages:
+            if stage not in ("fit", "validate", "test"):
+                raise ValueError(f"stage must be 'fit', 'validate' or 'test', got {stage!r}")
+            self.setup(stage)
+        return {split: len(self.datasets[split]) for split in ("train", "val", "test") if split in self.datasets}
 
     def _dataset(self, split: str) -> RecordDataset:
         if split not in self.datasets:

@@ -41,6 +41,7 @@ from torch import nn
 from transformers.optimization import Adafactor
 
 from editlab.data.records import EditRecord
+from editlab.errors import require
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, resolve_layer
 
@@ -74,8 +75,9 @@ class CaliNet(Editor):
         gated: bool | None = None,
         seed: int = 1,
     ) -> None:
-        if num_slots < 1 or max_steps < 1:
-            raise ValueError("num_slots and max_steps must be positive")
+        require(lr > 0, "lr", "must be > 0", lr)
+        require(num_slots >= 1, "num_slots", "must be >= 1", num_slots)
+        require(max_steps >= 1, "max_steps", "must be >= 1", max_steps)
         self.layer = int(layer)
         self.num_slots = int(num_slots)
         self.lr = lr

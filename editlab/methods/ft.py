@@ -26,6 +26,7 @@ from torch import nn
 
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
+from editlab.errors import require
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import arch_for, get_module, get_parameter, is_encoder_decoder
 from editlab.scoring import head_nll
@@ -71,6 +72,8 @@ class FTL(Editor):
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if not layers:
             raise ValueError("FTL needs at least one layer")
+        require(lr > 0, "lr", "must be > 0", lr)
+        require(num_steps >= 1, "num_steps", "must be >= 1", num_steps)
         self.layers = sorted(int(x) for x in layers)
         self.module = module
         self.lr = lr

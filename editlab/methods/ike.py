@@ -66,6 +66,7 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord, RecordError
+from editlab.errors import require
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.conditioned import ConditionedLM
 from editlab.models.encoder import SentenceEncoder
@@ -167,8 +168,7 @@ class IKE(Editor):
         max_batch_tokens: int = 8192,
         text_join: bool = True,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k must be an integer >= 0, got {k!r}")
+        require(not isinstance(k, bool) and isinstance(k, int) and k >= 0, "k", "must be an integer >= 0", k)
         ratio = [float(r) for r in demo_ratio]
         if len(ratio) != 3 or any(r < 0 for r in ratio) or sum(ratio) <= 0:
             raise ValueError(f"demo_ratio must be three non-negative numbers (copy, update, retain) "

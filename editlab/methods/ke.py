@@ -64,6 +64,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import EditBatch, PairBatch
+from editlab.errors import require
 from editlab.methods.base import EditError
 from editlab.methods.hyper import (
     TrainableEditor, edit_gradients, edited_forward, locality_terms, row_gradients, target_nll,
@@ -233,6 +234,7 @@ class KE(TrainableEditor):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if margin < 0 or margin_min < 0:
             raise ValueError(f"margins must be >= 0, got {margin}, {margin_min}")
+        require(lr_multiplier > 0, "lr_multiplier", "must be > 0", lr_multiplier)
         self.hidden_dim = hidden_dim
         self.condition_dim = condition_dim
         self.max_scale = max_scale

@@ -82,6 +82,7 @@ from transformers import Cache, DynamicCache
 
 from editlab.data.collate import encode_pairs
 from editlab.data.records import EditRecord
+from editlab.errors import require
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import ArchSpec, arch_for, get_module, get_parameter, is_encoder_decoder
 from editlab.scoring import head_logits
@@ -127,8 +128,8 @@ class KN(Editor):
         old_token: str = "target_true",
         riemann: str = "linspace",
     ) -> None:
-        if steps < 1 or batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
+        require(steps >= 1, "steps", "must be >= 1", steps)
+        require(batch_size >= 1, "batch_size", "must be >= 1", batch_size)
         if not 0.0 <= p < 1.0:
             raise ValueError(f"p must be in [0, 1), got {p}")
         if riemann not in RIEMANN:

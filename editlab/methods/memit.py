@@ -34,6 +34,7 @@ from torch import nn
 
 from editlab.data.corpora import Corpus
 from editlab.data.records import EditRecord
+from editlab.errors import require
 from editlab.methods.base import Deltas, WeightEditSession
 from editlab.methods.keyvalue import DEFAULT_TEMPLATE_PROMPTS, KeyValueEditor, mean_keys, optimize_values
 from editlab.models.arch import arch_for, get_module
@@ -97,6 +98,8 @@ class MEMIT(KeyValueEditor):
         mom2_dtype: str = "float32",
         stats_cache_dir: str | None = None,
     ) -> None:
+        require(v_lr > 0, "v_lr", "must be > 0", v_lr)
+        require(v_num_grad_steps >= 1, "v_num_grad_steps", "must be >= 1", v_num_grad_steps)
         super().__init__(
             layers, fact_token, v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
             early_stop_loss, context_template_length_params, template_prompts, template_seed, mom2_corpus,

@@ -53,6 +53,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import PairBatch
+from editlab.errors import require
 from editlab.methods.base import EditError
 from editlab.methods.hyper import TrainableEditor, edit_gradient_factors
 from editlab.models.arch import UnknownArchitecture, arch_for, get_module
@@ -247,6 +248,8 @@ class MEND(TrainableEditor):
             raise ValueError("choose at most one of one_sided, x_only, delta_only")
         if rank < 1 or n_hidden < 0:
             raise ValueError(f"rank must be >= 1 and n_hidden >= 0, got {rank}, {n_hidden}")
+        require(edit_lr > 0, "edit_lr", "must be > 0", edit_lr)
+        require(lr_lr >= 0, "lr_lr", "must be >= 0", lr_lr)
         self.rank = rank
         self.n_hidden = n_hidden
         self.init = init

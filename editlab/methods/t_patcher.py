@@ -82,6 +82,7 @@ from torch import nn
 
 from editlab.data.corpora import Corpus, WikipediaSample, batch_rows, pack_rows
 from editlab.data.records import EditRecord
+from editlab.errors import require
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, host_patches, resolve_layer
 from editlab.models.arch import is_encoder_decoder
@@ -165,8 +166,10 @@ class TPatcher(Editor):
         cache_memory: bool = True,
         seed: int = 0,
     ) -> None:
-        if max_steps < 1 or check_every < 1 or max_neurons_per_edit < 1:
-            raise ValueError("max_steps, check_every and max_neurons_per_edit must be positive")
+        require(lr > 0, "lr", "must be > 0", lr)
+        require(max_steps >= 1, "max_steps", "must be >= 1", max_steps)
+        require(check_every >= 1, "check_every", "must be >= 1", check_every)
+        require(max_neurons_per_edit >= 1, "max_neurons_per_edit", "must be >= 1", max_neurons_per_edit)
         if memory_tokens < 1 or memory_seq_len < 1:
             raise ValueError("memory_tokens and memory_seq_len must be positive")
         self.layer = int(layer)

@@ -165,7 +165,7 @@ def _hub_error(name: str, err: Exception) -> ModelLoadError:
             "(no network, a misspelt id, or a gated repository that needs `hf auth login`). Pass a "
             "local directory, or use a packaged offline model (editlab.models.packaged)."
         )
-    return ModelLoadError(f"could not load {name!r}: {hint}\nOriginal error: {err}")
+    return ModelLoadError(f"could not load {name!r}: {hint} Original error: {' '.join(str(err).split())}")
 
 
 def from_pretrained(
