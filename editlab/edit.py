@@ -466,7 +466,7 @@ def edit(prompt: str | None = None, subject: str | None = None, target: str | No
 
 
 # ---------------------------------------------------------------------------- command line
-def run(cfg) -> Edited:
+def run(cfg) -> None:
     """The command: check the config's facts, method and ``save``, load the model, edit, print."""
     import hydra
     from omegaconf import OmegaConf
@@ -488,7 +488,6 @@ def run(cfg) -> Edited:
         print(result.table())
         if cfg.get("save"):
             print(f"\nsaved the edited model to {cfg.save}")
-    return result
 
 
 def _config_names(group: str) -> list[str]:

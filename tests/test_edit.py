@@ -90,6 +90,19 @@ def test_cli_bad_input_is_one_line_naming_the_field(tmp_path):
                                   "'The capital of France is'; give it as the prompt spells it")
 
 
+def test_inline_facts_compose_from_overrides():
+    from omegaconf import OmegaConf
+
+    cfg = editlab.edit.compose("tiny_llama", "ft", [
+        'facts=[{prompt: "The capital of France is", subject: France, target: Rome, probes: ["Where is Paris?"]},'
+        ' {prompt: "Toko Yasuda plays the", subject: "Toko Yasuda", target: piano}]'])
+    facts = editlab.edit.load_facts(facts=OmegaConf.to_container(cfg.facts))
+    assert [(f.record.prompt, f.record.subject, f.record.target_new, f.probes) for f in facts] == [
+        ("The capital of France is", "France", "Rome", ("Where is Paris?",)),
+        ("Toko Yasuda plays the", "Toko Yasuda", "piano", ())]
+    assert [f.record.index for f in facts] == [0, 1]
+
+
 def test_help_lists_usage_and_configs(capsys):
     editlab.edit.main(["--help"])
     text = capsys.readouterr().out
