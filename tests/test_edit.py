@@ -172,6 +172,33 @@ def test_save_writes_safetensors_that_load_back_equal(tiny, tmp_path):
             pass
 
 
+def test_trained_editor_from_ckpt_path(tiny, tmp_path):
+    """``ckpt_path``: the editor is rebuilt from the config stored in a checkpoint written by the
+    training module (here its checkpoint hook on an untrained MEND, without the normalisation that
+    needs training: the format is tested, not the training)."""
+    import hydra
+    from omegaconf import OmegaConf
+
+    from editlab.lit.editor_train import EditorTrainModule
+
+    bundle = tiny("llama")
+    config = OmegaConf.to_container(editlab.edit.compose("tiny_llama", "mend", ["method.rank=4", "method.norm=false"]).method)
+    module = EditorTrainModule(bundle, hydra.utils.instantiate(config), lr=1e-3, editor_config=config)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    path = tmp_path / "mend.ckpt"
+    torch.save(checkpoint, path)
+    original = state_copy(bundle.model)
+    with editlab.edit(**FACT, model=bundle, ckpt_path=str(path)) as edited:
+        assert type(edited.editor).__name__ == "MEND" and not edited.editor.training
+        assert edited.session.deltas and edited.method_config is None
+        assert any(not torch.equal(bundle.model.state_dict()[k], original[k]) for k in edited.session.deltas)
+    assert_state_equal(bundle.model, original)
+    with pytest.raises(ValueError, match="trained for base model 'tiny-llama'"):
+        with editlab.edit(**FACT, model=tiny("gpt2"), ckpt_path=str(path)):
+            pass
+
+
 class _PatchEditor(Editor):
     """Adds a zero module beside the first MLP: an edit that is not in the weights."""
 
