@@ -289,6 +289,14 @@ class Edited:
         return path
 
 
+def check_settings(max_new_tokens: int, save: str | os.PathLike | None) -> None:
+    """``max_new_tokens`` is a positive integer; ``save``, when set, a directory that may be written."""
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise EditInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if save is not None:
+        check_save_dir(save)
+
+
 def check_save_dir(path: str | os.PathLike) -> Path:
     """``path`` as a directory ``save`` may write to: new, or empty."""
     path = Path(path).expanduser()
@@ -348,10 +356,7 @@ def edited(bundle: ModelBundle, editor: Editor, facts: Sequence[Fact], *, max_ne
     facts = list(facts)
     if not facts:
         raise EditInputError("no fact to edit")
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise EditInputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if save is not None:
-        check_save_dir(save)
+    check_settings(max_new_tokens, save)
     if isinstance(editor, nn.Module):  # a trained editor: beside the model, never training
         editor.to(bundle.device)
         editor.eval()
@@ -433,32 +438,31 @@ def edit(prompt: str | None = None, subject: str | None = None, target: str | No
     ``save`` are checked before the model is loaded.  See the module docstring for the fields.
     """
     fact_list = load_facts(prompt, subject, target, target_true=target_true, probes=probes, facts=facts)
-    if save is not None:
-        check_save_dir(save)
+    check_settings(max_new_tokens, save)
     if isinstance(overrides, str):
         raise EditInputError(f"overrides must be a list of Hydra overrides, got the string {overrides!r}")
+    if not isinstance(model, (str, ModelBundle)):
+        raise EditInputError(f"model must be a config name or a ModelBundle, got {type(model).__name__}")
+    if method is not None and not isinstance(method, (str, Editor)):
+        raise EditInputError(f"method must be a config name or an Editor, got {type(method).__name__}")
     if isinstance(method, Editor) and ckpt_path:
         raise EditInputError("give method= or ckpt_path=, not both")
-    names = {"model": model if isinstance(model, str) else None,
-             "method": method if isinstance(method, str) else None}
-    if names["model"] is None and not isinstance(model, ModelBundle):
-        raise EditInputError(f"model must be a config name or a ModelBundle, got {type(model).__name__}")
-    if method is not None and names["method"] is None and not isinstance(method, Editor):
-        raise EditInputError(f"method must be a config name or an Editor, got {type(method).__name__}")
-    if overrides and not (names["model"] or names["method"]):
+    by_name = {"model": model if isinstance(model, str) else None, "method": method if isinstance(method, str) else None}
+    if overrides and not any(by_name.values()):
         raise EditInputError("overrides apply to configs chosen by name: give model= or method= as a config name")
+    cfg = compose(by_name["model"], by_name["method"], overrides) if any(by_name.values()) else None
     method_config = None
-    if names["model"] or names["method"]:
-        cfg = compose(names["model"], names["method"], overrides)
-        editor = method if isinstance(method, Editor) else build_editor(cfg.get("method"), ckpt_path)
-        if cfg.get("method") is not None and not isinstance(method, Editor):
-            from omegaconf import OmegaConf
-            method_config = OmegaConf.to_container(cfg.method, resolve=True)
-        if isinstance(model, str):
-            import hydra
-            model = hydra.utils.instantiate(cfg.model)
+    if isinstance(method, Editor):
+        editor = method
     else:
-        editor = method if method is not None else build_editor(None, ckpt_path)
+        method_cfg = cfg.get("method") if cfg is not None else None
+        editor = build_editor(method_cfg, ckpt_path)
+        if method_cfg is not None:
+            from omegaconf import OmegaConf
+            method_config = OmegaConf.to_container(method_cfg, resolve=True)
+    if isinstance(model, str):
+        import hydra
+        model = hydra.utils.instantiate(cfg.model)
     if editor is None:
         editor = load_trained_editor(ckpt_path, model)
     return edited(model, editor, fact_list, max_new_tokens=max_new_tokens, save=save, seed=seed,
@@ -474,8 +478,7 @@ def run(cfg) -> None:
     plain = OmegaConf.to_container(cfg, resolve=False)
     facts = load_facts(plain.get("prompt"), plain.get("subject"), plain.get("target"),
                        target_true=plain.get("target_true"), probes=plain.get("probes"), facts=plain.get("facts"))
-    if cfg.get("save"):
-        check_save_dir(cfg.save)
+    check_settings(cfg.max_new_tokens, cfg.get("save"))
     editor = build_editor(cfg.get("method"), cfg.get("ckpt_path"))
     bundle = hydra.utils.instantiate(cfg.model)
     method_config = None
