@@ -4,7 +4,8 @@ Command line (Hydra ``key=value`` overrides; ``model`` and ``method`` name confi
 ``editlab/configs/model/`` and ``editlab/configs/method/``, presets such as ``method=rome/<model>``
 included, and ``method.<name>=...`` sets any hyperparameter)::
 
-    python -m editlab.edit model=smollm2_135m method=rome method.layers=[5] \\
+    python -m editlab.edit model=smollm2_135m method=rome 'method.layers=[5]' \\
+        method.v_num_grad_steps=25 method.v_weight_decay=0.001 \\
         prompt="Darmstadt is located in the country of" subject=Darmstadt \\
         target=Argentina target_true=Germany 'probes=["Darmstadt, which is located in"]'
 
@@ -13,7 +14,9 @@ answer before and after the edit (at most ``max_new_tokens`` tokens, cut at a ne
 end of a sentence) and the probability of the new target (and of ``target_true``, when given)
 before → after.  A probability is that of the whole target (the product over its tokens),
 teacher-forced after the prompt.  Nothing is written unless ``save`` is set; progress messages go
-to stderr, the table to stdout.
+to stderr, the table to stdout.  The first run on a model converts a packaged model (SmolLM2: about
+a minute) and, for methods that need key statistics (ROME, MEMIT with ``mom2_adjustment``), runs
+the statistics pass once (SmolLM2, layer 5: about 20 minutes on a busy CPU); both are cached.
 
 A fact's fields:
     prompt       the edit prompt, subject filled in ("Darmstadt is located in the country of").
