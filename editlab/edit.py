@@ -84,7 +84,8 @@ from editlab.methods.base import EditError, Editor, WeightEditSession
 from editlab.models.loading import ModelBundle, ModelLoadError
 
 # what scores a model: the greedy answers and the teacher-forced target probabilities
-from editlab.scoring import greedy_generate, score_pairs
+from editlab.evaluation.generation import greedy_generate
+from editlab.evaluation.teacher_forced import score_pairs
 
 __all__ = ["CONFIG_DIR", "EditInputError", "Edited", "Fact", "Row", "edit", "edited", "load_facts", "main"]
 
