@@ -17,7 +17,7 @@ import editlab
 from editlab.data.records import RecordError
 from editlab.methods.base import Edit, Editor
 from editlab.methods.ft import FTL
-from editlab.scoring import score_pairs
+from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import assert_state_equal, state_copy
 
