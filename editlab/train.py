@@ -25,8 +25,6 @@ shorthand for the settings it implies (:func:`apply_stream`): the first N test r
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 
 import hydra
 import lightning as L
@@ -37,9 +35,6 @@ from editlab.lit.edit_eval import format_summary
 from editlab.lit.editor_train import load_editor, training_order
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("EDITLAB_ROOT", str(ROOT))
 
 
 def _instantiate_group(group: DictConfig | None) -> list:
