@@ -21,11 +21,12 @@ CONFIGS = REPO / "editlab" / "configs"
 
 def _options(group: str) -> list[str]:
     """Every option of a config group, presets in subfolders included: rome, rome/smollm2_135m, ..."""
-    return sorted(str(p.relative_to(CONFIGS / group).with_suffix("")) for p in (CONFIGS / group).rglob("*.yaml"))
+    folder = CONFIGS / group
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
 
 
 EXPERIMENTS = _options("experiment")
-METHODS = _options("method")                        # method/<method>.yaml + presets method/<method>/<model>.yaml
+METHODS = _options("method")  # method/<method>.yaml + presets method/<method>/<model>.yaml
 PRESETS = [m for m in METHODS if "/" in m]
 FIT_PRESETS = [f for f in _options("fit") if "/" in f]
 # an experiment's name starts with its method; the editor class each method config builds
@@ -86,7 +87,7 @@ def _check_constructor_keys(node, where: str, passed_by_caller: tuple[str, ...] 
     required argument present (``passed_by_caller``: arguments the entry point supplies itself)."""
     target = hydra.utils.get_method(node._target_)
     params = inspect.signature(target).parameters
-    assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{where}: {node._target_} takes **kwargs"
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{where}: {node._target_} takes **kw"
     keys = set(node) - _HYDRA_KEYS
     unknown = sorted(keys - set(params))
     assert not unknown, f"{where}: {unknown} are not arguments of {node._target_}{inspect.signature(target)}"
@@ -159,7 +160,8 @@ def test_a_user_config_dir_on_the_searchpath_adds_experiments_and_models(tmp_pat
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "my_tiny.yaml").write_text("defaults:\n  - tiny_llama\n  - _self_\nseed: 7\n")
     (tmp_path / "experiment" / "my_rome.yaml").write_text(
-        "# @package _global_\ndefaults:\n  - override /model: my_tiny\n  - override /method: rome/smollm2_135m\n"
+        "# @package _global_\ndefaults:\n  - override /model: my_tiny\n"
+        "  - override /method: rome/smollm2_135m\n"
         "experiment_name: my_rome\nmethod:\n  layers: [1]\n")
     cfg = _compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=my_rome"])
     assert cfg.experiment_name == "my_rome" and cfg.model.seed == 7 and cfg.model.model_type == "llama"

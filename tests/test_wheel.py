@@ -122,7 +122,8 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_the_edit_loop(tmp_path: Path)
     assert config["model"] == {"_target_": "editlab.models.tiny.tiny_model", "model_type": "llama", "seed": 1}
     assert config["method"]["layers"] == [1] and config["method"]["lr"] == 5e-4  # the preset under the user's
     # the packaged configs came from the venv's editlab, the user's from the search path
-    sources = yaml.safe_load((out / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]["config_sources"]
+    runtime = yaml.safe_load((out / ".hydra" / "hydra.yaml").read_text())["hydra"]["runtime"]
+    sources = runtime["config_sources"]
     main = next(s["path"] for s in sources if s["schema"] == "file" and s["provider"] == "main")
     assert Path(main).resolve().is_relative_to(venv.resolve()), main
     assert any(s["path"] == str(user) for s in sources), sources
