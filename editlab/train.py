@@ -56,9 +56,6 @@ from editlab.models.loading import ModelLoadError
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("EDITLAB_ROOT", str(ROOT))
-
 
 def _instantiate_group(group: DictConfig | None) -> list:
     """Instantiate every entry of a config group dict (callbacks, loggers) that has a ``_target_``."""

@@ -7,6 +7,8 @@
 #   FROM=3 INIT=PATH/editor-step240.ckpt bash experiments/mend_counterfact_chain.sh   # from stage 3
 #   PYTHON=echo bash experiments/mend_counterfact_chain.sh  # print the commands only
 #
+# Each stage is an experiment file, editlab/configs/experiment/mend_smollm2_counterfact_chain/stageN.yaml
+# (N = 1-5, on the settings every stage shares: experiment/mend_smollm2_counterfact_chain.yaml).
 # Stage 1 trains from scratch with a cosine learning rate; every later stage starts from the editor
 # weights of a named checkpoint of the stage before (fit.init_from: a fresh Adam, step 0) with a new
 # seed, so its records come in an order the editor has not seen, and a smaller cosine learning rate.
@@ -15,6 +17,7 @@
 # tested, except stage 4, which hands on its last (step 360; it tested step 240).
 # Every optimizer step trains 10 single edits edited independently in one batched pass, with the edit
 # loss on both the literal prompt and the rephrase (method.edit_outer=both).
+# This script adds only what belongs to one machine's run: the run folder and the checkpoint handed on.
 # Run folders: $RUNS/<stage name>/ (hydra.run.dir); the checkpoints are 390 MB each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,13 +28,14 @@ FROM=${FROM:-1}        # first stage to run (1-5)
 INIT=${INIT:-}         # editor checkpoint for stage FROM > 1: the one the stage before hands on
 EXTRA=${EXTRA:-}       # more overrides for every stage (e.g. "trainer=gpu model.device=cuda")
 
-# name | overrides | checkpoint (step) handed on to the next stage
+# stage name (its run folder) | checkpoint (step) handed on to the next stage; stage N's settings:
+# experiment=mend_smollm2_counterfact_chain/stageN
 STAGES=(
-  "scratch_cloc20|seed=0 method.c_loc=20 fit.module.lr=1e-5 fit.trainer.max_steps=1600 fit.trainer.val_check_interval=200|1400"
-  "cont_seed1_cloc20|seed=1 method.c_loc=20 fit.module.lr=2e-6 method.lr_lr=2e-5 fit.trainer.max_steps=240 fit.trainer.val_check_interval=120|240"
-  "cont_seed2_cloc22|seed=2 method.c_loc=22 fit.module.lr=1.5e-6 method.lr_lr=1.5e-5 fit.trainer.max_steps=240 fit.trainer.val_check_interval=120|120"
-  "cont_seed3_cloc23|seed=3 method.c_loc=23 fit.module.lr=1e-6 method.lr_lr=1e-5 fit.trainer.max_steps=360 fit.trainer.val_check_interval=120|360"
-  "cont_seed4_cloc21|seed=4 method.c_loc=21 fit.module.lr=1e-6 method.lr_lr=1e-5 fit.trainer.max_steps=240 fit.trainer.val_check_interval=120|240"
+  "scratch_cloc20|1400"
+  "cont_seed1_cloc20|240"
+  "cont_seed2_cloc22|120"
+  "cont_seed3_cloc23|360"
+  "cont_seed4_cloc21|240"
 )
 if [[ ! "$FROM" =~ ^[1-5]$ ]]; then
   echo "FROM must be a stage number 1-5, got '$FROM'" >&2
@@ -48,7 +52,7 @@ fi
 
 init="$INIT"
 for ((i = FROM - 1; i < ${#STAGES[@]}; i++)); do
-  IFS='|' read -r name overrides hand_on <<<"${STAGES[$i]}"
+  IFS='|' read -r name hand_on <<<"${STAGES[$i]}"
   dir="$RUNS/$name"
   if [[ "$PYTHON" != echo && -e "$dir" ]]; then
     # a second run into the same folder would mix its checkpoints with the first one's
@@ -57,13 +61,9 @@ for ((i = FROM - 1; i < ${#STAGES[@]}; i++)); do
   fi
   init_arg=()
   [[ -n "$init" ]] && init_arg=("fit.init_from=$init")
-  # shellcheck disable=SC2086  # the overrides are words
-  "$PYTHON" -m editlab.train experiment=mend_smollm2_counterfact \
-    experiment_name="mend_counterfact_chain_${name}" "hydra.run.dir=$dir" \
-    method.edit_outer=both fit.module.lr_schedule=cosine data.train_batch_size=10 \
-    fit.trainer.accumulate_grad_batches=1 method.batch_edits=independent \
-    fit.callbacks.checkpoint.monitor=val/edit_score fit.callbacks.checkpoint.mode=max \
-    fit.callbacks.checkpoint.save_top_k=-1 $overrides "${init_arg[@]}" $EXTRA
+  # shellcheck disable=SC2086  # EXTRA holds words
+  "$PYTHON" -m editlab.train "experiment=mend_smollm2_counterfact_chain/stage$((i + 1))" \
+    "hydra.run.dir=$dir" "${init_arg[@]}" $EXTRA
   init="$dir/checkpoints/editor-step${hand_on}.ckpt"
   if [[ "$PYTHON" != echo && ! -f "$init" ]]; then
     echo "stage $((i + 1)) ($name) left no $init" >&2

@@ -1,6 +1,9 @@
-"""Every experiment composes; the Hydra entry point runs end to end on a tiny model."""
+"""Every experiment composes; presets and method configs match their editors; the Hydra entry
+point runs end to end on a tiny model."""
 
+import inspect
 import json
+import subprocess
 from pathlib import Path
 
 import hydra
@@ -12,8 +15,23 @@ from omegaconf import OmegaConf, open_dict
 from editlab.methods.base import Editor
 from editlab.train import run
 
-CONFIGS = Path(__file__).resolve().parent.parent / "editlab" / "configs"
-EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "editlab" / "configs"
+
+
+def _options(group: str) -> list[str]:
+    """Every option of a config group, presets in subfolders included: rome, rome/smollm2_135m, ..."""
+    folder = CONFIGS / group
+    return sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+
+
+EXPERIMENTS = _options("experiment")
+METHODS = _options("method")  # method/<method>.yaml + presets method/<method>/<model>.yaml
+PRESETS = [m for m in METHODS if "/" in m]
+FIT_PRESETS = [f for f in _options("fit") if "/" in f]
+# an experiment's name starts with its method; the editor class each method config builds
+EDITOR_CLASS = {"ft": "FTL", "rome": "ROME", "memit": "MEMIT", "kn": "KN", "mend": "MEND", "ke": "KE",
+                "serac": "SERAC", "ike": "IKE", "t_patcher": "TPatcher", "calinet": "CaliNet"}
 
 
 def _compose(overrides):
@@ -24,14 +42,26 @@ def _compose(overrides):
 
 def test_there_are_experiments():
     assert "ft_smollm2_counterfact" in EXPERIMENTS
+    assert {f"mend_smollm2_counterfact_chain/stage{i}" for i in range(1, 6)} <= set(EXPERIMENTS)
+    assert sorted(p.stem for p in (CONFIGS / "method").glob("*.yaml")) == sorted(EDITOR_CLASS)
+
+
+def _method_of(experiment: str) -> str:
+    """The method an experiment's name starts with (the longest match: t_patcher_..., not t)."""
+    return max((m for m in EDITOR_CLASS if experiment.startswith(m + "_")), key=len)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(experiment):
     cfg = _compose([f"experiment={experiment}"])
-    assert cfg.experiment_name == experiment
-    method = experiment.split("_")[0]
-    assert cfg.method._target_.rsplit(".", 1)[-1].lower().startswith(method)  # ft -> FTL, rome -> ROME
+    if "/" not in experiment:
+        assert cfg.experiment_name == experiment
+    method = _method_of(experiment)
+    assert cfg.method._target_.rsplit(".", 1)[-1] == EDITOR_CLASS[method]
+    # the editor's settings come from the preset of this (method, model) pairing, not the experiment
+    choices = cfg.hydra.runtime.choices
+    assert choices.method == f"{method}/{choices.model}", (choices.method, choices.model)
+    assert choices.fit in (None, "null", f"{method}/{choices.model}"), choices.fit
     editor = hydra.utils.instantiate(cfg.method)
     assert isinstance(editor, Editor)
     assert hydra.utils.get_method(cfg.model._target_)
@@ -47,6 +77,120 @@ def test_group_options_compose(group, name):
     node = cfg.get(group)
     if group in ("model", "data", "method", "trainer"):
         assert hydra.utils.get_method(node._target_)
+
+
+_HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def _check_constructor_keys(node, where: str, passed_by_caller: tuple[str, ...] = ()) -> None:
+    """The keys of a ``_target_`` node are exactly arguments of what it builds: no unknown key, every
+    required argument present (``passed_by_caller``: arguments the entry point supplies itself)."""
+    target = hydra.utils.get_method(node._target_)
+    params = inspect.signature(target).parameters
+    assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{where}: {node._target_} takes **kw"
+    keys = set(node) - _HYDRA_KEYS
+    unknown = sorted(keys - set(params))
+    assert not unknown, f"{where}: {unknown} are not arguments of {node._target_}{inspect.signature(target)}"
+    required = {n for n, p in params.items() if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"}
+    missing = sorted(required - keys - set(passed_by_caller))
+    assert not missing, f"{where}: required arguments {missing} of {node._target_} are not set"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_config_keys_match_the_editor_constructor(method):
+    _check_constructor_keys(_compose([f"method={method}"]).method, f"method={method}")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_is_its_method_defaults_plus_the_model_values(preset):
+    """method/<method>/<model>.yaml: the method's paper defaults (method/<method>.yaml) with the
+    values written in the preset on top, for a model that has a config."""
+    name, model = preset.split("/")
+    assert (CONFIGS / "model" / f"{model}.yaml").is_file(), f"method/{preset}.yaml: no model/{model}.yaml"
+    defaults = OmegaConf.to_container(_compose([f"method={name}"]).method)
+    composed = OmegaConf.to_container(_compose([f"method={preset}"]).method)
+    own = OmegaConf.to_container(OmegaConf.load(CONFIGS / "method" / f"{preset}.yaml"))
+    assert own.pop("defaults") == [f"/method/{name}@_here_", "_self_"]
+    assert "_target_" not in own  # the editor is the method's
+    assert composed == {**defaults, **own}
+
+
+def test_plain_method_keeps_the_paper_defaults_and_a_preset_selects_the_pairing():
+    assert _compose(["method=rome"]).method.layers == [17]  # kmeng01/rome gpt2-xl
+    smol = _compose(["method=rome/smollm2_135m"]).method
+    assert smol.layers == [5] and smol.v_num_grad_steps == 25 and smol.v_lr == 0.5
+    cfg = _compose(["experiment=rome_smollm2_counterfact", "method=rome"])  # an experiment's preset swapped
+    assert cfg.method.layers == [17] and cfg.hydra.runtime.choices.model == "smollm2_135m"
+
+
+@pytest.mark.parametrize("preset", FIT_PRESETS)
+def test_fit_preset_trains_its_method_preset(preset):
+    """fit/<method>/<model>.yaml extends fit/editor.yaml for a method preset that exists; its
+    training module and callbacks take the keys it sets."""
+    assert preset in PRESETS, f"fit/{preset}.yaml has no method/{preset}.yaml"
+    assert EDITOR_CLASS[preset.split("/")[0]] in ("MEND", "KE", "SERAC")  # the trainable editors
+    fit = _compose([f"method={preset}", f"fit={preset}"]).fit
+    generic = _compose(["fit=editor"]).fit
+    assert set(generic) <= set(fit) and set(generic.trainer) <= set(fit.trainer)
+    _check_constructor_keys(fit.module, f"fit={preset} fit.module", passed_by_caller=("model", "editor"))
+    for name, node in fit.callbacks.items():
+        if node is not None and "_target_" in node:
+            _check_constructor_keys(node, f"fit={preset} fit.callbacks.{name}")
+
+
+@pytest.mark.parametrize("module", _options("module"))
+def test_module_config_keys_match_the_module_constructor(module):
+    node = _compose([f"module={module}"]).module
+    _check_constructor_keys(node, f"module={module}", passed_by_caller=("model", "editor"))
+
+
+def test_generation_chat_module_is_the_edit_loop_with_chat_generation():
+    base = OmegaConf.to_container(_compose(["module=edit_eval"]).module)
+    chat = OmegaConf.to_container(_compose(["module=generation_chat"]).module)
+    assert chat == {**base, "scoring_modes": ["teacher_forced", "probability_comparison", "generation"],
+                    "generation_framing": "chat"}
+    assert _compose(["experiment=rome_smollm2_zsre"]).hydra.runtime.choices.module == "generation_chat"
+
+
+def test_a_user_config_dir_on_the_searchpath_adds_experiments_and_models(tmp_path):
+    """``hydra.searchpath=[file://DIR]``: DIR's experiment and model are found beside the packaged
+    ones, and can build on them (a packaged preset, a packaged model)."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_tiny.yaml").write_text("defaults:\n  - tiny_llama\n  - _self_\nseed: 7\n")
+    (tmp_path / "experiment" / "my_rome.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: my_tiny\n"
+        "  - override /method: rome/smollm2_135m\n"
+        "experiment_name: my_rome\nmethod:\n  layers: [1]\n")
+    cfg = _compose([f"hydra.searchpath=[file://{tmp_path}]", "experiment=my_rome"])
+    assert cfg.experiment_name == "my_rome" and cfg.model.seed == 7 and cfg.model.model_type == "llama"
+    assert cfg.method.layers == [1] and cfg.method.v_num_grad_steps == 25  # the packaged preset beneath
+    with pytest.raises(Exception, match="my_rome"):
+        _compose(["experiment=my_rome"])  # not without the search path
+
+
+def test_mend_chain_script_runs_the_stage_experiments_in_order(tmp_path):
+    script = REPO / "experiments" / "mend_counterfact_chain.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "RUNS": str(tmp_path / "runs")}
+    lines = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    assert len(lines) == 5
+    previous = None
+    for i, line in enumerate(lines, start=1):
+        words = line.split()
+        assert words[:3] == ["-m", "editlab.train", f"experiment=mend_smollm2_counterfact_chain/stage{i}"]
+        assert f"mend_smollm2_counterfact_chain/stage{i}" in EXPERIMENTS
+        run_dir = words[3].removeprefix("hydra.run.dir=")
+        assert run_dir.startswith(str(tmp_path / "runs"))
+        init = [w for w in words if w.startswith("fit.init_from=")]
+        if previous is None:
+            assert not init
+        else:
+            assert len(init) == 1 and init[0].startswith(f"fit.init_from={previous}/checkpoints/editor-step")
+        previous = run_dir
+    bad = subprocess.run(["bash", str(script)], env={**env, "FROM": "2"}, capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs INIT" in bad.stderr
 
 
 SUBJECTS = ["Danielle Darrieux", "Thomas Joannes Stieltjes", "Victor Hugo", "Léon Blum", "Colette"]
@@ -130,7 +274,13 @@ def test_locate_then_edit_experiments_run_end_to_end(tmp_path, monkeypatch, expe
     ])
     summary = _run_in(cfg, tmp_path / "out")
     assert len((tmp_path / "out" / "records.jsonl").read_text().splitlines()) == 2
-    assert "post/efficacy_score" in summary or "post/reliability" in summary
+    # CounterFact with the default modes: teacher-forced and probability-comparison scores, pre and
+    # post (locality compares post with pre: post only), and no failed edit
+    for key in ("reliability", "generalization", "efficacy_score", "paraphrase_score", "neighborhood_score"):
+        for stage in ("pre", "post"):
+            assert 0.0 <= summary[f"{stage}/{key}"] <= 1.0, (stage, key)
+    assert 0.0 <= summary["post/locality"] <= 1.0 and "pre/locality" not in summary
+    assert summary["edits/failed"] == 0
 
 
 def test_entry_point_with_generation_mode(tmp_path):

@@ -30,7 +30,6 @@ import csv
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,8 +55,6 @@ from editlab.data.loaders import KnownRecord, load_known
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository (editlab/analysis/trace.py)
-os.environ.setdefault("EDITLAB_ROOT", str(ROOT))
 
 _CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 _KIND_NAMES = {"hidden": "single hidden vector", "mlp": "MLP", "attn": "Attn"}

@@ -62,25 +62,37 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "EDITLAB_DATA_DIR"
-# The repository root is the parent of the ``editlab`` package directory.
+# The parent of the ``editlab`` package directory: a clone's root (site-packages for a wheel).
 _REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 _DOWNLOAD_HINT = "python -m editlab.data.download --data-dir <dir>"
 
 
+def _shared_data_candidates() -> list[Path]:
+    """``../shared/data`` beside: the clone editlab is imported from, ``$EDITLAB_ROOT``, the cwd."""
+    bases = [_REPO_ROOT]
+    if os.environ.get("EDITLAB_ROOT"):
+        bases.append(Path(os.environ["EDITLAB_ROOT"]))
+    bases.append(Path.cwd())
+    return [base.expanduser().resolve().parent / "shared" / "data" for base in bases]
+
+
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The data directory: ``data_dir``, else ``$EDITLAB_DATA_DIR``, else ``<repo>/../shared/data``
-    when it exists, else ``./data``.  Raises ``FileNotFoundError`` when the chosen one is missing."""
+    """The data directory: ``data_dir``, else ``$EDITLAB_DATA_DIR``, else the first ``../shared/data``
+    that exists beside the clone editlab is imported from, beside ``$EDITLAB_ROOT`` or beside the
+    current directory, else ``./data``.  Raises ``FileNotFoundError`` when the chosen one is missing."""
     env = os.environ.get(DATA_DIR_ENV, "")
     if data_dir is not None and str(data_dir) != "":
         chosen, how = Path(data_dir), "the data_dir argument"
     elif env:
         chosen, how = Path(env), f"${DATA_DIR_ENV}"
     else:
-        shared = _REPO_ROOT.parent / "shared" / "data"
-        if shared.is_dir():
-            chosen, how = shared, "the default <repo>/../shared/data"
+        candidates = _shared_data_candidates()
+        shared = next((c for c in candidates if c.is_dir()), None)
+        if shared is not None:
+            chosen, how = shared, f"the default {shared}"
         else:
-            chosen, how = Path("data"), f"the default ./data (no {shared})"
+            tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
+            chosen, how = Path("data"), f"the default ./data (none of {tried})"
     chosen = chosen.expanduser().resolve()
     if not chosen.is_dir():
         raise FileNotFoundError(

@@ -389,6 +389,26 @@ def test_resolve_data_dir_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert resolve_data_dir() == (tmp_path / "data").resolve()
 
 
+def test_resolve_data_dir_beside_editlab_root_or_cwd(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An installed wheel has no clone around it: ../shared/data beside $EDITLAB_ROOT, then the cwd."""
+    site = tmp_path / "venv" / "site-packages"  # where a wheel puts editlab: no shared/ beside it
+    project, other = tmp_path / "lab" / "project", tmp_path / "other" / "project"
+    for d in (site, project / ".." / "shared" / "data", other / ".." / "shared" / "data"):
+        d.mkdir(parents=True)
+    monkeypatch.setattr(loaders, "_REPO_ROOT", site)
+    monkeypatch.delenv("EDITLAB_DATA_DIR", raising=False)
+    monkeypatch.delenv("EDITLAB_ROOT", raising=False)
+    monkeypatch.chdir(project)
+    assert resolve_data_dir() == (tmp_path / "lab" / "shared" / "data").resolve()
+    monkeypatch.setenv("EDITLAB_ROOT", str(other))
+    assert resolve_data_dir() == (tmp_path / "other" / "shared" / "data").resolve()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDITLAB_ROOT")
+    with pytest.raises(FileNotFoundError, match="none of"):
+        resolve_data_dir()
+
+
 def test_resolve_data_dir_missing_names_download_command(tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "absent"
