@@ -4,8 +4,7 @@ Command line (Hydra ``key=value`` overrides; ``model`` and ``method`` name confi
 ``editlab/configs/model/`` and ``editlab/configs/method/``, presets such as ``method=rome/<model>``
 included, and ``method.<name>=...`` sets any hyperparameter)::
 
-    python -m editlab.edit model=smollm2_135m method=rome 'method.layers=[5]' \\
-        method.v_num_grad_steps=25 method.v_weight_decay=0.001 \\
+    python -m editlab.edit model=smollm2_135m method=rome/smollm2_135m \\
         prompt="Darmstadt is located in the country of" subject=Darmstadt \\
         target=Argentina target_true=Germany 'probes=["Darmstadt, which is located in"]'
 
@@ -32,9 +31,9 @@ the fields above) or ``'facts=[{prompt: "...", subject: "...", target: "..."}, {
 Other settings:
     ckpt_path=PATH   a trained editor (MEND, KE, SERAC): the checkpoint ``python -m editlab.train``
                      wrote for it; the editor is rebuilt from the config stored in it (no method=).
-    save=DIR         write the edited model to DIR (safetensors, config and tokenizer, loadable with
-                     ``from_pretrained``) and ``editlab_edit.json`` (the facts and the table's
-                     numbers).  Only weight edits can be saved; DIR must be empty or new.
+    save=DIR         (or --save DIR) write the edited model to DIR (safetensors, config and
+                     tokenizer, loadable with ``from_pretrained``) and ``editlab_edit.json`` (the
+                     facts and the table's numbers).  Only weight edits can be saved; DIR must be empty or new.
     max_new_tokens=N length cap of the greedy answers (default 8).
     seed=N           torch's seed before the edit (default 0).
     model.device=cuda, model.dtype=bfloat16, ...: any setting of the model config.
@@ -52,7 +51,7 @@ overrides of the configs)::
 
     with editlab.edit(prompt="Darmstadt is located in the country of", subject="Darmstadt",
                       target="Argentina", target_true="Germany", model="smollm2_135m",
-                      method="rome", overrides=["method.layers=[5]"]) as edited:
+                      method="rome/smollm2_135m") as edited:
         print(edited.table())
         edited.model          # the edited model (query it here), edited.tokenizer
         edited.rows           # the table's numbers: one Row per prompt
@@ -521,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import hydra
     from hydra.errors import InstantiationException
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = _save_flag(list(sys.argv[1:] if argv is None else argv))
     if "-h" in args or "--help" in args:
         print(usage())
         return
@@ -538,6 +537,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0], *args]
     _main()
+
+
+def _save_flag(args: list[str]) -> list[str]:
+    """``--save DIR`` / ``--save=DIR``, the usual spelling of a flag, as the override ``save=DIR``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--save":
+            if i + 1 >= len(args):
+                raise SystemExit("editlab.edit: --save needs a directory")
+            out.append(f"save={args[i + 1]}")
+            i += 2
+            continue
+        out.append(f"save={arg[len('--save='):]}" if arg.startswith("--save=") else arg)
+        i += 1
+    return out
 
 
 class _CallableModule(types.ModuleType):

@@ -73,7 +73,7 @@ def test_cli_facts_file_and_save(tmp_path):
              dict(prompt="Toko Yasuda plays the", subject="Toko Yasuda", target="piano")]
     path = tmp_path / "facts.json"
     path.write_text(json.dumps(facts), encoding="utf-8")
-    out = _cli("model=tiny_llama", "method=ft", *FT, f"facts={path}", f"save={tmp_path / 'edited'}", cwd=tmp_path)
+    out = _cli("model=tiny_llama", "method=ft", *FT, f"facts={path}", "--save", str(tmp_path / "edited"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "2 facts edited" in out.stdout and "fact 1: Toko Yasuda plays the → piano   [subject: Toko Yasuda]" in out.stdout
     assert (tmp_path / "edited" / "model.safetensors").is_file()
