@@ -52,7 +52,7 @@ bench: install
 
 # The reference table (Yao et al. 2023, Table 1) for every method on SmolLM2-135M: runs each
 # <method>_smollm2_{counterfact,zsre} experiment that has no finished run yet (trainable editors
-# train first: hours on a CPU), then writes experiments/table1_smollm2.md.
+# train first: hours on a CPU), then writes docs/results/table1_smollm2.md.
 TABLE_EXPERIMENTS = $(sort $(basename $(notdir $(wildcard editlab/configs/experiment/*_smollm2_counterfact.yaml editlab/configs/experiment/*_smollm2_zsre.yaml))))
 table: install
-	$(PYTHON) -m editlab.report --run $(TABLE_EXPERIMENTS) --model smollm2 --generation-score contains --out experiments/table1_smollm2.md
+	$(PYTHON) -m editlab.report --run $(TABLE_EXPERIMENTS) --model smollm2 --generation-score contains --out docs/results/table1_smollm2.md

@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2_135m",
-                        help="a configs/model name: smollm2_135m (packaged, default), tiny_llama, ...")
+                        help="an editlab/configs/model name: smollm2_135m (packaged, default), tiny_llama, ...")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--procs", default="1,2", help="process counts to run, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # MEND on SmolLM2-135M / CounterFact: the chain of runs whose last editor meets issue 4's bar
 # (test on the first 200 records of counterfact-val.json, single edits: reliability 0.8025,
-# generalization 0.720, locality 0.911, teacher-forced; README, MEND CounterFact).
+# generalization 0.720, locality 0.911, teacher-forced; docs/results/mend_counterfact.md).
 #
 #   bash experiments/mend_counterfact_chain.sh              # all five stages, ~3.6 h on 2 CPU threads
 #   FROM=3 INIT=PATH/editor-step240.ckpt bash experiments/mend_counterfact_chain.sh   # from stage 3

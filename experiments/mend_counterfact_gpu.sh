@@ -10,7 +10,7 @@
 #
 # SCHEDULE=cosine decays every learning rate to a tenth at MAX_STEPS (fit.module.lr_schedule), so
 # MAX_STEPS, not TRAIN_SECONDS, should end those runs; on the CPU it moved the editor outward once the
-# lr fell below about 4e-6 (README, MEND CounterFact).
+# lr fell below about 4e-6 (docs/results/mend_counterfact.md, "Run 1 of the chain").
 #
 # Each optimizer step trains BATCH single edits, edited independently in one batched pass
 # (method.batch_edits=independent: the same objective as BATCH accumulated batches of one edit, as
