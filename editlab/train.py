@@ -1,8 +1,9 @@
 """Hydra entry point: ``python -m editlab.train experiment=ft_smollm2_counterfact``.
 
-Composes ``configs/train.yaml``, builds everything by ``_target_``, and runs the edit loop
-(``trainer.test``) with the configured editor as a callback.  Prints (logs) the summary table and
-writes results under the Hydra run directory in ``experiments/``: the resolved config as
+Composes ``editlab/configs/train.yaml`` (shipped in the package; ``hydra.searchpath`` adds a user's
+folder), builds everything by ``_target_``, and runs the edit loop (``trainer.test``) with the
+configured editor as a callback.  Prints (logs) the summary table and writes results under the
+Hydra run directory in ``<paths.root_dir>/experiments/``: the resolved config as
 ``config.yaml`` there (the console gets one line naming the run folder).
 
 What a user can get wrong is checked before the model loads (which takes minutes on a fresh cache):
@@ -12,7 +13,8 @@ names the file, record and field) and the editor's arguments, named by their con
 their argument's name).  Such errors are printed as one line, ``error: ...``, without a traceback,
 and the exit status is 1; ``HYDRA_FULL_ERROR=1`` shows the traceback.
 
-Trainable editors (MEND, KE): experiments that select a ``fit`` config (``override /fit: editor``)
+Trainable editors (MEND, KE, SERAC): experiments that select a ``fit`` config (a training preset,
+``override /fit: mend/smollm2_135m``, or the generic ``fit: editor``)
 first train the editor (``trainer.fit`` with the ``fit.module`` LightningModule, the ``fit.callbacks``
 and ``trainer`` updated with ``fit.trainer``), then test it in the same edit loop, with the best
 checkpoint's weights (``fit.test_weights=best``) or the last ones.  ``ckpt_path=PATH`` skips
