@@ -126,8 +126,8 @@ def check_scoring(cfg: DictConfig) -> None:
     """Build ``module.scoring`` once before the model loads, so a bad scoring setting is named by its
     config key (``module.scoring.generation_margin must be >= 0``) at no cost.  The judge is left out
     here: a judge node may load a model; it is built with the module."""
-    node = cfg.get("module", {}).get("scoring") if cfg.get("module") is not None else None
-    if node is None or not OmegaConf.is_dict(node) or "_target_" not in node:
+    node = OmegaConf.select(cfg, "module.scoring")
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
         return
     probe = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     if "judge" in probe:
