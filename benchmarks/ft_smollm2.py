@@ -26,6 +26,7 @@ import torch
 
 from editlab.data.datamodule import EditDataModule
 from editlab.data.loaders import load_counterfact_easyedit
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.ft import FTL
@@ -130,7 +131,7 @@ def main() -> None:
 
     editor = FTL(layers=[args.layer], lr=args.lr, num_steps=args.steps, objective=args.objective,
                  norm_constraint=args.norm_constraint)
-    module = EditEvalModule(bundle, precompute_pre=True, probability_comparison=not args.easyedit_metrics)
+    module = EditEvalModule(bundle, ScoringSettings(probability_comparison=not args.easyedit_metrics), precompute_pre=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[EditorCallback(editor)])

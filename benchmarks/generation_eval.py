@@ -30,7 +30,7 @@ import torch
 from editlab.data.loaders import load_zsre_mend
 from editlab.evaluation.generation import FRAMINGS
 from editlab.evaluation.probes import build_plan
-from editlab.evaluation.scorer import build_scorer
+from editlab.evaluation.scorer import ScoringSettings, build_scorer
 from editlab.metrics import functional as F
 from editlab.models.packaged import smollm2_135m
 from editlab.models.tiny import tiny_model
@@ -65,9 +65,9 @@ def main() -> None:
 
     bundle = _load(args.model)
     records = load_zsre_mend("zsre/zsre_mend_eval_portability_gpt4.json", limit=args.records, data_dir=args.data_dir)
-    scorer = build_scorer(bundle.tokenizer, chunk_size=args.chunk_size, generation_chunk_size=args.gen_chunk_size,
-                          generation_margin=args.margin, generation_framing=args.framing,
-                          scoring_modes=["teacher_forced", "generation"])
+    scorer = build_scorer(bundle.tokenizer, ScoringSettings(
+        chunk_size=args.chunk_size, generation_chunk_size=args.gen_chunk_size, generation_margin=args.margin,
+        generation_framing=args.framing, scoring_modes=["teacher_forced", "generation"]))
     generation, model = scorer.generation, bundle.model
     plan = build_plan(records, comparison=False)
     gplan = generation.plan(records)

@@ -124,6 +124,20 @@ def build_editor(cfg: DictConfig):
         return hydra.utils.instantiate(cfg.method)
 
 
+def check_scoring(cfg: DictConfig) -> None:
+    """Build ``module.scoring`` once before the model loads, so a bad scoring setting is named by its
+    config key (``module.scoring.generation_margin must be >= 0``) at no cost.  The judge is left out
+    here: a judge node may load a model; it is built with the module."""
+    node = OmegaConf.select(cfg, "module.scoring")
+    if not OmegaConf.is_dict(node) or "_target_" not in node:
+        return
+    probe = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    if "judge" in probe:
+        probe.judge = None
+    with _settings_of("module.scoring"):
+        hydra.utils.instantiate(probe)
+
+
 def finish_editor(cfg: DictConfig, editor, bundle, datamodule, loggers: list):
     """The editor to test: the one saved in ``ckpt_path``, ``editor`` trained here (``fit``), or
     ``editor`` as built."""
@@ -224,13 +238,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = load_records(cfg)
     editor = build_editor(cfg)
+    check_scoring(cfg)
     bundle = hydra.utils.instantiate(cfg.model)
     loggers = _instantiate_group(cfg.get("logger"))
     editor = finish_editor(cfg, editor, bundle, datamodule, loggers)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if editor is not None:
         callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
-    module = hydra.utils.instantiate(cfg.module, model=bundle)
+    with _settings_of("module"):
+        module = hydra.utils.instantiate(cfg.module, model=bundle)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:

@@ -84,7 +84,8 @@ _HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
 def _check_constructor_keys(node, where: str, passed_by_caller: tuple[str, ...] = ()) -> None:
     """The keys of a ``_target_`` node are exactly arguments of what it builds: no unknown key, every
-    required argument present (``passed_by_caller``: arguments the entry point supplies itself)."""
+    required argument present (``passed_by_caller``: arguments the entry point supplies itself); the
+    same for every ``_target_`` node inside it (``module.scoring``, a method's corpus ...)."""
     target = hydra.utils.get_method(node._target_)
     params = inspect.signature(target).parameters
     assert not any(p.kind is p.VAR_KEYWORD for p in params.values()), f"{where}: {node._target_} takes **kw"
@@ -95,6 +96,9 @@ def _check_constructor_keys(node, where: str, passed_by_caller: tuple[str, ...] 
                 and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n != "self"}
     missing = sorted(required - keys - set(passed_by_caller))
     assert not missing, f"{where}: required arguments {missing} of {node._target_} are not set"
+    for key, child in node.items_ex(resolve=False):
+        if OmegaConf.is_dict(child) and "_target_" in child:
+            _check_constructor_keys(child, f"{where} {key}")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -145,11 +149,46 @@ def test_module_config_keys_match_the_module_constructor(module):
     _check_constructor_keys(node, f"module={module}", passed_by_caller=("model", "editor"))
 
 
+def test_module_scoring_settings_are_checked_too():
+    """``module.scoring`` (ScoringSettings) is checked like its module: an unknown key fails, by name;
+    its settings are checked when it is built, before any model."""
+    from editlab.errors import SettingError
+    from editlab.evaluation.scorer import ScoringSettings
+
+    node = _compose(["module=edit_eval"]).module
+    assert node.scoring._target_ == "editlab.evaluation.scorer.ScoringSettings"
+    assert isinstance(hydra.utils.instantiate(node.scoring), ScoringSettings)
+    wild = _compose(["module=edit_eval", "+module.scoring.wild_key=1"]).module
+    with pytest.raises(AssertionError, match="wild_key"):
+        _check_constructor_keys(wild, "module=edit_eval", passed_by_caller=("model", "editor"))
+    from editlab.train import check_scoring
+
+    bad = _compose(["experiment=ft_smollm2_counterfact", "module.scoring.generation_margin=-1"])
+    with pytest.raises(SettingError, match=r"^module\.scoring\.generation_margin must be >= 0, got -1$"):
+        check_scoring(bad)  # run() calls it before the model loads
+    check_scoring(_compose(["experiment=rome_smollm2_zsre", "module.scoring.judge=some/judge-model"]))  # not loaded
+
+
+def test_module_scoring_judge_is_a_name_or_a_target_callable():
+    """``module.scoring.judge``: a model name/path is kept as a string (loaded when the scorer is
+    built); a ``_target_`` node is instantiated with the settings (Hydra instantiates recursively)."""
+    named = hydra.utils.instantiate(_compose(["module=edit_eval", "module.scoring.judge=some/judge-model"]).module.scoring)
+    assert named.judge == "some/judge-model"
+    from editlab.evaluation.judge import LLMJudge
+
+    cfg = _compose(["module=edit_eval", "+module.scoring.judge._target_=editlab.evaluation.judge.LLMJudge",
+                    "+module.scoring.judge.model._target_=editlab.models.tiny.tiny_model",
+                    "+module.scoring.judge.yes=yes", "+module.scoring.judge.no=no"])
+    settings = hydra.utils.instantiate(cfg.module.scoring)
+    assert isinstance(settings.judge, LLMJudge)  # built from its node, its model too
+    assert 0.0 <= settings.judge("Capital of France?", "Paris", "Paris") <= 1.0
+
+
 def test_generation_chat_module_is_the_edit_loop_with_chat_generation():
     base = OmegaConf.to_container(_compose(["module=edit_eval"]).module)
     chat = OmegaConf.to_container(_compose(["module=generation_chat"]).module)
-    assert chat == {**base, "scoring_modes": ["teacher_forced", "probability_comparison", "generation"],
-                    "generation_framing": "chat"}
+    assert chat == {**base, "scoring": {**base["scoring"], "generation_framing": "chat",
+                                        "scoring_modes": ["teacher_forced", "probability_comparison", "generation"]}}
     assert _compose(["experiment=rome_smollm2_zsre"]).hydra.runtime.choices.module == "generation_chat"
 
 
@@ -292,8 +331,8 @@ def test_entry_point_with_generation_mode(tmp_path):
         "data.test.path=cf.json",
         "method.layers=[1]",
         "method.num_steps=2",
-        "module.scoring_modes=[teacher_forced,generation]",
-        "module.generation_framing=question_answer",
+        "module.scoring.scoring_modes=[teacher_forced,generation]",
+        "module.scoring.generation_framing=question_answer",
         "logger=csv",
         "callbacks=none",
     ])

@@ -18,12 +18,10 @@ __all__ = ["Fluency"]
 
 class Fluency:
     """Greedy continuations of the first ``prompts`` distinct generation prompts of each record,
-    ``max_new_tokens`` tokens long (settings ``fluency_prompts`` / ``fluency_max_new_tokens``)."""
+    ``max_new_tokens`` tokens long (settings ``fluency_prompts`` / ``fluency_max_new_tokens``, checked by
+    :class:`~editlab.evaluation.scorer.ScoringSettings`)."""
 
     def __init__(self, prompts: int = 2, max_new_tokens: int = 50) -> None:
-        for name, value in (("fluency_prompts", prompts), ("fluency_max_new_tokens", max_new_tokens)):
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
 

@@ -26,8 +26,8 @@ from editlab.metrics.keys import GENERATION_LABELS
 from editlab.models.arch import is_encoder_decoder
 
 __all__ = [
-    "ANSWER_END", "FRAMINGS", "QA_TEMPLATE", "GenerationScoring", "answer_token_table", "check_framing",
-    "cut_answer", "greedy_generate",
+    "ANSWER_END", "FRAMINGS", "QA_TEMPLATE", "GenerationScoring", "answer_token_table", "cut_answer",
+    "greedy_generate",
 ]
 
 FRAMINGS = tuple(GENERATION_LABELS)
@@ -162,16 +162,12 @@ def greedy_generate(
     return outputs
 
 
-def check_framing(framing: str, qa_template: str = QA_TEMPLATE) -> None:
-    """Raise a ValueError naming the setting when ``framing`` or ``qa_template`` is not usable."""
-    if framing not in FRAMINGS:
-        raise ValueError(f"unknown generation_framing {framing!r}; choose from {list(FRAMINGS)}")
-    if "{prompt}" not in qa_template:
-        raise ValueError(f"qa_template must contain '{{prompt}}', got {qa_template!r}")
-
-
 class GenerationScoring:
     """How the edit loop puts probes to the model in generation mode, and generates the answers.
+
+    Built by :meth:`editlab.evaluation.scorer.ScoringSettings.build` from settings it has checked
+    (``generation_framing``, ``qa_template``, ``generation_margin``, ...); what needs the tokenizer
+    (a chat template for the chat framing) is checked here.
 
     Args:
         tokenizer: the model's tokenizer (token caps, the chat template).
@@ -187,15 +183,9 @@ class GenerationScoring:
 
     def __init__(self, tokenizer, framing: str = "plain", qa_template: str = QA_TEMPLATE, margin: int = 5,
                  max_new_tokens: int = 32, chunk_size: int = 32) -> None:
-        check_framing(framing, qa_template)
         if framing == "chat" and not getattr(tokenizer, "chat_template", None):
             raise ValueError("generation_framing=chat needs a tokenizer with a chat template; this one has none "
                              "(use plain or question_answer)")
-        for name, value in (("generation_max_new_tokens", max_new_tokens), ("generation_chunk_size", chunk_size)):
-            if value < 1:
-                raise ValueError(f"{name} must be positive, got {value}")
-        if margin < 0:
-            raise ValueError(f"generation_margin must be >= 0, got {margin}")
         self.tokenizer = tokenizer
         self.framing = framing
         self.label = GENERATION_LABELS[framing]

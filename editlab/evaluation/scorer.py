@@ -30,8 +30,9 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from editlab.data.records import EditRecord
+from editlab.errors import require
 from editlab.evaluation.fluency import Fluency
-from editlab.evaluation.generation import QA_TEMPLATE, GenerationScoring, check_framing
+from editlab.evaluation.generation import FRAMINGS, QA_TEMPLATE, GenerationScoring
 from editlab.evaluation.judge import Judge, build_judge, judge_scores
 from editlab.evaluation.probes import GenerationPlan, ProbePlan, build_plan
 from editlab.evaluation.teacher_forced import ProbeScores, ScoreCache, score_pairs
@@ -39,8 +40,8 @@ from editlab.metrics import functional as F
 from editlab.metrics.edit import build_edit_metrics
 from editlab.metrics.keys import JUDGE, generation_metric
 
-__all__ = ["SCORING_MODES", "Observation", "Probes", "RecordScorer", "StateCache", "answers_by_record",
-           "build_scorer"]
+__all__ = ["SCORING_MODES", "Observation", "Probes", "RecordScorer", "ScoringSettings", "StateCache",
+           "answers_by_record", "build_scorer"]
 
 SCORING_MODES = ("teacher_forced", "probability_comparison", "generation")
 
@@ -82,6 +83,8 @@ class StateCache:
 class RecordScorer:
     """Scores batches of records (see the module docstring).
 
+    Usually built from :class:`ScoringSettings` (:meth:`ScoringSettings.build`), which checks the values.
+
     Args:
         tokenizer: the model's tokenizer.
         probability_comparison: also score CounterFact's probability comparisons.
@@ -95,8 +98,6 @@ class RecordScorer:
     def __init__(self, tokenizer, *, probability_comparison: bool = True, chunk_size: int = 64,
                  max_prompt_tokens: int | None = None, generation: GenerationScoring | None = None,
                  fluency: Fluency | None = None, judge: Judge | None = None) -> None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         if judge is not None and generation is None:
             raise ValueError("a judge scores generated answers: it needs the generation scoring mode")
         self.tokenizer = tokenizer
@@ -216,49 +217,101 @@ def answers_by_record(probes: Probes, answers: list[str]) -> list[dict[str, list
     return out
 
 
-def build_scorer(
-    tokenizer,
-    *,
-    scoring_modes: Sequence[str] | None = None,
-    probability_comparison: bool = True,
-    chunk_size: int = 64,
-    max_prompt_tokens: int | None = None,
-    fluency: bool = False,
-    fluency_prompts: int = 2,
-    fluency_max_new_tokens: int = 50,
-    generation_framing: str = "plain",
-    qa_template: str = QA_TEMPLATE,
-    generation_margin: int = 5,
-    generation_max_new_tokens: int = 32,
-    generation_chunk_size: int = 32,
-    judge: Judge | str | None = None,
-) -> RecordScorer:
-    """A :class:`RecordScorer` from the edit loop's flat settings (the keys of
-    ``configs/module/edit_eval.yaml``, documented on :class:`editlab.lit.edit_eval.EditEvalModule`).
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How the edit loop scores records: the ``module.scoring`` node of ``configs/module/edit_eval.yaml``.
 
-    ``scoring_modes`` None keeps ``teacher_forced`` plus ``probability_comparison`` when that flag
-    is set; given, it overrides ``probability_comparison`` and must include ``teacher_forced``.
-    The framing settings are checked even when generation is off, so a typo fails early.
+    Every field is checked when the settings are made (a :class:`~editlab.errors.SettingError`, a
+    ValueError, naming the field), before any model is loaded; :meth:`build` turns them into a
+    :class:`RecordScorer` for a tokenizer.
+
+    Args:
+        scoring_modes: the modes scored side by side, from :data:`SCORING_MODES`; ``None`` keeps
+            ``teacher_forced`` plus ``probability_comparison`` when that flag is set.  Given, it
+            overrides ``probability_comparison``; ``teacher_forced`` cannot be left out (yet).
+        probability_comparison: score the CounterFact probability comparisons (efficacy,
+            paraphrase, neighbourhood: each needs the true target scored too).  False keeps the
+            teacher-forced families only (EasyEdit's set), halving the sequences per record.
+        chunk_size: sequences per teacher-forced forward.
+        max_prompt_tokens: truncate over-long prompts from the left when scoring.
+        fluency: also score fluency (n-gram entropy of greedy generations, ROME) on each record's
+            generation prompts.
+        fluency_prompts: how many distinct generation prompts per record.
+        fluency_max_new_tokens: generation length for fluency.
+        generation_framing: ``plain``, ``question_answer`` or ``chat``
+            (:class:`~editlab.evaluation.generation.GenerationScoring`); labels the keys
+            ``@generation_…`` / ``@generation_qa_…`` / ``@generation_chat_…``.
+        qa_template: format string with ``{prompt}`` for the question-answer framing.
+        generation_margin: a generated answer is capped at its reference's token count plus this.
+        generation_max_new_tokens: absolute cap on a generated answer's tokens.
+        generation_chunk_size: prompts per batched generation.
+        judge: optional judge of generated answers (``judge(prompt, target, generation)`` in
+            [0, 1], or a model name/path for an LLM judge; see :mod:`editlab.evaluation.judge`):
+            adds ``…@generation_judge`` keys.  Used in generation mode only.
+
+    The generation and fluency settings are checked even when their mode is off, so a typo fails
+    early.
     """
-    if scoring_modes is not None:
-        modes = list(scoring_modes)
-        unknown = [m for m in modes if m not in SCORING_MODES]
-        if unknown:
-            raise ValueError(f"unknown scoring modes {unknown}; choose from {list(SCORING_MODES)}")
-        if "teacher_forced" not in modes:
-            raise ValueError("scoring_modes must include 'teacher_forced' (the edit loop's base scores)")
-        probability_comparison = "probability_comparison" in modes
-    check_framing(generation_framing, qa_template)
-    generation = None
-    if scoring_modes is not None and "generation" in scoring_modes:
-        generation = GenerationScoring(tokenizer, generation_framing, qa_template, generation_margin,
-                                       generation_max_new_tokens, generation_chunk_size)
-    return RecordScorer(
-        tokenizer,
-        probability_comparison=probability_comparison,
-        chunk_size=chunk_size,
-        max_prompt_tokens=max_prompt_tokens,
-        generation=generation,
-        fluency=Fluency(fluency_prompts, fluency_max_new_tokens) if fluency else None,
-        judge=build_judge(judge) if generation is not None else None,
-    )
+
+    scoring_modes: tuple[str, ...] | None = None
+    probability_comparison: bool = True
+    chunk_size: int = 64
+    max_prompt_tokens: int | None = None
+    fluency: bool = False
+    fluency_prompts: int = 2
+    fluency_max_new_tokens: int = 50
+    generation_framing: str = "plain"
+    qa_template: str = QA_TEMPLATE
+    generation_margin: int = 5
+    generation_max_new_tokens: int = 32
+    generation_chunk_size: int = 32
+    judge: Judge | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scoring_modes is not None:
+            require(not isinstance(self.scoring_modes, str), "scoring_modes",
+                    f"must be a list of modes from {list(SCORING_MODES)}", self.scoring_modes)
+            modes = tuple(self.scoring_modes)  # a list, or Hydra's ListConfig
+            unknown = [m for m in modes if m not in SCORING_MODES]
+            require(not unknown, "scoring_modes", f"has unknown scoring modes {unknown}; choose from "
+                    f"{list(SCORING_MODES)}", list(modes))
+            require("teacher_forced" in modes, "scoring_modes",
+                    "must include 'teacher_forced' (the edit loop's base scores)", list(modes))
+            object.__setattr__(self, "scoring_modes", modes)
+        require(self.generation_framing in FRAMINGS, "generation_framing",
+                f"is unknown; choose from {list(FRAMINGS)}", self.generation_framing)
+        require("{prompt}" in self.qa_template, "qa_template", "must contain '{prompt}'", self.qa_template)
+        for name in ("chunk_size", "fluency_prompts", "fluency_max_new_tokens", "generation_max_new_tokens",
+                     "generation_chunk_size"):
+            require(getattr(self, name) >= 1, name, "must be positive", getattr(self, name))
+        require(self.generation_margin >= 0, "generation_margin", "must be >= 0", self.generation_margin)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes scored: :attr:`scoring_modes`, or what ``probability_comparison`` implies."""
+        if self.scoring_modes is not None:
+            return self.scoring_modes
+        return ("teacher_forced", "probability_comparison") if self.probability_comparison else ("teacher_forced",)
+
+    def build(self, tokenizer) -> RecordScorer:
+        """The :class:`RecordScorer` of these settings for ``tokenizer`` (an LLM judge named by a
+        model name/path is loaded here)."""
+        modes = self.modes
+        generation = None
+        if "generation" in modes:
+            generation = GenerationScoring(tokenizer, self.generation_framing, self.qa_template, self.generation_margin,
+                                           self.generation_max_new_tokens, self.generation_chunk_size)
+        return RecordScorer(
+            tokenizer,
+            probability_comparison="probability_comparison" in modes,
+            chunk_size=self.chunk_size,
+            max_prompt_tokens=self.max_prompt_tokens,
+            generation=generation,
+            fluency=Fluency(self.fluency_prompts, self.fluency_max_new_tokens) if self.fluency else None,
+            judge=build_judge(self.judge) if generation is not None else None,
+        )
+
+
+def build_scorer(tokenizer, settings: ScoringSettings | None = None) -> RecordScorer:
+    """A :class:`RecordScorer` for ``tokenizer`` from ``settings`` (None: the defaults)."""
+    return (settings if settings is not None else ScoringSettings()).build(tokenizer)

@@ -61,9 +61,8 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord
-from editlab.evaluation.generation import QA_TEMPLATE
-from editlab.evaluation.judge import Judge
-from editlab.evaluation.scorer import Observation, Probes, StateCache, answers_by_record, build_scorer
+from editlab.evaluation.scorer import (Observation, Probes, ScoringSettings, StateCache, answers_by_record,
+                                       build_scorer)
 from editlab.lit.results import EvalResults, ResultsWriter
 from editlab.methods.base import WeightEditSession
 from editlab.metrics.edit import computed
@@ -85,43 +84,22 @@ def _values(values: dict[str, torch.Tensor], i: int) -> dict[str, float | None]:
 class EditEvalModule(L.LightningModule):
     """Evaluate an edit method on a stream of records (``trainer.test``).
 
-    The arguments are the keys of ``configs/module/edit_eval.yaml``.  Those that say *how* records
-    are scored go to :func:`editlab.evaluation.scorer.build_scorer` (:attr:`scorer`); the module
-    keeps those that say *when*.
+    The arguments are the keys of ``configs/module/edit_eval.yaml``.  *How* records are scored is
+    ``scoring`` (:class:`~editlab.evaluation.scorer.ScoringSettings`, built into :attr:`scorer`); the
+    module keeps what says *when*, on which model state, and where results go.
 
     Args:
         model: the built model + tokenizer.
-        chunk_size: sequences per forward when scoring.
-        max_prompt_tokens: truncate over-long prompts from the left when scoring.
-        fluency: also score fluency (n-gram entropy of greedy generations, ROME) on each record's
-            generation prompts.
-        fluency_prompts: how many distinct generation prompts per record.
-        fluency_max_new_tokens: generation length for fluency.
+        scoring: the scoring settings (modes, teacher-forced chunking, generation framing and caps,
+            fluency, the judge); None: the defaults.
         output_dir: where records.jsonl / summary.json / summary.csv / curves go (the module adds a
             :class:`~editlab.lit.results.ResultsWriter`); None: nowhere.
         precompute_pre: score every record of the run on the unedited model once, in large
             batches, before the first edit (identical pairs shared); per-batch pre-edit scores are
             then read from that cache.  False: score each batch's pre-edit state in its step.
-        probability_comparison: score the CounterFact probability comparisons (efficacy,
-            paraphrase, neighbourhood: each needs the true target scored too).  False keeps the
-            teacher-forced families only (EasyEdit's set), halving the sequences per record.
         score_after_stream: at the end of the run, score every successfully edited record again
             on the model as the edit stream left it (``final/…`` keys; meaningful with sequential
             editing, where the edits are still applied at that point).  Implied by ``eval_every``.
-        scoring_modes: the modes scored side by side, from
-            :data:`editlab.evaluation.scorer.SCORING_MODES`; ``None`` keeps ``teacher_forced`` plus
-            ``probability_comparison`` when that flag is set.  Given, it overrides
-            ``probability_comparison``; ``teacher_forced`` cannot be left out (yet).
-        generation_framing: ``plain``, ``question_answer`` or ``chat``
-            (:class:`editlab.evaluation.generation.GenerationScoring`); labels the keys
-            ``@generation_…`` / ``@generation_qa_…`` / ``@generation_chat_…``.
-        qa_template: format string with ``{prompt}`` for the question-answer framing.
-        generation_margin: a generated answer is capped at its reference's token count plus this.
-        generation_max_new_tokens: absolute cap on a generated answer's tokens.
-        generation_chunk_size: prompts per batched generation.
-        judge: optional judge of generated answers (``judge(prompt, target, generation)`` in
-            [0, 1], or a model name/path for an LLM judge; see :mod:`editlab.evaluation.judge`):
-            adds ``…@generation_judge`` keys.
         general_ability: optional :class:`~editlab.evaluation.general.GeneralAbility` (or any
             callable ``(model, tokenizer) -> {name: value}``): perplexity and PIQA accuracy before
             the first edit, after the last one and after the stream (``{stage}/general_{name}``
@@ -134,36 +112,17 @@ class EditEvalModule(L.LightningModule):
     def __init__(
         self,
         model: ModelBundle,
-        chunk_size: int = 64,
-        max_prompt_tokens: int | None = None,
-        fluency: bool = False,
-        fluency_prompts: int = 2,
-        fluency_max_new_tokens: int = 50,
+        scoring: ScoringSettings | None = None,
         output_dir: str | None = None,
         precompute_pre: bool = True,
-        probability_comparison: bool = True,
         score_after_stream: bool = False,
-        scoring_modes: list[str] | tuple[str, ...] | None = None,
-        generation_framing: str = "plain",
-        qa_template: str = QA_TEMPLATE,
-        generation_margin: int = 5,
-        generation_max_new_tokens: int = 32,
-        generation_chunk_size: int = 32,
-        judge: Judge | str | None = None,
         general_ability: GeneralEvaluator | None = None,
         eval_every: int | None = None,
     ) -> None:
         super().__init__()
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"eval_every must be a positive number of batches or None, got {eval_every}")
-        self.scorer = build_scorer(
-            model.tokenizer, scoring_modes=scoring_modes, probability_comparison=probability_comparison,
-            chunk_size=chunk_size, max_prompt_tokens=max_prompt_tokens, fluency=fluency,
-            fluency_prompts=fluency_prompts, fluency_max_new_tokens=fluency_max_new_tokens,
-            generation_framing=generation_framing, qa_template=qa_template, generation_margin=generation_margin,
-            generation_max_new_tokens=generation_max_new_tokens, generation_chunk_size=generation_chunk_size,
-            judge=judge,
-        )
+        self.scorer = build_scorer(model.tokenizer, scoring)
         self.bundle = model
         self.model = model.model
         self.tokenizer = model.tokenizer

@@ -5,7 +5,8 @@ import torch
 
 from editlab.evaluation.fluency import Fluency
 from editlab.evaluation.generation import GenerationScoring
-from editlab.evaluation.scorer import StateCache, answers_by_record, build_scorer
+from editlab.errors import SettingError
+from editlab.evaluation.scorer import ScoringSettings, StateCache, answers_by_record, build_scorer
 
 from conftest import make_records
 
@@ -13,16 +14,37 @@ MODES = ["teacher_forced", "probability_comparison", "generation"]
 
 
 def test_settings_are_checked_by_name(tiny):
+    """Every setting is checked when the settings are made, by its name, generation and fluency
+    settings included while their mode is off; the defaults are valid."""
+    with pytest.raises(SettingError, match="scoring_modes has unknown scoring modes"):
+        ScoringSettings(scoring_modes=["teacher_forced", "wild"])
+    with pytest.raises(SettingError, match="scoring_modes must include 'teacher_forced'"):
+        ScoringSettings(scoring_modes=["generation"])
+    with pytest.raises(SettingError, match="scoring_modes must be a list"):
+        ScoringSettings(scoring_modes="generation")
+    with pytest.raises(SettingError, match="generation_framing is unknown"):
+        ScoringSettings(generation_framing="wild")
+    with pytest.raises(SettingError, match="qa_template"):
+        ScoringSettings(qa_template="no placeholder")
+    with pytest.raises(SettingError, match="generation_max_new_tokens"):
+        ScoringSettings(scoring_modes=MODES, generation_max_new_tokens=0)
+    with pytest.raises(SettingError, match="generation_margin"):
+        ScoringSettings(generation_margin=-1)
+    with pytest.raises(SettingError, match="fluency_prompts"):
+        ScoringSettings(fluency=True, fluency_prompts=0)
+    with pytest.raises(SettingError, match="fluency_max_new_tokens"):
+        ScoringSettings(fluency_max_new_tokens=0)
+    with pytest.raises(SettingError, match="chunk_size"):
+        ScoringSettings(chunk_size=0)
+    assert ScoringSettings(scoring_modes=["teacher_forced", "generation"]).scoring_modes == ("teacher_forced",
+                                                                                           "generation")
     tok = tiny("gpt2").tokenizer
-    with pytest.raises(ValueError, match="unknown scoring modes"):
-        build_scorer(tok, scoring_modes=["teacher_forced", "wild"])
-    with pytest.raises(ValueError, match="qa_template"):
-        build_scorer(tok, qa_template="no placeholder")
-    with pytest.raises(ValueError, match="generation_max_new_tokens"):
-        build_scorer(tok, scoring_modes=MODES, generation_max_new_tokens=0)
-    with pytest.raises(ValueError, match="fluency_prompts"):
-        build_scorer(tok, fluency=True, fluency_prompts=0)
-    assert build_scorer(tok, judge=lambda p, t, g: 1.0).judge is None  # a judge needs generation mode
+    assert build_scorer(tok, ScoringSettings(judge=lambda p, t, g: 1.0)).judge is None  # a judge needs generation
+    assert build_scorer(tok).probability_comparison and build_scorer(tok).generation is None
+    assert not build_scorer(tok, ScoringSettings(probability_comparison=False)).probability_comparison
+    # scoring_modes, given, overrides probability_comparison
+    assert build_scorer(tok, ScoringSettings(scoring_modes=MODES, probability_comparison=False)).probability_comparison
+    assert ScoringSettings(probability_comparison=False).modes == ("teacher_forced",)
 
 
 def test_generation_caps_follow_the_reference_and_the_framing(tiny):
@@ -36,7 +58,7 @@ def test_generation_caps_follow_the_reference_and_the_framing(tiny):
 
 def test_cached_observation_equals_a_fresh_one(tiny):
     bundle = tiny("gpt2")
-    scorer = build_scorer(bundle.tokenizer, scoring_modes=MODES, fluency=True, fluency_max_new_tokens=4)
+    scorer = build_scorer(bundle.tokenizer, ScoringSettings(scoring_modes=MODES, fluency=True, fluency_max_new_tokens=4))
     records = make_records()
     probes = scorer.probes(records)
     cache = StateCache()
@@ -52,7 +74,7 @@ def test_cached_observation_equals_a_fresh_one(tiny):
 
 def test_update_fills_the_stage_metrics_and_per_record_values(tiny):
     bundle = tiny("llama")
-    scorer = build_scorer(bundle.tokenizer, scoring_modes=MODES, judge=lambda p, t, g: 0.5)
+    scorer = build_scorer(bundle.tokenizer, ScoringSettings(scoring_modes=MODES, judge=lambda p, t, g: 0.5))
     probes = scorer.probes(make_records())
     obs = scorer.observe(bundle.model, probes)
     metrics = scorer.metrics("post/")

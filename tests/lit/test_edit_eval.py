@@ -1,11 +1,13 @@
 import json
 import math
+from dataclasses import fields
 
 import lightning as L
 import pytest
 import torch
 
 from editlab.data.datamodule import EditDataModule
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.results import format_summary
@@ -18,6 +20,7 @@ from editlab.metrics.edit import generation_metric_names
 from conftest import assert_state_equal, make_records, scripted_next_tokens, state_copy
 
 MODES = ["teacher_forced", "probability_comparison", "generation"]
+SCORING_KEYS = {f.name for f in fields(ScoringSettings)}  # _run passes these to ScoringSettings
 
 
 def _trainer(callbacks):
@@ -28,8 +31,9 @@ def _trainer(callbacks):
 
 def _run(bundle, editor, tmp_path, sequential=False, skip_failed=False, batch_size=1, after_stream=False,
          records=make_records, fluency=True, **kwargs):
-    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=fluency, fluency_max_new_tokens=4,
-                            score_after_stream=after_stream, **kwargs)
+    scoring = ScoringSettings(fluency=fluency, fluency_max_new_tokens=4,
+                              **{k: kwargs.pop(k) for k in SCORING_KEYS if k in kwargs})
+    module = EditEvalModule(bundle, scoring, output_dir=str(tmp_path), score_after_stream=after_stream, **kwargs)
     cbs = [EditorCallback(editor, sequential=sequential, skip_failed=skip_failed)] if editor else []
     dm = EditDataModule(test=records, batch_size=batch_size)
     _trainer(cbs).test(module, datamodule=dm, verbose=False)
@@ -251,19 +255,20 @@ def test_generation_mode_question_answer_framing_and_after_stream(tiny, tmp_path
 
 def test_scoring_modes_are_checked(tiny):
     with pytest.raises(ValueError, match="unknown scoring modes"):
-        EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced", "wild"])
+        EditEvalModule(tiny("gpt2"), ScoringSettings(scoring_modes=["teacher_forced", "wild"]))
     with pytest.raises(ValueError, match="teacher_forced"):
-        EditEvalModule(tiny("gpt2"), scoring_modes=["generation"])
+        EditEvalModule(tiny("gpt2"), ScoringSettings(scoring_modes=["generation"]))
     with pytest.raises(ValueError, match="generation_framing"):
-        EditEvalModule(tiny("gpt2"), generation_framing="wild")
+        EditEvalModule(tiny("gpt2"), ScoringSettings(generation_framing="wild"))
     bundle = tiny("gpt2")
+    chat_settings = ScoringSettings(scoring_modes=MODES, generation_framing="chat")
     with pytest.raises(ValueError, match="chat template"):
-        EditEvalModule(bundle, scoring_modes=MODES, generation_framing="chat")
+        EditEvalModule(bundle, chat_settings)
     bundle.tokenizer.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
-    chat = EditEvalModule(bundle, scoring_modes=MODES, generation_framing="chat")
+    chat = EditEvalModule(bundle, chat_settings)
     assert chat.scorer.generation.frame("The capital of X is") == "<u>The capital of X is</u><a>"
     assert "reliability@generation_chat_em" in chat.stage_metrics["post"]
-    plain = EditEvalModule(tiny("gpt2"), scoring_modes=["teacher_forced"])
+    plain = EditEvalModule(tiny("gpt2"), ScoringSettings(scoring_modes=["teacher_forced"]))
     assert plain.scorer.generation is None and not plain.scorer.probability_comparison
     assert "reliability@generation_em" not in plain.stage_metrics["post"]
 

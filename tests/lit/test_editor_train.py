@@ -27,6 +27,7 @@ from omegaconf import OmegaConf, open_dict
 from editlab.data.datamodule import EditDataModule, EpochSampler, ResumableDataLoader, pair_locality
 from editlab.data.loaders import load_counterfact_easyedit
 from editlab.data.records import EditRecord, Probe
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.curves import TrainingCurves
 from editlab.lit.edit_eval import EditEvalModule
@@ -168,7 +169,7 @@ def test_validation_metrics_are_the_edit_loops(tiny, tmp_path):
         assert key in val, key
     parts = [val[f"val/{m}"] for m in ("reliability", "generalization", "locality")]
     assert val["val/edit_score"] == pytest.approx(3 / sum(1 / p for p in parts) if min(parts) > 0 else 0.0)
-    evaluation = EditEvalModule(bundle, probability_comparison=False)
+    evaluation = EditEvalModule(bundle, ScoringSettings(probability_comparison=False))
     L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[EditorCallback(module.editor)]
               ).test(evaluation, datamodule=dm, verbose=False)
@@ -318,7 +319,7 @@ def _tiny_overrides(tmp_path: Path, extra: list[str] = ()) -> list[str]:
         f"hydra.searchpath=[file://{TEST_CONFIGS}]", f"paths.data_dir={tmp_path}",
         "data.train.path=train.json", "data.val.path=val.json", "data.val.offset=0", "data.val.limit=4",
         "data.test.path=val.json", "data.test.offset=4", "data.test.limit=2", "data.train_batch_size=2",
-        "data.val_batch_size=2", "module.probability_comparison=false",
+        "data.val_batch_size=2", "module.scoring.probability_comparison=false",
         "fit.module.lr=0.1", "fit.trainer.max_steps=4", "fit.trainer.val_check_interval=2",
         "fit.trainer.log_every_n_steps=1",
         "logger=csv", "callbacks=none", *extra,
@@ -447,7 +448,7 @@ def test_trainable_experiments_run_end_to_end(tmp_path, experiment, extra):
     if experiment.endswith("_zsre"):  # the fixture is in CounterFact's EasyEdit schema
         overrides += [f"data.{split}._target_=editlab.data.loaders.load_counterfact_easyedit"
                       for split in ("train", "val", "test")]
-        overrides.append("module.generation_framing=plain")  # the tiny tokenizer has no chat template
+        overrides.append("module.scoring.generation_framing=plain")  # the tiny tokenizer has no chat template
     cfg = _compose([f"experiment={experiment}", "model=tiny_llama", *overrides,
                     "fit.trainer.accumulate_grad_batches=1", "fit.module.lr=1e-3", *extra])
     summary = _run(cfg, tmp_path / "out")

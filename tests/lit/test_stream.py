@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import sys
+from dataclasses import fields
 
 import lightning as L
 import pytest
@@ -12,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from editlab.data.datamodule import EditDataModule
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.curves import plot_curves
 from editlab.lit.edit_eval import EditEvalModule
@@ -64,8 +66,12 @@ def _ft(steps=15):
     return FTL(layers=[1], lr=0.05, num_steps=steps, objective="teacher_forced")
 
 
+SCORING_KEYS = {f.name for f in fields(ScoringSettings)}  # _run passes these to ScoringSettings
+
+
 def _run(bundle, editor, tmp_path, sequential=True, eval_every=None, records=make_records, loggers=(), **kwargs):
-    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=False, eval_every=eval_every, **kwargs)
+    scoring = ScoringSettings(**{k: kwargs.pop(k) for k in SCORING_KEYS if k in kwargs})
+    module = EditEvalModule(bundle, scoring, output_dir=str(tmp_path), eval_every=eval_every, **kwargs)
     cbs = [EditorCallback(editor, sequential=sequential)] if editor else []
     trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=list(loggers) or False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

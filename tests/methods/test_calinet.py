@@ -131,7 +131,7 @@ def test_bad_record_and_failure_midway_leave_the_model_unchanged(tiny, records, 
 def test_edit_loop_end_to_end(tiny_deep, records, tmp_path, sequential):
     bundle = tiny_deep("llama")
     snap = _snapshot(bundle.model)
-    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=False)
+    module = EditEvalModule(bundle, output_dir=str(tmp_path))
     trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[EditorCallback(CaliNet(**FAST), sequential=sequential)])

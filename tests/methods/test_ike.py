@@ -9,6 +9,7 @@ import torch
 
 from editlab.data.datamodule import EditDataModule
 from editlab.data.records import EditRecord, Probe, RecordError
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.conditioned import ConditionedLM
@@ -173,9 +174,9 @@ def _trainer(callbacks):
 def test_edit_loop_scores_through_the_context(bundle, encoder, tmp_path, sequential):
     before = state_copy(bundle.model)
     editor = ike(encoder, tmp_path, k=2)
-    module = EditEvalModule(bundle, output_dir=str(tmp_path / "out"), fluency=True, fluency_max_new_tokens=4,
-                            score_after_stream=sequential,
-                            scoring_modes=["teacher_forced", "probability_comparison", "generation"])
+    scoring = ScoringSettings(scoring_modes=["teacher_forced", "probability_comparison", "generation"],
+                              fluency=True, fluency_max_new_tokens=4)
+    module = EditEvalModule(bundle, scoring, output_dir=str(tmp_path / "out"), score_after_stream=sequential)
     dm = EditDataModule(test=make_records, batch_size=1)
     _trainer([EditorCallback(editor, sequential=sequential)]).test(module, datamodule=dm, verbose=False)
     assert_state_equal(bundle.model, before)
@@ -314,8 +315,8 @@ def test_edit_loop_on_t5(encoder, tmp_path):
     t5 = tiny_model("t5")
     before = state_copy(t5.model)
     editor = ike(encoder, tmp_path, k=2)
-    module = EditEvalModule(t5, output_dir=str(tmp_path / "out"), score_after_stream=True,
-                            scoring_modes=["teacher_forced", "probability_comparison", "generation"])
+    scoring = ScoringSettings(scoring_modes=["teacher_forced", "probability_comparison", "generation"])
+    module = EditEvalModule(t5, scoring, output_dir=str(tmp_path / "out"), score_after_stream=True)
     dm = EditDataModule(test=make_records, batch_size=1)
     _trainer([EditorCallback(editor, sequential=True)]).test(module, datamodule=dm, verbose=False)
     assert_state_equal(t5.model, before)

@@ -16,6 +16,7 @@ from torch import nn
 from editlab.data.collate import EditBatchCollator, encode_pairs
 from editlab.data.datamodule import EditDataModule
 from editlab.data.loaders import load_counterfact_easyedit
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.editor_train import EditorTrainModule, load_editor, read_editor_checkpoint
@@ -298,7 +299,7 @@ def test_edit_loop_scores_through_serac(tiny, tmp_path, sequential):
     records = load_counterfact_easyedit(path)
     editor = _serac(bundle, records)
     dm = EditDataModule(test=partial(load_counterfact_easyedit, path), batch_size=2)
-    evaluation = EditEvalModule(bundle, probability_comparison=False, score_after_stream=sequential)
+    evaluation = EditEvalModule(bundle, ScoringSettings(probability_comparison=False), score_after_stream=sequential)
     L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[EditorCallback(editor, sequential=sequential)]
               ).test(evaluation, datamodule=dm, verbose=False)
@@ -467,7 +468,7 @@ def test_t5_fit_and_edit_loop(tiny, tmp_path):
         assert key in trainer.callback_metrics, key
     assert_state_equal(bundle.model, base)
     editor.eval()
-    evaluation = EditEvalModule(bundle, scoring_modes=["teacher_forced", "generation"])
+    evaluation = EditEvalModule(bundle, ScoringSettings(scoring_modes=["teacher_forced", "generation"]))
     dm = EditDataModule(test=partial(load_counterfact_easyedit, write_easyedit(tmp_path / "test.json", 2)),
                         batch_size=1)
     L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_progress_bar=False,

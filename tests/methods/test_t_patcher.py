@@ -199,7 +199,7 @@ def test_seq2seq_patches_the_decoder_last_ffn(tiny, records):
 
 
 def _loop(bundle, editor, tmp_path, recs, sequential):
-    module = EditEvalModule(bundle, output_dir=str(tmp_path), fluency=False, score_after_stream=sequential)
+    module = EditEvalModule(bundle, output_dir=str(tmp_path), score_after_stream=sequential)
     trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[EditorCallback(editor, sequential=sequential)])
@@ -243,7 +243,7 @@ def test_experiment_runs_through_the_entry_point(tmp_path):
     with initialize_config_dir(config_dir=configs, version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True, overrides=[
             "experiment=t_patcher_smollm2_zsre", "model=tiny_llama", f"paths.data_dir={tmp_path}",
-            "data.test.path=zsre.json", "module.generation_framing=plain", "method.max_steps=20",
+            "data.test.path=zsre.json", "module.scoring.generation_framing=plain", "method.max_steps=20",
             "method.memory_tokens=64",
             "method.memory_corpus._target_=editlab.data.corpora.TextFile",
             f"+method.memory_corpus.path={tmp_path / 'corpus.txt'}", "logger=csv", "callbacks=none"])
