@@ -205,6 +205,9 @@ class EditEvalModule(L.LightningModule):
             return
         start = time.perf_counter()
         probes = self.scorer.probes(records)
+        # one batched pass before the first edit, before the progress bar moves: say what it is doing
+        log.info("scoring the unedited model on %d records (%d unique sequences) before the first edit",
+                 len(records), len(probes.plan))
         with self.session.suspended():
             self.scorer.observe(self.session.forward_model, probes, self._pre)
         self.timings["pre"].append((time.perf_counter() - start) / len(records))
