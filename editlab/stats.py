@@ -308,6 +308,8 @@ def layer_stats(
         log.info("layer_stats: layers %s loaded from %s in %.2f s", sorted(result), folder,
                  time.perf_counter() - start)
     if missing:
+        # the pass can take many minutes on a CPU (once per model and layer): say so before it starts
+        log.info("layer_stats: computing layers %s over %s (once; cached in %s)", missing, corpus.key, folder)
         begin = time.perf_counter()
         sums, count = _gather(
             model, tokenizer, {layer: paths[layer] for layer in missing}, corpus,
