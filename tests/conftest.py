@@ -90,6 +90,17 @@ def records() -> list[EditRecord]:
     return make_records()
 
 
+def packed_stream(tokenizer, docs) -> list[int]:
+    """The packed token stream of a corpus, by hand: documents joined with EOS (what
+    ``editlab.data.corpora.pack_rows`` must produce before it cuts rows)."""
+    ids: list[int] = []
+    for i, doc in enumerate(docs):
+        if i:
+            ids.append(tokenizer.eos_token_id)
+        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+    return ids
+
+
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

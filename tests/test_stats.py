@@ -9,7 +9,7 @@ from editlab.models.tiny import TINY_CORPUS, tiny_model
 from editlab.data.corpora import TextFile
 from editlab.stats import layer_stats, model_identity
 
-from conftest import assert_state_equal, state_copy
+from conftest import assert_state_equal, packed_stream, state_copy
 
 SEQ = 32
 KW = dict(max_seq_len=SEQ, batch_tokens=4 * SEQ, progress=False)
@@ -27,20 +27,10 @@ def corpus(tmp_path):
     return TextFile(path)
 
 
-def _stream(tokenizer, docs) -> list[int]:
-    """The packed token stream, by hand: documents joined with EOS."""
-    ids: list[int] = []
-    for i, doc in enumerate(docs):
-        if i:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-    return ids
-
-
 def _direct(bundle, docs, layers, seq=SEQ):
     """sum(k kᵀ)/count over the mlp_out inputs, with plain hooks, one row at a time."""
     model, arch = bundle.model, arch_for(bundle.model)
-    ids = _stream(bundle.tokenizer, docs)
+    ids = packed_stream(bundle.tokenizer, docs)
     rows = [ids[i : i + seq] for i in range(0, len(ids), seq)]
     sums: dict[int, torch.Tensor] = {}
     handles = []
@@ -174,7 +164,7 @@ def test_cache_root_from_environment(tiny, corpus, tmp_path, monkeypatch):
 
 def test_count_is_every_packed_token(tiny, corpus, tmp_path):
     b = tiny("gpt2")
-    stream = _stream(b.tokenizer, _docs())
+    stream = packed_stream(b.tokenizer, _docs())
     full = layer_stats(b.model, b.tokenizer, [1], corpus, cache_dir=tmp_path, **KW)
     assert full[1].count == len(stream)
     capped = layer_stats(b.model, b.tokenizer, [1], corpus, cache_dir=tmp_path, n_tokens=70, **KW)

@@ -7,6 +7,8 @@ import torch
 from editlab.data.corpora import HFDataset, TextFile, WikipediaSample, batch_rows, pack_rows
 from editlab.models.tiny import TINY_CORPUS
 
+from conftest import packed_stream
+
 SEQ = 32
 
 
@@ -15,19 +17,9 @@ def _docs() -> list[str]:
     return [" ".join(lines[i : i + 3]) for i in range(0, len(lines), 3)]
 
 
-def _stream(tokenizer, docs) -> list[int]:
-    """The packed token stream, by hand: documents joined with EOS."""
-    ids: list[int] = []
-    for i, doc in enumerate(docs):
-        if i:
-            ids.append(tokenizer.eos_token_id)
-        ids.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
-    return ids
-
-
 def test_packing_has_no_padding(tiny):
     tok = tiny("gpt2").tokenizer
-    stream = _stream(tok, _docs())
+    stream = packed_stream(tok, _docs())
     rows = list(pack_rows(tok, _docs(), SEQ))
     assert all(len(r) == SEQ for r in rows[:-1]) and 0 < len(rows[-1]) <= SEQ
     assert torch.cat(rows).tolist() == stream
