@@ -79,8 +79,9 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord, RecordError
+from editlab.errors import UserError
 from editlab.methods.base import EditError, Editor, WeightEditSession
-from editlab.models.loading import ModelBundle, ModelLoadError
+from editlab.models.loading import ModelBundle
 
 # what scores a model: the greedy answers and the teacher-forced target probabilities
 from editlab.evaluation.generation import greedy_generate
@@ -92,7 +93,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FACT_FIELDS = ("prompt", "subject", "target", "target_true", "probes")
 
 
-class EditInputError(ValueError):
+class EditInputError(UserError, ValueError):
     """A setting of the edit command is missing or malformed; the message names it."""
 
 
@@ -406,7 +407,10 @@ def build_editor(method_cfg, ckpt_path: str | None):
         return None
     if method_cfg is None:
         raise EditInputError("no method: pass method=<config> (see --help for the list) or ckpt_path=<trained editor>")
-    editor = hydra.utils.instantiate(method_cfg)
+    from editlab.entry import settings_of
+
+    with settings_of("method"):
+        editor = hydra.utils.instantiate(method_cfg)
     if isinstance(editor, nn.Module):
         raise EditInputError(f"{type(editor).__name__} is a trained editor: pass ckpt_path=<its checkpoint> (written "
                              "by python -m editlab.train with a fit stage) instead of method=")
@@ -511,14 +515,14 @@ def usage() -> str:
     ])
 
 
-USER_ERRORS = (EditInputError, RecordError, EditError, ModelLoadError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m editlab.edit``: Hydra overrides in, the before / after tables out.  Errors in
     the input are one line on stderr (exit code 2); ``HYDRA_FULL_ERROR=1`` shows the traceback."""
     import hydra
-    from hydra.errors import InstantiationException
+
+    from editlab.entry import USER_ERRORS, user_error
 
     args = _save_flag(list(sys.argv[1:] if argv is None else argv))
     if "-h" in args or "--help" in args:
@@ -529,8 +533,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     def _main(cfg) -> None:
         try:
             run(cfg)
-        except (*USER_ERRORS, InstantiationException) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        except Exception as exc:  # a user error (a failed edit included) is one line; anything else a traceback
+            err = user_error(exc, (*USER_ERRORS, EditError))
+            if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(f"editlab.edit: {err}", file=sys.stderr)
             sys.exit(2)

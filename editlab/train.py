@@ -36,25 +36,19 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 import lightning as L
-from hydra.errors import InstantiationException
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from editlab.data.records import RecordError
-from editlab.errors import SettingError, UserError, find_user_error
+from editlab.entry import settings_of, user_error
+from editlab.errors import SettingError
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.results import format_summary
 from editlab.lit.editor_train import load_editor, training_order
-from editlab.models.loading import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +114,7 @@ def build_editor(cfg: DictConfig):
     the model: :func:`finish_editor`).  Bad constructor arguments are named by their config key."""
     if cfg.get("ckpt_path") or cfg.get("method") is None:
         return None
-    with _settings_of("method"):
+    with settings_of("method"):
         return hydra.utils.instantiate(cfg.method)
 
 
@@ -134,7 +128,7 @@ def check_scoring(cfg: DictConfig) -> None:
     probe = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     if "judge" in probe:
         probe.judge = None
-    with _settings_of("module.scoring"):
+    with settings_of("module.scoring"):
         hydra.utils.instantiate(probe)
 
 
@@ -204,7 +198,7 @@ def check_config(cfg: DictConfig) -> None:
 def load_records(cfg: DictConfig):
     """The data module with its records read and validated: the test split, and the train / val
     splits for a run that trains an editor (``fit``)."""
-    with _settings_of("data"):
+    with settings_of("data"):
         datamodule = hydra.utils.instantiate(cfg.data)
     stages = ("fit", "test") if cfg.get("fit") is not None and not cfg.get("ckpt_path") else ("test",)
     if "fit" in stages and cfg.data.get("train") is None:
@@ -245,46 +239,13 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     if editor is not None:
         callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
-    with _settings_of("module"):
+    with settings_of("module"):
         module = hydra.utils.instantiate(cfg.module, model=bundle)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:
         log.info("summary (%s):\n%s", cfg.get("experiment_name", ""), format_summary(module.summary))
     return module.summary
-
-
-# What a user can fix from the message alone: shown without a traceback (HYDRA_FULL_ERROR=1 shows it).
-USER_ERRORS = (UserError, RecordError, ModelLoadError, FileNotFoundError, MissingMandatoryValue,
-               InterpolationResolutionError)
-
-
-# Hydra names the node whose constructor failed at the end of its message (its only record of it)
-_FULL_KEY = re.compile(r"\nfull_key: (\S+)\s*$")
-
-
-@contextmanager
-def _settings_of(node: str) -> Iterator[None]:
-    """Name a :class:`SettingError` raised while building config node ``node`` by its config key
-    (``lr`` → ``method.lr``; an argument of a node inside it, such as ``method.mom2_corpus``, by that
-    node's key).  Hydra's InstantiationException around it is dropped from the message."""
-    try:
-        yield
-    except Exception as exc:
-        err = find_user_error(exc, (SettingError,), through=(InstantiationException,))
-        if err is None:
-            raise
-        key, current = node, exc
-        while current is not None and current is not err:
-            found = _FULL_KEY.search(str(current)) if isinstance(current, InstantiationException) else None
-            key = found.group(1) if found else key
-            current = current.__cause__
-        raise err.within(key) from exc
-
-
-def user_error(exc: BaseException) -> BaseException | None:
-    """The user error behind ``exc`` (itself, or the one a Hydra instantiation error wraps), or None."""
-    return find_user_error(exc, USER_ERRORS, through=(InstantiationException,))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -90,6 +90,14 @@ def test_cli_bad_input_is_one_line_naming_the_field(tmp_path):
                                   "'The capital of France is'; give it as the prompt spells it")
 
 
+def test_cli_bad_hyperparameter_is_one_line_naming_its_config_key(tmp_path):
+    out = _cli("model=tiny_llama", "method=ft", "method.lr=-1", "prompt=The capital of France is",
+               "subject=France", "target=Rome", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip() == "editlab.edit: method.lr must be > 0, got -1"
+
+
 def test_inline_facts_compose_from_overrides():
     from omegaconf import OmegaConf
 

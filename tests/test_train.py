@@ -153,17 +153,17 @@ def test_the_offline_hub_error_is_one_readable_line(tmp_path):
 
 def test_the_entry_point_names_a_setting_by_its_config_key():
     # imported here: the training subprocesses import this module for marked_tiny_model
-    from editlab.train import _settings_of
+    from editlab.entry import settings_of
 
     cfg = OmegaConf.create({"method": {"_target_": "editlab.methods.ft.FTL", "lr": -1.0},
                             "outer": {"_target_": "builtins.dict",
                                       "inner": {"_target_": "editlab.methods.calinet.CaliNet", "max_steps": 0}}})
     with pytest.raises(SettingError, match=r"^method\.lr must be > 0, got -1\.0$"):
-        with _settings_of("method"):
+        with settings_of("method"):
             hydra.utils.instantiate(cfg.method)
     with pytest.raises(SettingError, match=r"^outer\.inner\.max_steps must be >= 1, got 0$"):
-        with _settings_of("outer"):
+        with settings_of("outer"):
             hydra.utils.instantiate(cfg.outer)
     with pytest.raises(InstantiationException):  # not a setting error: left as it is
-        with _settings_of("method"):
+        with settings_of("method"):
             hydra.utils.instantiate({"_target_": "editlab.methods.ft.FTL", "objective": "nonsense"})
