@@ -78,9 +78,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from editlab.data.collate import check_lengths
 from editlab.data.records import EditRecord, RecordError
 from editlab.errors import UserError
 from editlab.methods.base import EditError, Editor, WeightEditSession
+from editlab.models.arch import arch_for
 from editlab.models.loading import ModelBundle
 
 # what scores a model: the greedy answers and the teacher-forced target probabilities
@@ -365,6 +367,9 @@ def edited(bundle: ModelBundle, editor: Editor, facts: Sequence[Fact], *, max_ne
         editor.to(bundle.device)
         editor.eval()
     model, tokenizer = bundle.model, bundle.tokenizer
+    # a fact longer than the model takes is refused with its lengths, before the model runs
+    check_lengths([f.record for f in facts], tokenizer, arch_for(model).max_positions(model),
+                  answer_tokens=max_new_tokens, model_name=bundle.name or "the model")
     before = _measure(model, tokenizer, facts, max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
@@ -404,6 +409,9 @@ def build_editor(method_cfg, ckpt_path: str | None):
             raise EditInputError("give method= or ckpt_path=, not both: a checkpoint stores its editor's config")
         if not Path(ckpt_path).is_file():
             raise EditInputError(f"ckpt_path: no such file: {ckpt_path}")
+        from editlab.lit.checkpoint import check_editor_checkpoint
+
+        check_editor_checkpoint(ckpt_path)  # before the model loads: nothing it names is called
         return None
     if method_cfg is None:
         raise EditInputError("no method: pass method=<config> (see --help for the list) or ckpt_path=<trained editor>")
@@ -422,7 +430,7 @@ def build_editor(method_cfg, ckpt_path: str | None):
 def load_trained_editor(ckpt_path: str, bundle: ModelBundle) -> Editor:
     """The trained editor saved in ``ckpt_path``, bound to ``bundle`` (imports the training module,
     hence Lightning, only here)."""
-    from editlab.lit.editor_train import load_editor
+    from editlab.lit.checkpoint import load_editor
 
     return load_editor(ckpt_path, bundle)
 

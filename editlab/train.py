@@ -46,9 +46,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from editlab.entry import settings_of, user_error
 from editlab.errors import SettingError
+from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
+from editlab.lit.checkpoint import check_editor_checkpoint, load_editor, read_editor_checkpoint, training_order
 from editlab.lit.results import format_summary
-from editlab.lit.editor_train import load_editor, training_order
+from editlab.models.arch import arch_for
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +120,28 @@ def build_editor(cfg: DictConfig):
         return hydra.utils.instantiate(cfg.method)
 
 
-def check_scoring(cfg: DictConfig) -> None:
+def check_scoring(cfg: DictConfig) -> ScoringSettings | None:
     """Build ``module.scoring`` once before the model loads, so a bad scoring setting is named by its
-    config key (``module.scoring.generation_margin must be >= 0``) at no cost.  The judge is left out
-    here: a judge node may load a model; it is built with the module."""
+    config key (``module.scoring.generation_margin must be >= 0``) at no cost; return it (None when
+    the module has no scoring node).  The judge is left out here: a judge node may load a model; it
+    is built with the module."""
     node = OmegaConf.select(cfg, "module.scoring")
     if not OmegaConf.is_dict(node) or "_target_" not in node:
-        return
+        return None
     probe = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     if "judge" in probe:
         probe.judge = None
     with settings_of("module.scoring"):
-        hydra.utils.instantiate(probe)
+        return hydra.utils.instantiate(probe)
+
+
+def check_lengths(datamodule, bundle, scoring: ScoringSettings | None) -> None:
+    """Refuse, before anything is trained or edited, a record of any loaded split with a text
+    longer than the model takes (a RecordError naming the record, the field and the lengths)."""
+    scoring = scoring if isinstance(scoring, ScoringSettings) else ScoringSettings()
+    limit = arch_for(bundle.model).max_positions(bundle.model)
+    for dataset in datamodule.datasets.values():
+        scoring.check_lengths(dataset.records, bundle.tokenizer, limit, model_name=bundle.name or "the model")
 
 
 def finish_editor(cfg: DictConfig, editor, bundle, datamodule, loggers: list):
@@ -193,6 +205,13 @@ def check_config(cfg: DictConfig) -> None:
     for key, path in paths.items():
         if path and not Path(str(path)).expanduser().is_file():
             raise SettingError(key, "names no file", str(path))
+    # a checkpoint is read (memory-mapped) before the model loads: a truncated file, a pickle
+    # payload or a stored config that names anything but an editlab editor is refused here
+    if paths["ckpt_path"]:
+        check_editor_checkpoint(Path(str(paths["ckpt_path"])).expanduser())
+    for key in ("fit.resume_from", "fit.init_from"):
+        if paths.get(key):
+            read_editor_checkpoint(Path(str(paths[key])).expanduser(), mmap=True)
 
 
 def load_records(cfg: DictConfig):
@@ -232,8 +251,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = load_records(cfg)
     editor = build_editor(cfg)
-    check_scoring(cfg)
+    scoring = check_scoring(cfg)
     bundle = hydra.utils.instantiate(cfg.model)
+    check_lengths(datamodule, bundle, scoring)
     loggers = _instantiate_group(cfg.get("logger"))
     editor = finish_editor(cfg, editor, bundle, datamodule, loggers)
     callbacks = _instantiate_group(cfg.get("callbacks"))

@@ -27,7 +27,7 @@ at all), and only the editor's parameters are optimised (Adam over
   ``fit.callbacks.checkpoint.monitor=val/edit_score fit.callbacks.checkpoint.mode=max``.
 * **Checkpoints** hold the editor only: base-model tensors are stripped on save and taken from the
   live model on load, and the checkpoint names the base model and stores the editor's config
-  (``checkpoint["editor"]``), so :func:`load_editor` rebuilds a trained editor onto that model.
+  (``checkpoint["editor"]``), so :func:`~editlab.lit.checkpoint.load_editor` rebuilds a trained editor onto that model.
   Resuming (``trainer.fit(..., ckpt_path=...)``) restores the editor, the optimizer, the loop
   counters and, with :class:`~editlab.data.datamodule.ResumableDataLoader`, the data position.
 * **DDP**: the base model's parameters and buffers are excluded from DDP's synchronisation (each
@@ -54,7 +54,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -67,6 +66,7 @@ from editlab.data.collate import EditBatchCollator
 from editlab.data.records import EditRecord
 from editlab.evaluation.probes import build_plan
 from editlab.evaluation.teacher_forced import ScoreCache, score_pairs
+from editlab.lit.checkpoint import check_base_model, editor_state, read_editor_checkpoint
 from editlab.methods.base import applied
 from editlab.methods.hyper import LearnedEditor
 from editlab.metrics.edit import build_edit_metrics, computed
@@ -76,13 +76,9 @@ from editlab.models.loading import ModelBundle, freeze
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "EditorTrainModule", "MarginAnnealing", "LOSS_KEYS", "load_editor", "read_editor_checkpoint",
-    "editor_state",
-]
+__all__ = ["EditorTrainModule", "MarginAnnealing", "LOSS_KEYS"]
 
 BASE_PREFIX = "model."
-EDITOR_PREFIX = "editor."
 LOSS_KEYS = ("loss", "loss_edit", "loss_loc", "edit_acc", "loc_acc")
 LR_SCHEDULES = ("constant", "cosine")
 # val/edit_score is the harmonic mean of these validation metrics
@@ -107,7 +103,7 @@ class EditorTrainModule(L.LightningModule):
         chunk_size: sequences per scoring forward in validation.
         max_prompt_tokens: truncate over-long prompts from the left (training and scoring).
         editor_config: the editor's config (``_target_`` + keyword arguments), kept in checkpoints
-            so :func:`load_editor` can rebuild the editor.
+            so :func:`~editlab.lit.checkpoint.load_editor` can rebuild the editor.
     """
 
     def __init__(
@@ -282,7 +278,7 @@ class EditorTrainModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        _check_base_model(checkpoint, self.bundle.name)
+        check_base_model(checkpoint, self.bundle.name)
         # the checkpoint has no base-model tensors: take them from the live model (strict loading
         # still checks that every editor tensor is there and has the right shape)
         base = {BASE_PREFIX + k: v for k, v in self.model.state_dict(keep_vars=True).items()}
@@ -295,7 +291,7 @@ class EditorTrainModule(L.LightningModule):
         trainer = self._trainer
         if trainer is None or trainer.is_global_zero:
             checkpoint = read_editor_checkpoint(path)
-            _check_base_model(checkpoint, self.bundle.name)
+            check_base_model(checkpoint, self.bundle.name)
             state = editor_state(checkpoint)
         if trainer is not None:
             state = trainer.strategy.broadcast(state, src=0)
@@ -327,67 +323,3 @@ class MarginAnnealing(L.Callback):
         rate = float(trainer.callback_metrics[self.monitor])  # reduced over ranks: every rank agrees
         margin = pl_module.editor.anneal_margin(rate)
         log.info("%s = %.4f: margin %.3g", self.monitor, rate, margin)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading a trained editor
-# --------------------------------------------------------------------------------------------
-
-def read_editor_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint written by :class:`EditorTrainModule` (tensors and plain data only)."""
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if "editor" not in checkpoint or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not an editor checkpoint (written by EditorTrainModule): "
-                         "it has no 'editor' section")
-    return checkpoint
-
-
-def training_order(path: str | Path) -> dict[str, int] | None:
-    """Where checkpoint ``path``'s run was in its training order (``seed``, ``epoch`` and
-    ``batches`` served, as :class:`~editlab.data.datamodule.ResumableDataLoader` saves them), or
-    None when the checkpoint does not record it.  Reads the file memory-mapped."""
-    checkpoint = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    loaders = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {}).get("combined_loader")
-    if not loaders or not isinstance(loaders[0], dict) or "seed" not in loaders[0]:
-        return None
-    return {k: int(loaders[0][k]) for k in ("seed", "epoch", "batches")}
-
-
-def editor_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The editor's own state dict from a checkpoint."""
-    state = checkpoint["state_dict"]
-    return {k[len(EDITOR_PREFIX):]: v for k, v in state.items() if k.startswith(EDITOR_PREFIX)}
-
-
-def _check_base_model(checkpoint: dict[str, Any], name: str) -> None:
-    trained_for = checkpoint.get("editor", {}).get("base_model")
-    if trained_for is not None and trained_for != name:
-        raise ValueError(f"the editor checkpoint was trained for base model {trained_for!r}, not {name!r}; "
-                         f"load {trained_for!r} (model=...) to use it")
-
-
-def load_editor(path: str | Path, model: ModelBundle,
-                editor: LearnedEditor | None = None) -> LearnedEditor:
-    """The trained editor of checkpoint ``path``, bound to ``model`` (which must be the base model
-    the checkpoint names), on the model's device, in eval mode.
-
-    ``editor``: an untrained editor to load the weights into; None builds it from the config stored
-    in the checkpoint (``checkpoint["editor"]["config"]``, a ``_target_`` config).
-    """
-    checkpoint = read_editor_checkpoint(path)
-    _check_base_model(checkpoint, model.name)
-    info = checkpoint["editor"]
-    if editor is None:
-        config = info.get("config")
-        if not config:
-            raise ValueError(f"{path} stores no editor config ({info.get('class')}); "
-                             "pass the editor to load into")
-        editor = hydra.utils.instantiate(config)
-    editor.bind(model.model, model.tokenizer)
-    editor.load_state_dict(editor_state(checkpoint))
-    if editor.base_model is None:
-        editor.base_model = info.get("base_model")
-    editor.to(model.device)
-    editor.eval()
-    log.info("loaded %s trained for %s from %s", type(editor).__name__, info.get("base_model"), path)
-    return editor

@@ -245,7 +245,7 @@ def locality_terms(model: nn.Module, new: dict[str, torch.Tensor] | RowEdits, ba
 
 class LearnedEditor(nn.Module, Editor):
     """An editor with trained parameters: what :class:`~editlab.lit.editor_train.EditorTrainModule`
-    trains, checkpoints and :func:`~editlab.lit.editor_train.load_editor` rebuilds.
+    trains, checkpoints and :func:`~editlab.lit.checkpoint.load_editor` rebuilds.
 
     Subclasses implement :meth:`bind` (create the networks for a base model; idempotent) and
     :meth:`training_losses`, and ``compute_deltas`` or ``compute_edit`` as any

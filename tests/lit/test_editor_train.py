@@ -31,8 +31,8 @@ from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.curves import TrainingCurves
 from editlab.lit.edit_eval import EditEvalModule
-from editlab.lit.editor_train import (EditorTrainModule, MarginAnnealing, editor_state, load_editor,
-                                      read_editor_checkpoint, training_order)
+from editlab.lit.checkpoint import editor_state, load_editor, read_editor_checkpoint, training_order
+from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing
 from editlab.methods.hyper import LearnedEditor
 from editlab.methods.mend import MEND
 from editlab.methods.serac import SERAC
@@ -49,6 +49,17 @@ HERE = Path(__file__).resolve().parent
 EDIT_PARAMS = ["model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"]
 EDITOR_CONFIG = {"_target_": "learned_step.LearnedStep", "edit_params": EDIT_PARAMS, "init_lr": 1e-3}
 TINY_ENCODER = "editlab.models.encoder.SentenceEncoder.tiny"
+
+
+@pytest.fixture
+def trust_learned_step(monkeypatch):
+    """Let checkpoints rebuild the test editor LearnedStep, as they rebuild editlab's own trained
+    editors (editlab.lit.checkpoint builds nothing else from a checkpoint's stored config)."""
+    from editlab.lit import checkpoint
+
+    own = checkpoint.trained_editor_classes
+    monkeypatch.setattr(checkpoint, "trained_editor_classes",
+                        lambda: {**own(), EDITOR_CONFIG["_target_"]: LearnedStep})
 
 
 def _editor() -> LearnedStep:
@@ -177,7 +188,7 @@ def test_validation_metrics_are_the_edit_loops(tiny, tmp_path):
         assert val[f"val/{metric}"] == pytest.approx(evaluation.summary[f"post/{metric}"], abs=1e-6), metric
 
 
-def test_checkpoint_holds_the_editor_only_and_loads_onto_its_base_model(tiny, tmp_path):
+def test_checkpoint_holds_the_editor_only_and_loads_onto_its_base_model(tiny, tmp_path, trust_learned_step):
     bundle = tiny("llama")
     module = EditorTrainModule(bundle, _editor(), lr=1e-2, editor_config=EDITOR_CONFIG)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -343,7 +354,7 @@ def _run(cfg, out: Path) -> dict[str, float]:
     return run(cfg)
 
 
-def test_train_then_test_then_test_only_then_resume(tmp_path):
+def test_train_then_test_then_test_only_then_resume(tmp_path, trust_learned_step):
     """``fit: editor`` trains, then the edit loop tests the best checkpoint's editor; ``ckpt_path``
     tests that checkpoint without training (same numbers); ``fit.resume_from`` continues training."""
     cfg = _compose(_tiny_overrides(tmp_path))

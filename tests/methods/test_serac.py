@@ -19,7 +19,8 @@ from editlab.data.loaders import load_counterfact_easyedit
 from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
-from editlab.lit.editor_train import EditorTrainModule, load_editor, read_editor_checkpoint
+from editlab.lit.checkpoint import load_editor, read_editor_checkpoint
+from editlab.lit.editor_train import EditorTrainModule
 from editlab.methods.base import EditError, WeightEditSession
 from editlab.methods.conditioned import default_bos
 from editlab.methods.hyper import target_nll
