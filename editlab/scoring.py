@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from editlab.data.collate import PairBatch
-from editlab.models.arch import arch_for, get_module
+from editlab.data.collate import PairBatch, encode_pairs
+from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.tracing import CallRecorder
 
-__all__ = ["head_logits", "head_nll", "is_edit_wrapper", "lm_head_input", "lm_logits_at", "wrapper_logits_at"]
+__all__ = ["broken_pairs", "head_logits", "head_nll", "is_edit_wrapper", "lm_head_input", "lm_logits_at",
+           "wrapper_logits_at"]
 
 
 def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -137,3 +138,45 @@ def lm_logits_at(model: nn.Module, batch: PairBatch) -> torch.Tensor:
         return wrapper_logits_at(model, rows, pos, batch.model_inputs())
     hidden = lm_head_input(model, batch)
     return head_logits(model, hidden[rows, pos])
+
+
+@torch.no_grad()
+def broken_pairs(model: nn.Module, tokenizer, prompts: list[str], targets: list[str],
+                 blocks_of: nn.Module | None = None, chunk_size: int = 32) -> list[int]:
+    """Indices of the ``(prompt, target)`` pairs on which ``model`` is numerically broken: its
+    teacher-forced logits at the target positions are not all finite (NaN or ±Inf), or — with
+    ``blocks_of``, the base model whose blocks ``model`` runs — a block's output (the residual
+    stream) has a mean square that is not finite in float32.  That mean square is what the next
+    RMSNorm / LayerNorm computes; once it overflows, the norm returns zeros or NaN and the output
+    no longer depends on the input, even where the logits stay finite (FT-L with a learning rate
+    of 1e30 on a Llama).  One forward per chunk, the LM head only at the target positions."""
+    seq2seq = is_encoder_decoder(model)
+    start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
+    device = next(model.parameters()).device
+    blocks = list(get_module(blocks_of, arch_for(blocks_of).layers)) if blocks_of is not None else []
+    bad: list[int] = []
+    for lo in range(0, len(prompts), chunk_size):
+        batch = encode_pairs(tokenizer, prompts[lo: lo + chunk_size], targets[lo: lo + chunk_size],
+                             seq2seq=seq2seq, decoder_start_token_id=start).to(device)
+        broken = torch.zeros(len(batch), dtype=torch.long, device=device)
+
+        def check(module: nn.Module, args: tuple, output) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if not torch.is_tensor(hidden) or not hidden.is_floating_point():
+                return
+            ok = torch.isfinite(hidden.float().pow(2).mean(-1))
+            if hidden.dim() == 3 and hidden.shape[0] == len(broken):
+                broken.add_((~ok).any(-1).long().to(device))
+            elif not ok.all():  # rows that do not map to the batch's (an editor's own inputs)
+                broken.add_(1)
+
+        handles = [block.register_forward_hook(check) for block in blocks]
+        try:
+            logits = lm_logits_at(model, batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        rows, _ = batch.gather_index()
+        broken.index_add_(0, rows.to(device), (~torch.isfinite(logits).all(dim=-1)).long().to(device))
+        bad.extend(lo + int(i) for i in broken.nonzero().flatten())
+    return bad

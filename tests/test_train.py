@@ -102,6 +102,22 @@ def test_a_malformed_record_names_file_record_and_field(tmp_path):
     assert "cf.json" in error and "record 1" in error and "requested_rewrite.target_new.str" in error
 
 
+def test_a_record_longer_than_the_model_takes_is_refused_before_any_edit(tmp_path):
+    """The tiny llama takes 128 positions: a neighbourhood prompt of ~400 tokens is a one-line
+    RecordError with the lengths, raised once the model (and so its limit) is known, before the
+    first edit (no records are written)."""
+    _write_fixture(tmp_path / "cf.json")
+    records = json.loads((tmp_path / "cf.json").read_text())
+    records[1]["neighborhood_prompts"] = ["word " * 100]
+    (tmp_path / "cf.json").write_text(json.dumps(records))
+    proc, marker, out = _train(tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [error] = _error_lines(proc)
+    # the loader made the neighbourhood prompt the record's first locality probe
+    assert "cf.json, record 1, field 'locality[0]'" in error and "longer than the 128 positions" in error
+    assert not (out / "records.jsonl").exists()
+
+
 def test_a_bad_learning_rate_is_named_by_its_config_key(tmp_path):
     _write_fixture(tmp_path / "cf.json")
     proc, marker, out = _train(tmp_path, "method.lr=-1.0")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from editlab.data.records import EditRecord
+from editlab.data.records import EditRecord, RecordError
 
-__all__ = ["PairBatch", "EditBatch", "EditBatchCollator", "encode_pairs", "subject_span", "target_text"]
+__all__ = ["PairBatch", "EditBatch", "EditBatchCollator", "check_lengths", "encode_pairs", "subject_span", "target_text"]
 
 
 def target_text(target: str) -> str:
@@ -261,3 +261,66 @@ class EditBatchCollator:
             rephrase_rows=torch.tensor([i for i, _, _ in reph], dtype=torch.long) if reph else None,
             locality_rows=torch.tensor([i for i, _, _ in loc], dtype=torch.long) if loc else None,
         )
+
+
+def _scored_texts(record: EditRecord) -> list[tuple[str, str, str | None]]:
+    """``(field, prompt, answer)`` for every text the edit loop feeds the model for ``record``
+    (answer None: a generation prompt, continued by the model)."""
+    answers = [t for t in (record.target_new, record.target_true) if t]
+    longest = max(answers, key=len) if answers else ""
+    out = [("prompt", record.prompt, longest)]
+    out += [(f"rephrase_prompts[{i}]", p, record.target_new) for i, p in enumerate(record.rephrase_prompts)]
+    for name in ("locality", "portability"):
+        out += [(f"{name}[{i}]", p.prompt, max((p.target, *p.aliases), key=len))
+                for i, p in enumerate(getattr(record, name))]
+    out += [(f"neighborhood_prompts[{i}]", p, longest) for i, p in enumerate(record.neighborhood_prompts)]
+    out += [(f"attribute_prompts[{i}]", p, longest) for i, p in enumerate(record.attribute_prompts)]
+    out += [(f"generation_prompts[{i}]", p, None) for i, p in enumerate(record.generation_prompts)]
+    return out
+
+
+def check_lengths(records: Sequence[EditRecord], tokenizer, max_positions: int | None, *,
+                  generation_tokens: int = 0, answer_tokens: int = 0, max_prompt_tokens: int | None = None,
+                  model_name: str = "the model") -> None:
+    """Refuse, with a :class:`RecordError` naming the record, the field and the lengths, a record
+    with a text longer than the ``max_positions`` tokens the model takes.  Beyond its positions a
+    model fails with an opaque indexing error (learned position tables, GPT-2) or silently runs
+    where it was never trained (rotary positions, Llama), and editors ask for memory in proportion.
+
+    Checked: every prompt with its answer (teacher-forced; at least ``answer_tokens`` after it when
+    answers are also generated), and every generation prompt with the ``generation_tokens``
+    generated after it.  ``max_prompt_tokens``: teacher-forced scoring truncates probe prompts to
+    that many tokens (the user's choice), so only their truncated length counts when no answer is
+    generated; the edit prompt must fit whole, since editors read it whole.  ``max_positions``
+    None: no limit.
+
+    Only texts that could be too long are tokenized: no tokenizer makes more tokens than a text has
+    UTF-8 bytes plus a few (a leading word-boundary piece, special tokens)."""
+    if not max_positions:
+        return
+    slack = 8
+    for record in records:
+        for field, prompt, answer in _scored_texts(record):
+            after = generation_tokens if answer is None else answer_tokens
+            joined = prompt + (target_text(answer) if answer else "")
+            if len(joined.encode("utf-8", "surrogatepass")) + slack + after <= max_positions:
+                continue
+            prompt_len = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+            # teacher-forced scoring truncates probe prompts when the user asks; generation does not,
+            # and editors read the edit prompt whole
+            can_truncate = field != "prompt" and answer is not None and not answer_tokens
+            truncated = bool(max_prompt_tokens) and can_truncate
+            if truncated:
+                prompt_len = min(prompt_len, max_prompt_tokens)
+            answer_len = len(tokenizer(target_text(answer), add_special_tokens=False)["input_ids"]) if answer else 0
+            tail = max(answer_len, after)
+            if prompt_len + tail <= max_positions:
+                continue
+            what = (f"answer ({answer_len})" if answer is not None and answer_len >= after
+                    else f"generated tokens ({after})")
+            hint = "" if truncated or not can_truncate else (
+                ", or truncate probe prompts from the left with module.scoring.max_prompt_tokens")
+            raise RecordError(record.source or "<record>", record.index if record.index >= 0 else None, field,
+                              f"prompt ({prompt_len}) + {what} = {prompt_len + tail} tokens, longer than the "
+                              f"{max_positions} positions {model_name} takes (record {record.record_id!r}); "
+                              f"shorten or drop the record{hint}")

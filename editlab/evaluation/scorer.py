@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torchmetrics import MetricCollection
 
+from editlab.data.collate import check_lengths
 from editlab.data.records import EditRecord
 from editlab.errors import require
 from editlab.evaluation.fluency import Fluency
@@ -285,6 +286,16 @@ class ScoringSettings:
                      "generation_chunk_size"):
             require(getattr(self, name) >= 1, name, "must be positive", getattr(self, name))
         require(self.generation_margin >= 0, "generation_margin", "must be >= 0", self.generation_margin)
+
+    def check_lengths(self, records: Sequence[EditRecord], tokenizer, max_positions: int | None,
+                      model_name: str = "the model") -> None:
+        """Refuse records with a text longer than the model's ``max_positions`` as these settings
+        score them (:func:`editlab.data.collate.check_lengths`: answers generated in generation
+        mode, fluency's generations, prompts truncated to ``max_prompt_tokens``)."""
+        check_lengths(records, tokenizer, max_positions,
+                      generation_tokens=self.fluency_max_new_tokens if self.fluency else 0,
+                      answer_tokens=self.generation_max_new_tokens if "generation" in self.modes else 0,
+                      max_prompt_tokens=self.max_prompt_tokens, model_name=model_name)
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from editlab.data.records import check_complete_cases
-from editlab.methods.base import EditError, Editor, WeightEditSession
+from editlab.methods.base import EditError, Editor, WeightEditSession, verify_outputs
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ class EditorCallback(L.Callback):
         editor: the non-trained editor.
         sequential: keep each batch's edit applied while later batches are edited (lifelong
             editing); pre-edit scores are still taken on the original weights.
-        skip_failed: when the editor raises :class:`EditError` for a batch, log it, mark the
-            batch's records as failed and go on (the model is unchanged); otherwise re-raise.
+        skip_failed: when the editor raises :class:`EditError` for a batch, or its edit leaves a
+            weight or the edited model's logits on the batch's edit prompts non-finite (the edit is
+            then undone), log it, mark the batch's records as failed and go on (the model is
+            unchanged); otherwise re-raise.
     """
 
     def __init__(self, editor: Editor, sequential: bool = False, skip_failed: bool = False) -> None:
@@ -93,8 +95,11 @@ class EditorCallback(L.Callback):
             check_complete_cases(list(batch))
         start = time.perf_counter()
         try:
-            edit = self.editor.compute_edit(pl_module.session.model, pl_module.tokenizer, list(batch))
-            pl_module.session.apply(edit)
+            records = list(batch)
+            edit = self.editor.compute_edit(pl_module.session.model, pl_module.tokenizer, records)
+            # a result that is not finite (weights, or the edited model's logits on the batch's
+            # edit prompts) is undone here and is an EditError like any failed edit
+            pl_module.session.apply(edit, verify=lambda s: verify_outputs(s, pl_module.tokenizer, records))
         except EditError as err:
             if not self.skip_failed:
                 raise

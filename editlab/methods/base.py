@@ -5,8 +5,10 @@ model itself: :meth:`Editor.compute_deltas` returns :data:`Deltas`, a dict from 
 an additive update in the parameter's own layout.  Applying and undoing deltas is the job of
 :class:`WeightEditSession` alone — the edit loop, the Lightning callback and the Python context
 manager :func:`applied` all go through it.  It checks every delta (name, shape, finiteness)
-before it writes anything, keeps a bit-exact copy of each touched parameter, and restores those
-copies exactly, so a failed or finished edit leaves the model as it was.
+before it writes anything and the result after (the edited weights, and with
+:func:`verify_outputs` the edited model's logits, must be finite), keeps a bit-exact copy of each
+touched parameter, and restores those copies exactly, so a failed or finished edit leaves the
+model as it was.
 
 Not every editor changes weights.  :meth:`Editor.compute_edit` returns an :class:`Edit`, which
 may hold, besides deltas, *patches* (modules added beside an existing module: T-Patcher's
@@ -29,10 +31,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from editlab.data.collate import check_lengths
 from editlab.data.records import EditRecord
-from editlab.models.arch import get_module
+from editlab.models.arch import arch_for, get_module
+from editlab.scoring import broken_pairs
 
-__all__ = ["Deltas", "Edit", "Editor", "EditError", "Wrapper", "WeightEditSession", "applied"]
+__all__ = ["Deltas", "Edit", "Editor", "EditError", "Verifier", "Wrapper", "WeightEditSession", "applied",
+           "verify_outputs"]
 
 Deltas = dict[str, torch.Tensor]
 """Parameter name (as in ``model.named_parameters()``) → additive update, same shape as the parameter."""
@@ -43,6 +48,9 @@ class EditError(RuntimeError):
 
 
 Wrapper = Callable[[nn.Module, Sequence[EditRecord]], nn.Module]
+Verifier = Callable[["WeightEditSession"], None]
+"""Called by :meth:`WeightEditSession.apply` once an edit is installed; raises :class:`EditError`
+to have it undone (:func:`verify_outputs`)."""
 """``(model, memory) → edited model``: a memory-based editor's view of ``model`` given its memory."""
 
 PATCH_PREFIX = "editlab_patch_"  # name under which an added module is registered on its host
@@ -96,14 +104,17 @@ class Editor(ABC):
 
         Yields the :class:`WeightEditSession`; ``session.forward_model`` is the model to query (the
         model itself unless the editor keeps a memory) and ``session.deltas`` the weight updates.
+        An edit that leaves a weight or the edited model's logits on the records non-finite is
+        undone and raises :class:`EditError` (:func:`verify_outputs`).
 
         Example::
 
             with FTL(layers=[20]).apply(model, tok, records) as session:
                 session.forward_model(...)  # the edited model
         """
+        check_lengths(records, tokenizer, arch_for(model).max_positions(model))  # before any compute
         edit = self.compute_edit(model, tokenizer, records)
-        with applied(model, edit) as session:
+        with applied(model, edit, verify=lambda session: verify_outputs(session, tokenizer, records)) as session:
             yield session
 
 
@@ -215,8 +226,14 @@ class WeightEditSession:
             delattr(host, name)
 
     @torch.no_grad()
-    def apply(self, edit: Edit | Deltas) -> None:
-        """Install ``edit`` (an :class:`Edit`, or bare deltas) on top of what is installed."""
+    def apply(self, edit: Edit | Deltas, verify: Verifier | None = None) -> None:
+        """Install ``edit`` (an :class:`Edit`, or bare deltas) on top of what is installed.
+
+        After writing, every touched parameter must still be finite (two finite deltas can sum to
+        ``inf``), and ``verify(self)``, when given, must not raise (e.g. :func:`verify_outputs`:
+        the edited model's logits are finite).  Otherwise this call is undone, bit-exactly, and
+        :class:`EditError` is raised; earlier calls stay installed.
+        """
         if not isinstance(edit, Edit):
             edit = Edit(deltas=dict(edit))
         params = self._params(edit.deltas)  # everything is checked before anything is written
@@ -227,6 +244,7 @@ class WeightEditSession:
         applied_deltas: dict[str, torch.Tensor] = {}
         new_originals: list[str] = []
         patches = len(self._patches)
+        memory, wrap, wrapped = len(self._memory), self._wrap, self._wrapped
         try:
             for name, param in params.items():
                 if name not in self._originals:
@@ -235,21 +253,29 @@ class WeightEditSession:
                 before[name] = param.detach().clone()
                 applied_deltas[name] = edit.deltas[name].to(device=param.device, dtype=param.dtype)
                 param.add_(applied_deltas[name])
+            broken = [name for name, param in params.items() if not torch.isfinite(param).all()]
+            if broken:
+                raise EditError(f"the edit makes {broken[0]!r}" + (f" and {len(broken) - 1} more" if len(broken) > 1
+                                else "") + " non-finite (NaN or Inf) once added to the weights")
             for path, patch in edit.patches.items():
                 self._attach(hosts[path], patch)
+            if edit.memory:
+                self._memory.extend(edit.memory)
+                self._wrap = edit.wrap
+                self._wrapped = None
+            if verify is not None:
+                verify(self)
         except BaseException:
             for name, value in before.items():
                 params[name].copy_(value)
             for name in new_originals:
                 del self._originals[name]
             self._detach_from(patches)
+            del self._memory[memory:]
+            self._wrap, self._wrapped = wrap, wrapped
             raise
         for name, delta in applied_deltas.items():
             self._deltas[name] = self._deltas[name] + delta if name in self._deltas else delta
-        if edit.memory:
-            self._memory.extend(edit.memory)
-            self._wrap = edit.wrap
-            self._wrapped = None
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -285,11 +311,30 @@ class WeightEditSession:
 
 
 @contextlib.contextmanager
-def applied(model: nn.Module, edit: Edit | Deltas) -> Iterator[WeightEditSession]:
-    """Install ``edit`` on ``model`` inside a ``with`` block and undo it bit-exactly after."""
+def applied(model: nn.Module, edit: Edit | Deltas, verify: Verifier | None = None) -> Iterator[WeightEditSession]:
+    """Install ``edit`` on ``model`` inside a ``with`` block and undo it bit-exactly after
+    (``verify``: see :meth:`WeightEditSession.apply`)."""
     session = WeightEditSession(model)
-    session.apply(edit)
+    session.apply(edit, verify)
     try:
         yield session
     finally:
         session.restore()
+
+
+def verify_outputs(session: WeightEditSession, tokenizer, records: Sequence[EditRecord]) -> None:
+    """Raise :class:`EditError` when the edited model is numerically broken on ``records``' edit
+    prompts (prompt → new target): logits at the answer positions that are not finite, or a
+    residual stream whose mean square overflows float32 (:func:`editlab.scoring.broken_pairs`).
+    An edit whose weights are finite can still do that (a huge scale, a learning rate of 1e30).
+    One teacher-forced forward over the records."""
+    records = [r for r in records if isinstance(r, EditRecord) and r.prompt and r.target_new]
+    if not records:
+        return
+    bad = broken_pairs(session.forward_model, tokenizer, [r.prompt for r in records],
+                       [r.target_new for r in records], blocks_of=session.model)
+    if bad:
+        ids = [records[i].record_id for i in bad]
+        raise EditError(f"the edited model is numerically broken (non-finite logits, or hidden states whose "
+                        f"mean square overflows) on the edit prompt of record{'s' if len(ids) > 1 else ''} "
+                        f"{', '.join(map(repr, ids[:5]))}{' ...' if len(ids) > 5 else ''}: the edit was undone")

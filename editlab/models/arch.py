@@ -60,6 +60,9 @@ class ArchSpec:
             encoder-decoder is not a table fact: :func:`is_encoder_decoder` reads its config.
         residual: the module whose output is the residual stream after a block, relative to a
             block ("" = the block itself).
+        positions: the config attribute holding the longest input, in tokens, the model takes
+            (its position table or trained context); None for relative positions with no fixed
+            limit (T5).
     """
 
     layers: str
@@ -78,6 +81,15 @@ class ArchSpec:
     encoder_mlp_in: Paths = ()
     encoder_mlp_out: Paths = ()
     residual: str = ""
+    positions: str | None = "max_position_embeddings"
+
+    def max_positions(self, model: nn.Module) -> int | None:
+        """The longest input (prompt + answer, in tokens) ``model`` takes, from its config
+        (:attr:`positions`); None when the architecture has no fixed limit or the config says none."""
+        if self.positions is None:
+            return None
+        value = getattr(model.config, self.positions, None)
+        return int(value) if isinstance(value, int) and value > 0 else None
 
     # ----------------------------------------------------------------- paths
     def layer_path(self, layer: int, encoder: bool = False) -> str:
@@ -169,6 +181,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         embeddings="transformer.wte",
         final_norm="transformer.ln_f",
         transposed=True,
+        positions="n_positions",
     ),
     "gptj": ArchSpec(
         layers="transformer.h",
@@ -179,6 +192,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_out=("attn.out_proj",),
         embeddings="transformer.wte",
         final_norm="transformer.ln_f",
+        positions="n_positions",
     ),
     "gpt_neox": ArchSpec(
         layers="gpt_neox.layers",
@@ -214,6 +228,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         encoder_mlp=("layer.1.DenseReluDense",),
         encoder_mlp_in=("layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_1"),
         encoder_mlp_out=("layer.1.DenseReluDense.wo",),
+        positions=None,  # relative position buckets: no fixed input length
     ),
 }
 

@@ -66,3 +66,76 @@ def test_edit_batch_collator_maps_rows_to_records(tiny):
     bare = [r for r in records if r.record_id == 2]
     alone = EditBatchCollator(tok)(bare)
     assert alone.rephrase is None and alone.rephrase_rows is None and len(alone.locality) == 1
+
+
+# ------------------------------------------------------------- inputs longer than the model takes
+def _long_record(tmp_source="cf.json", **fields):
+    from editlab.data.records import EditRecord
+
+    base = dict(record_id=7, prompt="The capital of France is", subject="France", target_new="Rome",
+                target_true="Paris", source=tmp_source, index=3)
+    return EditRecord(**{**base, **fields})
+
+
+LONG = "word " * 400  # ~400+ tokens: past the tiny models' 128 positions
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text"])
+@pytest.mark.parametrize("field", ["prompt", "rephrase_prompts", "neighborhood_prompts", "generation_prompts"])
+def test_a_text_longer_than_the_model_takes_is_a_record_error(tiny, model_type, field):
+    """The record, the field and both lengths are named (GPT-2 would otherwise fail with an
+    IndexError in its position table; Llama would run far past its trained positions)."""
+    from editlab.data.collate import check_lengths
+    from editlab.data.records import RecordError
+    from editlab.models.arch import arch_for
+
+    bundle = tiny(model_type)
+    limit = arch_for(bundle.model).max_positions(bundle.model)
+    assert limit == 128
+    value = LONG + "The capital of France is" if field == "prompt" else (LONG,)
+    record = _long_record(**{field: value})
+    with pytest.raises(RecordError) as err:
+        check_lengths([record], bundle.tokenizer, limit, generation_tokens=10, model_name="tiny")
+    message = str(err.value)
+    name = field if field == "prompt" else f"{field}[0]"
+    assert message.startswith(f"cf.json, record 3, field '{name}'"), message
+    assert "longer than the 128 positions tiny takes (record 7)" in message
+    total = int(message.split(" = ")[1].split(" tokens")[0])
+    assert total > 128
+    check_lengths([_long_record()], bundle.tokenizer, limit, generation_tokens=10)  # a normal record passes
+
+
+def test_lengths_count_generated_tokens_and_the_users_truncation(tiny):
+    from editlab.data.collate import check_lengths
+    from editlab.data.records import RecordError
+
+    tok = tiny("gpt2").tokenizer
+    prompt = "word " * 25  # 100 tokens: fits with 10 generated tokens, not with 50
+    check_lengths([_long_record(generation_prompts=(prompt,))], tok, 128, generation_tokens=10)
+    with pytest.raises(RecordError, match=r"generation_prompts\[0\].*generated tokens \(50\)"):
+        check_lengths([_long_record(generation_prompts=(prompt,))], tok, 128, generation_tokens=50)
+    with pytest.raises(RecordError, match=r"field 'rephrase_prompts\[0\]'.*max_prompt_tokens"):
+        check_lengths([_long_record(rephrase_prompts=(LONG,))], tok, 128)
+    # probes truncated from the left when scored (the user asked) fit; the edit prompt must fit whole
+    check_lengths([_long_record(rephrase_prompts=(LONG,))], tok, 128, max_prompt_tokens=64)
+    with pytest.raises(RecordError, match="field 'prompt'"):
+        check_lengths([_long_record(prompt=LONG)], tok, 128, max_prompt_tokens=64)
+    check_lengths([_long_record(prompt=LONG * 50)], tok, None)  # no limit (T5's relative positions)
+
+
+def test_editor_apply_refuses_a_long_prompt_before_computing(tiny):
+    from editlab.data.records import RecordError
+    from editlab.methods.base import Editor
+
+    class Counting(Editor):
+        calls = 0
+
+        def compute_deltas(self, model, tokenizer, records):
+            Counting.calls += 1
+            return {}
+
+    bundle = tiny("gpt2")
+    with pytest.raises(RecordError, match="longer than the 128 positions"):
+        with Counting().apply(bundle.model, bundle.tokenizer, [_long_record(prompt=LONG)]):
+            pass
+    assert Counting.calls == 0

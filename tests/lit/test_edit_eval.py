@@ -136,6 +136,50 @@ def test_failed_edit_is_skipped_or_raised_and_model_unchanged(tiny, tmp_path):
     assert_state_equal(bundle.model, before)
 
 
+class _Overflowing(Editor):
+    """Finite deltas; the second call's make the forward overflow (the issue's KN new_scale=1e38)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def compute_deltas(self, model, tokenizer, records):
+        self.calls += 1
+        name = next(n for n, p in model.named_parameters() if p.dim() == 2 and "mlp" in n)
+        return {name: torch.full_like(model.get_parameter(name), 1e30 if self.calls == 2 else 1e-3)}
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_an_edit_that_breaks_the_forward_is_a_failed_edit(tiny, tmp_path, sequential):
+    """A finite edit whose edited model overflows is undone and counted as a failed edit (skipped
+    with skip_failed, raised without); in a stream the earlier edits stay, and the model is restored."""
+    bundle = tiny("llama")
+    before = state_copy(bundle.model)
+    summary, rows = _run(bundle, _Overflowing(), tmp_path, skip_failed=True, sequential=sequential,
+                         after_stream=sequential, fluency=False)
+    assert summary["edits/failed"] == 1.0
+    assert "numerically broken" in rows[1]["edit_error"] and "post" not in rows[1]
+    assert "post" in rows[0] and "post" in rows[2]
+    if sequential:  # the third edit was made on top of the first, not of the broken second
+        assert all(r.get("final") is not None for r in (rows[0], rows[2]))
+    assert_state_equal(bundle.model, before)
+    with pytest.raises(EditError, match="numerically broken"):
+        _run(bundle, _Overflowing(), tmp_path / "x", sequential=sequential, fluency=False)
+    assert_state_equal(bundle.model, before)
+
+
+def test_kn_with_a_huge_scale_is_skipped_and_counted(tiny, tmp_path):
+    """The issue's reproducer in the loop: KN(new_scale=1e38) fails as an EditError (not a
+    ValueError from the metrics), so skip_failed skips and counts it."""
+    from editlab.methods.kn import KN
+
+    bundle = tiny("llama")
+    before = state_copy(bundle.model)
+    summary, rows = _run(bundle, KN(new_scale=1e38, steps=2, batch_size=2), tmp_path, skip_failed=True,
+                         fluency=False, records=lambda: make_records()[:2])
+    assert summary["edits/failed"] == 2.0 and all("edit_error" in r for r in rows)
+    assert_state_equal(bundle.model, before)
+
+
 def test_batch_editing(tiny, tmp_path):
     bundle = tiny("llama")
     before = state_copy(bundle.model)

@@ -142,3 +142,85 @@ def test_memory_wraps_the_model_until_restore(tiny, records):
     assert session.forward_model is model and not session.edited
     with pytest.raises(ValueError, match="needs `wrap`"):
         Edit(memory=records[:1])
+
+
+def test_finite_deltas_that_sum_to_inf_are_undone(tiny):
+    """Two deltas of 3e38 are each finite; the second makes the weight inf: that call is undone
+    (bit-exactly), the first stays, and restore still returns the original."""
+    model = tiny("llama").model
+    before = state_copy(model)
+    name = next(n for n, p in model.named_parameters() if p.dim() == 2)
+    session = WeightEditSession(model)
+    session.apply({name: torch.full_like(model.get_parameter(name), 3e38)})
+    after_first = state_copy(model)
+    with pytest.raises(EditError, match=f"makes '{name}' non-finite"):
+        session.apply({name: torch.full_like(model.get_parameter(name), 3e38)})
+    assert_state_equal(model, after_first)
+    assert torch.equal(session.deltas[name], torch.full_like(before[name], 3e38))
+    session.restore()
+    assert_state_equal(model, before)
+
+
+def test_a_verifier_that_fails_undoes_only_its_call(tiny, records):
+    """``apply(edit, verify)``: a verifier that raises undoes that call's deltas, patches and
+    memory; what earlier calls installed stays."""
+    model = tiny("llama").model
+    before = state_copy(model)
+    session = WeightEditSession(model)
+    first = _deltas(model, 0.1)
+    session.apply(first)
+    after_first = state_copy(model)
+
+    def refuse(s):
+        assert s.memory == records[:1] and s.edited  # the edit is installed when verified
+        raise EditError("refused by the verifier")
+
+    def wrap(m, memory):
+        return m
+
+    host = next(n for n, _ in model.named_modules() if n.endswith("layers.0.mlp"))
+    edit = Edit(deltas=_deltas(model, 0.5), patches={host: torch.nn.Linear(8, 8)}, memory=records[:1], wrap=wrap)
+    with pytest.raises(EditError, match="refused by the verifier"):
+        session.apply(edit, verify=refuse)
+    assert_state_equal(model, after_first)
+    assert not session.memory and not session.patches and set(session.deltas) == set(first)
+    session.restore()
+    assert_state_equal(model, before)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize("editor", ["kn_scale", "ftl_lr"])
+def test_edits_that_break_the_forward_are_edit_errors(tiny, records, model_type, editor):
+    """KN(new_scale=1e38) and FT-L at lr=1e30 (the issue's reproducers): finite deltas whose edited
+    model has non-finite logits or an overflowing residual stream are undone by ``Editor.apply``
+    as an EditError; the model is bit-exactly as before."""
+    from editlab.methods.ft import FTL
+    from editlab.methods.kn import KN
+
+    bundle = tiny(model_type)
+    before = state_copy(bundle.model)
+    edit = KN(new_scale=1e38, steps=2, batch_size=2) if editor == "kn_scale" else FTL(lr=1e30, num_steps=1)
+    with pytest.raises(EditError, match="non-finite|numerically broken"):
+        with edit.apply(bundle.model, bundle.tokenizer, records[:1]):
+            pass
+    assert_state_equal(bundle.model, before)
+
+
+def test_broken_pairs_names_the_broken_rows(tiny, records):
+    """broken_pairs is 0 for a sound model and flags the rows whose forward overflows."""
+    from editlab.scoring import broken_pairs
+
+    bundle = tiny("llama")
+    prompts, targets = [r.prompt for r in records], [r.target_new for r in records]
+    assert broken_pairs(bundle.model, bundle.tokenizer, prompts, targets, blocks_of=bundle.model) == []
+    emb = bundle.model.get_input_embeddings().weight
+    others = {t for r in (records[0], records[2]) for t in bundle.tokenizer(r.prompt + " " + r.target_new)["input_ids"]}
+    token = next(t for t in bundle.tokenizer(records[1].prompt)["input_ids"] if t not in others)
+    with applied(bundle.model, {"model.embed_tokens.weight": _row(emb, token, 1e30)}):
+        assert broken_pairs(bundle.model, bundle.tokenizer, prompts, targets, blocks_of=bundle.model) == [1]
+
+
+def _row(weight, row, value):
+    delta = torch.zeros_like(weight)
+    delta[row] = value
+    return delta
