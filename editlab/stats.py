@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -207,10 +208,10 @@ def _load(path: Path, key: dict[str, Any]) -> SecondMoment | None:
         return None
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
         log.warning("unreadable stats cache file %s (%s); recomputing", path, err)
         return None
-    if saved.get("key") != json.dumps(key, sort_keys=True):
+    if not isinstance(saved, dict) or saved.get("key") != json.dumps(key, sort_keys=True):
         log.warning("stats cache file %s holds another statistic; recomputing", path)
         return None
     return SecondMoment(mom2=saved["mom2"], count=int(saved["count"]), path=path)

@@ -194,3 +194,30 @@ def test_rejects_bad_arguments(tiny, corpus, tmp_path):
     t5 = tiny("t5")
     with pytest.raises(ValueError, match="decoder-only"):
         layer_stats(t5.model, t5.tokenizer, [0], corpus, cache_dir=tmp_path, **KW)
+
+
+def test_a_cache_file_that_is_corrupt_or_pickled_is_recomputed_not_run(tmp_path):
+    """A stats cache file is data from disk: truncated, corrupt or holding a pickle payload, it is
+    skipped with a warning (and recomputed), never executed."""
+    import os
+    import pickle
+
+    from editlab.stats import _load
+
+    class Payload:
+        def __reduce__(self):
+            return (os.makedirs, (str(tmp_path / "made_by_pickle"),))
+
+    key = {"corpus": "x"}
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"key": Payload()}, pickled)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(Payload()))
+    cut = tmp_path / "cut.pt"
+    torch.save({"mom2": torch.ones(2, 2), "count": 1, "key": "k"}, cut)
+    cut.write_bytes(cut.read_bytes()[:40])
+    listed = tmp_path / "listed.pt"
+    torch.save([1, 2], listed)
+    for path in (pickled, raw, cut, listed):
+        assert _load(path, key) is None, path
+    assert not (tmp_path / "made_by_pickle").exists()

@@ -55,6 +55,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -248,7 +249,7 @@ class IKE(Editor):
                     log.info("IKE: training embeddings from %s", path)
                     return saved["embeddings"].float()
                 log.warning("IKE: embedding cache %s holds other embeddings; recomputing", path)
-            except (OSError, RuntimeError, EOFError, ValueError, KeyError) as err:
+            except (OSError, RuntimeError, EOFError, ValueError, KeyError, AttributeError, pickle.UnpicklingError) as err:
                 log.warning("IKE: unreadable embedding cache %s (%s); recomputing", path, err)
         log.info("IKE: embedding %d training facts with %s", len(texts), encoder.name)
         emb = encoder.encode(texts, batch_size=self.encode_batch_size).float().cpu()

@@ -107,6 +107,11 @@ def test_weights_untouched_and_scores_are_those_of_the_prefixed_prompt(bundle, e
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
         wrapper = session.forward_model
         assert isinstance(wrapper, ConditionedLM) and wrapper is not model
+        # apply's check that the edited model's outputs are finite ran the edit prompt through it
+        checked = len(tok(editor.prompt_prefix([record]) + record.prompt + " Rome")["input_ids"]) - len(
+            tok(record.prompt + " Rome")["input_ids"])
+        assert wrapper.context_tokens == checked and wrapper.context_rows == 1
+        wrapper.context_tokens = wrapper.context_rows = 0
         prefix = editor.prompt_prefix([record])
         prompts = [record.prompt, *record.rephrase_prompts, record.locality[0].prompt]
         via = score_pairs(wrapper, tok, prompts, ["Rome"] * 3)
