@@ -29,7 +29,8 @@ shorthand for the settings it implies (:func:`apply_stream`): the first N test r
 (``data.test.limit``) in batches of B (``data.batch_size``), edits accumulating
 (``edit.sequential``), every edited record scored after the whole stream
 (``module.score_after_stream``) and, every K batches, all records edited so far
-(``module.eval_every``: ``curves.csv`` / ``curves.png``).
+(``module.eval_every``: ``curves.csv`` / ``curves.png``).  A stream is one model's history: a
+sequential run on more than one process (``trainer.devices`` x ``trainer.num_nodes``) is refused.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from editlab.entry import settings_of, user_error
 from editlab.errors import SettingError
 from editlab.evaluation.scorer import ScoringSettings
-from editlab.lit.callbacks import EditorCallback
+from editlab.lit.callbacks import EditorCallback, refuse_split_stream
 from editlab.lit.checkpoint import check_editor_checkpoint, load_editor, read_editor_checkpoint, training_order
 from editlab.lit.results import format_summary
 from editlab.models.arch import arch_for
@@ -186,10 +187,48 @@ def apply_stream(cfg: DictConfig) -> None:
              f", curves every {cfg.module.eval_every} batches" if cfg.module.eval_every else "")
 
 
+def trainer_processes(trainer: DictConfig | None) -> int | None:
+    """How many processes the ``trainer`` config starts (``devices`` x ``num_nodes``), or None when
+    that is not known before the Trainer is built (``devices=auto`` on an accelerator other than the
+    CPU or CUDA).  ``devices``: an int, ``"N"``, a list or ``"0,1"`` of device ids, ``auto`` / -1
+    (the CPU: 1; CUDA, or ``accelerator=auto`` with CUDA present: every visible GPU)."""
+    if trainer is None:
+        return 1
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes", 1) or 1
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)):
+        count = len(devices)
+    elif isinstance(devices, str) and "," in devices:
+        count = len([d for d in devices.split(",") if d.strip()])
+    elif isinstance(devices, int) or (isinstance(devices, str) and devices.strip().lstrip("-").isdigit()):
+        count = int(devices)
+    else:
+        count = -1 if str(devices).strip().lower() == "auto" else None
+    if count is None:
+        return None
+    if count < 0:  # every device of the accelerator
+        if accelerator == "cpu":
+            count = 1
+        elif accelerator in ("gpu", "cuda", "auto"):
+            import torch
+
+            count = torch.cuda.device_count() or (1 if accelerator == "auto" else 0)
+        else:
+            return None
+    return max(count, 1) * int(nodes)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Check the settings that no constructor checks, and the files they name, before anything is
     built: a mistake here costs nothing yet."""
     apply_stream(cfg)
+    if cfg.get("edit", {}).get("sequential"):
+        # (the edit loop refuses it too, EditorCallback.setup, for a launch this cannot see)
+        trainer = cfg.get("trainer")
+        processes = trainer_processes(trainer)
+        if processes is not None and processes > 1:
+            refuse_split_stream(processes, f"trainer.devices={trainer.get('devices', 'auto')} x "
+                                           f"trainer.num_nodes={trainer.get('num_nodes', 1) or 1}")
     fit = cfg.get("fit")
     if fit is not None:
         if fit.get("resume_from") and fit.get("init_from"):

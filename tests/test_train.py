@@ -183,3 +183,42 @@ def test_the_entry_point_names_a_setting_by_its_config_key():
     with pytest.raises(InstantiationException):  # not a setting error: left as it is
         with settings_of("method"):
             hydra.utils.instantiate({"_target_": "editlab.methods.ft.FTL", "objective": "nonsense"})
+
+
+def test_a_stream_on_two_processes_is_refused_before_the_model_loads(tmp_path):
+    """A stream is one model's history: with 2 DDP processes it would become 2 interleaved streams,
+    so the run stops at the config, naming the settings (the edit loop refuses it too)."""
+    _write_fixture(tmp_path / "cf.json")
+    proc, marker, _ = _train(tmp_path, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
+                             "stream.edits=2")
+    error = _assert_one_line_error(proc, marker)
+    assert error.startswith("error: edit.sequential ")
+    assert "trainer.devices=2 x trainer.num_nodes=1 start 2:" in error
+    assert "one model's history" in error and "trainer.devices=1" in error
+
+
+def test_the_process_count_of_a_trainer_config(monkeypatch):
+    from editlab.train import check_config, trainer_processes
+
+    def count(**trainer):
+        return trainer_processes(OmegaConf.create(trainer))
+
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    assert count(accelerator="cpu", devices=1) == 1
+    assert count(accelerator="cpu", devices=2) == 2 and count(accelerator="cpu", devices="2") == 2
+    assert count(accelerator="cpu", devices="auto") == 1  # Lightning: one CPU process
+    assert count(accelerator="gpu", devices=[0, 1, 2]) == 3 and count(accelerator="gpu", devices="0,1") == 2
+    assert count(accelerator="gpu", devices="auto") == 4 and count(accelerator="cuda", devices=-1) == 4
+    assert count(accelerator="auto", devices="auto", num_nodes=2) == 8
+    assert count(accelerator="cpu", devices=1, num_nodes=2) == 2
+    assert count(accelerator="tpu", devices="auto") is None  # unknown before the Trainer: the callback checks
+    assert trainer_processes(None) == 1
+
+    def cfg(sequential, **trainer):
+        return OmegaConf.create({"edit": {"sequential": sequential}, "stream": {}, "trainer": trainer})
+
+    check_config(cfg(True, accelerator="cpu", devices=1))
+    check_config(cfg(False, accelerator="gpu", devices=8))  # independent edits split over the ranks
+    with pytest.raises(SettingError, match=r"trainer\.devices=1 x trainer\.num_nodes=2 start 2:") as err:
+        check_config(cfg(True, accelerator="cpu", devices=1, num_nodes=2))
+    assert err.value.key == "edit.sequential"

@@ -27,11 +27,29 @@ import torch
 from torch import nn
 
 from editlab.data.records import check_complete_cases
+from editlab.errors import SettingError
 from editlab.methods.base import EditError, Editor, WeightEditSession, verify_outputs
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EditTarget", "EditorCallback"]
+__all__ = ["EditTarget", "EditorCallback", "refuse_split_stream"]
+
+
+def refuse_split_stream(processes: int, launch: str = "") -> None:
+    """Raise :class:`SettingError` (``edit.sequential``) when a sequential stream would run on more
+    than one process.  Under DDP the test sampler deals each rank every N-th batch: one stream
+    would become N interleaved streams on N copies of the model, each missing the others' edits.
+    ``launch`` says what starts the processes (``trainer.devices=2 x trainer.num_nodes=1``)."""
+    if processes <= 1:
+        return
+    started = f"{launch} start {processes}" if launch else f"the run has {processes} processes"
+    raise SettingError(
+        "edit.sequential",
+        f"is true (a sequential stream, as a `stream` config sets it), which runs on one process, "
+        f"but {started}: a stream is one model's history, and DDP would split it into {processes} "
+        f"interleaved streams on {processes} model copies. Run it with trainer.devices=1 "
+        f"trainer.num_nodes=1; a trainable editor can be trained under DDP first and its checkpoint "
+        f"streamed on one process (ckpt_path=...)")
 
 
 @runtime_checkable
@@ -61,7 +79,8 @@ class EditorCallback(L.Callback):
     Args:
         editor: the non-trained editor.
         sequential: keep each batch's edit applied while later batches are edited (lifelong
-            editing); pre-edit scores are still taken on the original weights.
+            editing); pre-edit scores are still taken on the original weights.  A stream is one
+            model's history: it runs on one process (refused under DDP, :func:`refuse_split_stream`).
         skip_failed: when the editor raises :class:`EditError` for a batch, or its edit leaves a
             weight or the edited model's logits on the batch's edit prompts non-finite (the edit is
             then undone), log it, mark the batch's records as failed and go on (the model is
@@ -82,6 +101,9 @@ class EditorCallback(L.Callback):
         if pl_module.needs_sequential and not self.sequential:
             raise ValueError("eval_every scores the records edited so far on the edited model: it needs sequential "
                              "editing (edit.sequential=true, or a `stream` config), not independent edits")
+        if self.sequential:
+            # every rank raises here, before any edit (setup precedes the test loop on all ranks)
+            refuse_split_stream(trainer.world_size)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: EditTarget) -> None:
         if isinstance(self.editor, nn.Module):  # a trained editor: beside the model, never training

@@ -34,6 +34,7 @@ from editlab.lit.edit_eval import EditEvalModule
 from editlab.lit.checkpoint import editor_state, load_editor, read_editor_checkpoint, training_order
 from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing
 from editlab.methods.hyper import LearnedEditor
+from editlab.methods.ke import KE
 from editlab.methods.mend import MEND
 from editlab.methods.serac import SERAC
 from editlab.models.encoder import SentenceEncoder
@@ -526,6 +527,8 @@ def _check_ranks(dump: Path, tiny, tmp_path: Path, world: int, make_editor=_edit
 DDP_METHODS = {  # method -> (overrides, editor to load the ranks' state into)
     "learned_step": ([], _editor),
     "mend": (["method=mend", "method.rank=8", "fit.module.lr=1e-3"], partial(MEND, rank=8)),
+    "ke": (["method=ke", "method.hidden_dim=8", "method.condition_dim=16", "fit.module.lr=1e-3"],
+           partial(KE, hidden_dim=8, condition_dim=16)),
     "serac": (["method=serac", f"method.encoder={{_target_:{TINY_ENCODER}}}", "fit.module.lr=1e-3"],
               lambda: SERAC(encoder=SentenceEncoder.tiny())),
 }
@@ -535,8 +538,10 @@ DDP_METHODS = {  # method -> (overrides, editor to load the ranks' state into)
 @pytest.mark.parametrize("method", list(DDP_METHODS))
 def test_ddp_two_gloo_processes(tiny, tmp_path, method):
     """``trainer=ddp`` with 2 CPU processes (Lightning launches the second), fit then test; MEND
-    too (its normalisation statistics are buffers it replaces at every training call), and SERAC
-    (a trained classifier and counterfactual model, edits by memory)."""
+    too (its normalisation statistics are buffers it replaces at every training call), KE (its
+    Lagrange multiplier is a trained parameter too) and SERAC (a trained classifier and
+    counterfactual model, edits by memory).  The default suite trains MEND and KE on 2 forked
+    processes in seconds (test_ddp_train.py)."""
     out, dump = tmp_path / "ddp", tmp_path / "dump"
     choice, make_editor = DDP_METHODS[method]
     launch = ["trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]

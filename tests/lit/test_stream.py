@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import fields
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,6 +14,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from editlab.data.datamodule import EditDataModule
+from editlab.errors import SettingError
 from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.curves import plot_curves
@@ -145,6 +147,24 @@ def test_eval_every_implies_scoring_after_the_stream_and_needs_sequential_edits(
         EditEvalModule(tiny("gpt2"), eval_every=0)
     with pytest.raises(ValueError, match="sequential"):
         _run(tiny("gpt2"), _ft(2), tmp_path, sequential=False, eval_every=1)
+
+
+def test_a_sequential_stream_is_refused_on_more_than_one_process(tiny):
+    """Under DDP each rank would edit every N-th batch on its own model copy (N streams, not one):
+    the callback refuses a sequential run when the trainer has several processes, in setup (every
+    rank runs it, before the test loop edits anything); independent edits split fine."""
+    bundle = tiny("gpt2")
+    module = EditEvalModule(bundle)
+    editor = _Recording(_ft(2))
+    before = state_copy(bundle.model)
+    with pytest.raises(SettingError, match="one model's history") as err:
+        EditorCallback(editor, sequential=True).setup(SimpleNamespace(world_size=2), module, "test")
+    assert err.value.key == "edit.sequential"
+    assert "2 interleaved streams" in str(err.value) and "trainer.devices=1" in str(err.value)
+    assert editor.seen == [] and editor.deltas == []
+    assert_state_equal(bundle.model, before)
+    EditorCallback(editor, sequential=True).setup(SimpleNamespace(world_size=1), module, "test")
+    EditorCallback(editor, sequential=False).setup(SimpleNamespace(world_size=2), module, "test")
 
 
 def test_no_curves_without_eval_every(tiny, tmp_path):
