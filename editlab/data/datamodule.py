@@ -25,6 +25,8 @@ Training editors (``train``/``val`` splits):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -34,13 +36,36 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import UserError, require
 
-__all__ = ["RecordDataset", "EditDataModule", "EpochSampler", "ResumableDataLoader", "pair_locality"]
+__all__ = ["RecordDataset", "EditDataModule", "EmptySplitError", "EpochSampler", "ResumableDataLoader",
+           "pair_locality"]
 
 log = logging.getLogger(__name__)
 
 RecordSource = Callable[[], Sequence[EditRecord]]
+
+
+class EmptySplitError(UserError, ValueError):
+    """A split of the data module read no records: a run over it would measure nothing and
+    report an empty table, so it is refused; the message names the loader's file, offset and limit."""
+
+
+def describe_source(source: Callable[..., Any]) -> str:
+    """``load_x(path='...', offset=0, limit=5)`` for a loader partial (what Hydra's ``_partial_: true``
+    builds), with the loader's defaults filled in; the callable's name otherwise."""
+    if not isinstance(source, functools.partial):
+        return getattr(source, "__qualname__", None) or repr(source)
+    func = source.func
+    name = getattr(func, "__name__", repr(func))
+    try:
+        bound = inspect.signature(func).bind_partial(*source.args, **source.keywords)
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+    except (TypeError, ValueError):
+        arguments = dict(source.keywords)
+    shown = [f"{key}={arguments[key]!r}" for key in ("path", "offset", "limit") if key in arguments]
+    return f"{name}({', '.join(shown)})"
 
 
 class RecordDataset(Dataset):
@@ -182,6 +207,9 @@ class EditDataModule(L.LightningDataModule):
         seed: seed of the training order (the permutation of epoch ``e`` is seeded by ``seed + e``).
         pair_locality: give records of the train/val splits without a locality probe one borrowed
             from another record (:func:`pair_locality`).
+
+    A split whose source returns no records raises :class:`EmptySplitError` when it is read (a
+    run over it would report an empty table).
     """
 
     def __init__(
@@ -219,6 +247,10 @@ class EditDataModule(L.LightningDataModule):
         for split in wanted:
             if split not in self.datasets and self.sources.get(split) is not None:
                 records = self.sources[split]()
+                if len(records) == 0:
+                    raise EmptySplitError(
+                        f"the '{split}' split has no records: {describe_source(self.sources[split])} "
+                        f"returned none; check data.{split}.path, data.{split}.offset and data.{split}.limit")
                 if self.pair_locality and split in ("train", "val"):
                     records = pair_locality(records)
                 self.datasets[split] = RecordDataset(records)

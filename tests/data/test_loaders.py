@@ -22,6 +22,7 @@ from editlab.data.loaders import (
     resolve_data_dir,
 )
 from editlab.data.records import EditRecord, Probe, RecordError
+from editlab.errors import SettingError
 
 Loader = Callable[..., list[EditRecord]]
 
@@ -353,7 +354,8 @@ def test_limit_and_offset(tmp_path: Path) -> None:
     assert [r.record_id for r in load_counterfact_easyedit(path, limit=2, offset=3)] == [3, 4]
     assert [r.index for r in load_counterfact_easyedit(path, offset=4)] == [4]
     assert load_counterfact_easyedit(path, limit=0) == []
-    assert load_counterfact_easyedit(path, offset=10) == []
+    with pytest.raises(SettingError, match=r"^offset must be below 5, the number of records in .*cf\.json, got 10$"):
+        load_counterfact_easyedit(path, offset=10)
     with pytest.raises(ValueError, match="offset"):
         load_counterfact_easyedit(path, offset=-1)
     with pytest.raises(ValueError, match="limit"):
@@ -716,3 +718,321 @@ def test_load_known_shared_release() -> None:
     records = load_known(_real_file("known_1000/known_1000.json"))
     assert len(records) == 1209 and len({r.known_id for r in records}) == len(records)
     assert all(r.subject in r.prompt for r in records)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile and suspicious input: each case is an error naming the record and field, or a warning
+# naming the record (tests/data/test_loader_fuzz.py fuzzes the same loaders)
+# --------------------------------------------------------------------------------------------
+
+def _load_one_bad(tmp_path: Path, loader: Loader, good: dict[str, Any], dotted: str, value: Any) -> RecordError:
+    """Load ``[good, good with the dotted field set to value]`` (given another ``case_id`` where
+    the schema has one); return the RecordError, which must name the file and record 1."""
+    bad = _set_path(good, dotted, value)
+    if "case_id" in good and dotted != "case_id":
+        good, bad = dict(good, case_id=1), dict(bad, case_id=2)
+    path = write_json(tmp_path / "hostile.json", [good, bad])
+    with pytest.raises(RecordError) as info:
+        loader(path)
+    assert info.value.source == str(path) and info.value.index == 1 and "hostile.json, record 1" in str(info.value)
+    return info.value
+
+
+# (loader, a good record, its target_new field, its target_true field)
+SAME_TARGET = [
+    (load_counterfact_rome, rome_record(), "requested_rewrite.target_new.str", "requested_rewrite.target_true.str"),
+    (load_counterfact_easyedit, easyedit_record(1, "piano"), "target_new", "ground_truth"),
+    (load_zsre_mend, zsre_record(answers=["Fornax"]), "alt", "answers.0"),
+    (load_knowedit, knowedit_records()[1], "target_new", "ground_truth"),
+]
+
+
+@pytest.mark.parametrize("loader, good, new_field, true_field", SAME_TARGET, ids=[c[0].__name__ for c in SAME_TARGET])
+def test_target_new_equal_to_target_true_is_kept_with_a_warning_naming_the_record(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, loader: Loader, good: dict[str, Any],
+        new_field: str, true_field: str) -> None:
+    same = _set_path(good, true_field, "Oslo")
+    same = _set_path(same, new_field, " Oslo")  # equal once stripped
+    if "case_id" in same:
+        same["case_id"] = 99
+    path = write_json(tmp_path / "same.json", [good, same])
+    with caplog.at_level(logging.WARNING, logger="editlab.data.loaders"):
+        records = loader(path)
+    assert len(records) == 2 and records[1].target_new == records[1].target_true == "Oslo"
+    warning, = [r.getMessage() for r in caplog.records if "target_true" in r.getMessage()]
+    assert warning.startswith(f"{path}: 1 record(s) with target_new equal to target_true") and "(indices 1)" in warning
+
+
+def test_mquake_rewrite_with_target_new_equal_to_target_true_warns_once_per_case(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    case = _mquake_case(8)
+    for rewrite in case["requested_rewrite"]:
+        rewrite["target_true"]["str"] = rewrite["target_new"]["str"]
+    with caplog.at_level(logging.WARNING, logger="editlab.data.loaders"):
+        assert len(loaders.load_mquake(write_json(tmp_path / "mq.json", [_mquake_case(7), case]))) == 4
+    assert "1 record(s) with target_new equal to target_true" in caplog.text and "(indices 1)" in caplog.text
+
+
+@pytest.mark.parametrize("loader, good, dotted, field", [
+    (load_counterfact_rome, rome_record(), "requested_rewrite.target_new.str", "requested_rewrite.target_new.str"),
+    (load_counterfact_easyedit, easyedit_record(1, "piano"), "ground_truth", "ground_truth"),
+    (load_zsre_mend, zsre_record(), "alt", "alt"),
+    (load_knowedit, knowedit_records()[2], "locality.Relation_Specificity.1.ground_truth",
+     "locality.Relation_Specificity[1].ground_truth[0][0]"),
+    (load_wikibio, wikibio_records()[0], "labels", "labels"),
+], ids=["rome", "easyedit", "zsre", "knowedit-probe", "wikibio"])
+def test_newline_in_a_target_is_an_error(tmp_path: Path, loader: Loader, good: dict[str, Any], dotted: str,
+                                         field: str) -> None:
+    value = [["Inan\nVey"]] if "locality" in dotted else "Lyon\nParis"
+    err = _load_one_bad(tmp_path, loader, good, dotted, value)
+    assert err.field == field and "holds a line break (U+000A) at character 4: it must be a single line" in str(err)
+
+
+@pytest.mark.parametrize("char, expect", [
+    ("\x00", "NUL character (U+0000) at character 3"),
+    ("\x1b", "control character (U+001B) at character 3"),
+    ("\x85", "control character (U+0085) at character 3"),
+])
+@pytest.mark.parametrize("loader, good, dotted, field", [
+    (load_counterfact_rome, rome_record(), "requested_rewrite.prompt", "requested_rewrite.prompt"),
+    (load_counterfact_easyedit, easyedit_record(1, "piano"), "prompt", "prompt"),
+    (load_zsre_mend, zsre_record(), "src", "src"),
+    (load_knowedit, knowedit_records()[0], "prompt", "prompt"),
+], ids=["rome", "easyedit", "zsre", "knowedit"])
+def test_nul_or_control_character_in_a_prompt_is_an_error(tmp_path: Path, loader: Loader, good: dict[str, Any],
+                                                          dotted: str, field: str, char: str, expect: str) -> None:
+    prompt = _get_path(good, dotted)
+    err = _load_one_bad(tmp_path, loader, good, dotted, prompt[:3] + char + prompt[3:])
+    assert err.field == field and expect in str(err)
+
+
+def _get_path(record: dict[str, Any], dotted: str) -> Any:
+    node: Any = record
+    for key in dotted.split("."):
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+def test_tabs_and_line_breaks_in_prompts_are_kept(tmp_path: Path) -> None:
+    """The releases' paraphrases hold them (counterfact-train: 258 rephrase prompts with a newline, 4 with a tab)."""
+    record = easyedit_record(1, "piano")
+    record["rephrase_prompt"] = "Regrets\nXI.\tAda Quill plays the"
+    (rec,) = load_counterfact_easyedit(write_json(tmp_path / "cf.json", [record]))
+    assert rec.rephrase_prompts == ("Regrets\nXI.\tAda Quill plays the",)
+
+
+def test_control_characters_in_subjects_and_ids_are_errors(tmp_path: Path) -> None:
+    err = _load_one_bad(tmp_path, load_counterfact_easyedit, easyedit_record(1, "piano"), "subject", "Ada\tQuill")
+    assert err.field == "subject" and "control character (U+0009)" in str(err)
+    err = _load_one_bad(tmp_path, load_counterfact_rome, rome_record(), "case_id", "7\u2028b")
+    assert err.field == "case_id" and "line break (U+2028)" in str(err)
+
+
+@pytest.mark.parametrize("loader, good, dotted, field", [
+    (load_counterfact_rome, rome_record(), "requested_rewrite.subject", "requested_rewrite.subject"),
+    (load_counterfact_rome, rome_record(alternative_subject="Free Land"), "alternative_subject", "alternative_subject"),
+    (loaders.load_mquake, _mquake_case(), "requested_rewrite.1.subject", "requested_rewrite[1].subject"),
+], ids=["rome", "rome-alternative", "mquake"])
+def test_subject_containing_the_template_placeholder_is_an_error(tmp_path: Path, loader: Loader,
+                                                                 good: dict[str, Any], dotted: str, field: str) -> None:
+    err = _load_one_bad(tmp_path, loader, good, dotted, "Free{}donia")
+    assert err.field == field and "must not contain '{}', the template's placeholder for the subject" in str(err)
+
+
+def test_subject_with_braces_is_legal_where_no_template_is_filled(tmp_path: Path) -> None:
+    record = easyedit_record(1, "piano")
+    record["subject"], record["prompt"] = "Ada {} Quill", "Ada {} Quill plays the"
+    (rec,) = load_counterfact_easyedit(write_json(tmp_path / "cf.json", [record]))
+    assert rec.subject == "Ada {} Quill"
+
+
+def test_known_subject_containing_the_template_placeholder_is_an_error(tmp_path: Path) -> None:
+    from editlab.data.loaders import load_known
+
+    records = known_records()
+    records[1]["subject"], records[1]["prompt"] = "Toy{}ota", "Toy{}ota is a company from"
+    with pytest.raises(RecordError, match=r"record 1, field 'subject': must not contain '\{\}'"):
+        load_known(write_json(tmp_path / "known.json", records))
+
+
+@pytest.mark.parametrize("loader, records, shown", [
+    (load_counterfact_rome, [rome_record(7), rome_record(8), rome_record(7)], "7"),
+    (load_counterfact_easyedit, [easyedit_record(3, "piano"), easyedit_record(3, "cello")], "3"),
+    (loaders.load_mquake, [_mquake_case(7), _mquake_case(7)], "7"),
+], ids=["rome", "easyedit", "mquake"])
+def test_duplicate_case_ids_are_an_error_naming_both_records(tmp_path: Path, loader: Loader,
+                                                             records: list[dict[str, Any]], shown: str) -> None:
+    path = write_json(tmp_path / "dup.json", records)
+    with pytest.raises(RecordError) as info:
+        loader(path)
+    last = len(records) - 1
+    assert info.value.index == last and info.value.field == "case_id"
+    assert str(info.value) == (f"{path}, record {last}, field 'case_id': {shown} repeats the case_id of record 0: "
+                               "record ids must be unique")
+    assert len(loader(path, limit=last)) >= 1  # only the records read must be unique
+
+
+def test_duplicate_known_ids_are_an_error(tmp_path: Path) -> None:
+    from editlab.data.loaders import load_known
+
+    records = known_records()
+    records[1]["known_id"] = 7
+    with pytest.raises(RecordError, match="record 1, field 'known_id': 7 repeats the known_id of record 0"):
+        load_known(write_json(tmp_path / "known.json", records))
+
+
+ALL_JSON_LOADERS = [load_counterfact_rome, load_counterfact_easyedit, load_zsre_mend, load_knowedit, load_wikibio,
+                    loaders.load_mquake, loaders.load_known]
+
+
+@pytest.mark.parametrize("loader", ALL_JSON_LOADERS, ids=lambda f: f.__name__)
+def test_empty_file_is_an_error(tmp_path: Path, loader: Loader) -> None:
+    path = write_json(tmp_path / "empty.json", [])
+    with pytest.raises(RecordError) as info:
+        loader(path)
+    assert str(info.value) == f"{path}, field '<file>': no records: the file holds an empty list"
+
+
+def test_empty_piqa_file_is_an_error(tmp_path: Path) -> None:
+    data = _piqa(tmp_path, [], [])
+    with pytest.raises(RecordError, match=r"piqa_valid\.jsonl, field '<file>': no records: the file holds no lines"):
+        loaders.load_piqa(data)
+
+
+def test_a_selection_whose_records_are_all_skipped_is_an_error(tmp_path: Path) -> None:
+    path = write_json(tmp_path / "zsre.json", [zsre_record(), zsre_record(alt=""), zsre_record(alt=" ")])
+    with pytest.raises(RecordError, match=r"no records: all 2 selected \(offset 1, limit None\) were skipped"):
+        load_zsre_mend(path, offset=1)
+    assert len(load_zsre_mend(path)) == 1
+
+
+@pytest.mark.parametrize("loader, records", [
+    (load_counterfact_rome, [rome_record(1), rome_record(2)]),
+    (load_zsre_mend, [zsre_record(), zsre_record()]),
+    (loaders.load_mquake, [_mquake_case(1), _mquake_case(2)]),
+], ids=["rome", "zsre", "mquake"])
+def test_offset_past_the_end_is_an_error_naming_offset_and_record_count(tmp_path: Path, loader: Loader,
+                                                                        records: list[dict[str, Any]]) -> None:
+    path = write_json(tmp_path / "two.json", records)
+    assert len(loader(path, offset=1)) >= 1
+    for offset in (2, 5):
+        with pytest.raises(SettingError) as info:
+            loader(path, offset=offset, limit=3)
+        assert str(info.value) == f"offset must be below 2, the number of records in {path}, got {offset}"
+        assert info.value.key == "offset"
+    assert loader(path, offset=2, limit=0) == []  # nothing asked for, nothing read
+
+
+def test_piqa_offset_past_the_end_is_an_error(tmp_path: Path) -> None:
+    good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})
+    with pytest.raises(SettingError, match="offset must be below 2, the number of records in .*piqa_valid.jsonl, "
+                                           "got 2"):
+        loaders.load_piqa(_piqa(tmp_path, [good, good], [0, 1]), offset=2)
+
+
+@pytest.mark.parametrize("loader, good, dotted, field", [
+    (load_counterfact_rome, rome_record(), "requested_rewrite.subject", "requested_rewrite.subject"),
+    (load_zsre_mend, zsre_record(), "rephrase", "rephrase"),
+    (load_knowedit, knowedit_records()[0], "portability.Reasoning.0.ground_truth",
+     "portability.Reasoning[0].ground_truth"),
+    (load_counterfact_rome, rome_record(), "unrelated_relation", "unrelated_relation.note"),  # an unmapped field
+], ids=["rome-subject", "zsre-rephrase", "knowedit-probe", "unmapped-field"])
+def test_lone_surrogate_is_an_error_naming_the_record_and_field(tmp_path: Path, loader: Loader,
+                                                               good: dict[str, Any], dotted: str, field: str) -> None:
+    value = {"note": "\ud800x"} if dotted == "unrelated_relation" else "\ud800x"
+    err = _load_one_bad(tmp_path, loader, good, dotted, value)  # json.dumps writes it as the escape \ud800
+    assert err.field == field
+    assert "lone surrogate (U+D800) at character 0: not Unicode text (it cannot be encoded as UTF-8)" in str(err)
+    str(err).encode("utf-8")  # the message itself can be printed
+
+
+def test_lone_surrogate_in_a_key_is_an_error(tmp_path: Path) -> None:
+    record = knowedit_records()[0]
+    record["locality"]["\udc80"] = []
+    with pytest.raises(RecordError, match=r"record 0, field 'locality': has a key that holds a lone surrogate"):
+        load_knowedit(write_json(tmp_path / "k.json", [record]))
+
+
+def test_edit_record_refuses_text_a_tokenizer_would_fail_on() -> None:
+    """Records not read by a loader (facts given on the command line) are checked too."""
+    with pytest.raises(RecordError, match=r"field 'target_new': holds a lone surrogate \(U\+D800\)"):
+        EditRecord(0, "The capital of X is", "X", "\ud800x")
+    with pytest.raises(RecordError, match=r"field 'locality\[0\].target': holds a line break"):
+        EditRecord(0, "The capital of X is", "X", "Paris", locality=(Probe("Y is", "a\nb"),))
+    with pytest.raises(RecordError, match=r"field 'prompt': holds a NUL"):
+        EditRecord(0, "The capital\x00 of X is", "X", "Paris")
+
+
+@pytest.mark.parametrize("payload, expect", [
+    (b'[{"case_id": 1, "prompt": "Ada', "invalid JSON: Unterminated string"),  # truncated
+    (b'[{"prompt": "Ada \xff Quill"}]', "not UTF-8 text"),
+    (b'[{"prompt": "\xed\xa0\x80"}]', "not UTF-8 text"),  # a surrogate written as raw bytes
+    (b'[{"case_id": ' + b"9" * 5000 + b"}]", "invalid JSON: Exceeds the limit (4300 digits)"),
+    (b"[" * 100_000 + b"]" * 100_000, "invalid JSON: nested too deeply to read"),
+], ids=["truncated", "bad-utf8", "surrogate-bytes", "huge-int", "deeply-nested"])
+def test_unreadable_file_is_an_error_naming_the_file(tmp_path: Path, payload: bytes, expect: str) -> None:
+    path = tmp_path / "unreadable.json"
+    path.write_bytes(payload)
+    for loader in (load_counterfact_easyedit, load_knowedit):
+        with pytest.raises(RecordError) as info:
+            loader(path)
+        assert info.value.field == "<file>" and info.value.index is None and str(info.value).startswith(str(path))
+        assert expect in str(info.value)
+
+
+def test_record_nested_too_deeply_names_the_field(tmp_path: Path) -> None:
+    record = knowedit_records()[0]
+    record["portability"]["Reasoning"][0]["ground_truth"] = json.loads("[" * 40 + '"x"' + "]" * 40)
+    with pytest.raises(RecordError, match=r"record 0, field 'portability\.Reasoning\[0\]\.ground_truth(\[0\])*': "
+                                          r"is nested more than 32 levels deep"):
+        load_knowedit(write_json(tmp_path / "k.json", [record]))
+
+
+# wrong types: a number for a string, a list for an object, an object for a list
+WRONG_TYPES = [
+    (load_counterfact_rome, rome_record(), "requested_rewrite", ["The capital of {} is"], "requested_rewrite",
+     "must be an object, got list"),
+    (load_counterfact_rome, rome_record(), "requested_rewrite.target_new", "Lyon", "requested_rewrite.target_new",
+     "must be an object, got str"),
+    (load_counterfact_rome, rome_record(), "requested_rewrite.subject", 3.5, "requested_rewrite.subject",
+     "must be a string, got float 3.5"),
+    (load_counterfact_rome, rome_record(), "case_id", float("nan"), "case_id", "must be an integer or a string"),
+    (load_zsre_mend, zsre_record(), "portability", ["q", "a"], "portability", "must be an object, got list"),
+    (load_zsre_mend, zsre_record(), "answers", {"0": "Fornax"}, "answers", "must be a list of strings, got dict"),
+    (load_knowedit, knowedit_records()[0], "locality", [], "locality", "must be an object, got list"),
+    (load_knowedit, knowedit_records()[0], "locality.Relation_Specificity.0", ["p", "a"],
+     "locality.Relation_Specificity[0]", "must be an object"),
+    (loaders.load_mquake, _mquake_case(), "requested_rewrite.0", "edit", "requested_rewrite[0]",
+     "must be an object, got str"),
+    (loaders.load_mquake, _mquake_case(), "requested_rewrite", {"prompt": "{} is"}, "requested_rewrite",
+     "must be a non-empty list of edits"),
+    (loaders.load_mquake, _mquake_case(), "new_answer", 10**30, "new_answer", "must be a string, got int"),
+]
+
+
+@pytest.mark.parametrize("loader, good, dotted, value, field, expect", WRONG_TYPES,
+                         ids=[f"{c[0].__name__}-{c[4]}" for c in WRONG_TYPES])
+def test_wrong_type_is_a_record_error_naming_the_field(tmp_path: Path, loader: Loader, good: dict[str, Any],
+                                                       dotted: str, value: Any, field: str, expect: str) -> None:
+    err = _load_one_bad(tmp_path, loader, good, dotted, value)
+    assert err.field == field and expect in str(err)
+
+
+def test_piqa_unreadable_lines_are_record_errors(tmp_path: Path) -> None:
+    good = json.dumps({"goal": "g", "sol1": "a", "sol2": "b"})
+    data = _piqa(tmp_path, [good, "[" * 100_000], [0, 1])
+    with pytest.raises(RecordError, match=r"piqa_valid\.jsonl, record 1, field '<record>': invalid JSON: "
+                                          r"nested too deeply"):
+        loaders.load_piqa(data)
+    data.write_bytes(good.encode() + b"\n" + b'{"goal": "\xff"}\n')
+    with pytest.raises(RecordError, match=r"piqa_valid\.jsonl, field '<file>': not UTF-8 text"):
+        loaders.load_piqa(data)
+    data = _piqa(tmp_path, [good, json.dumps({"goal": "g\x00", "sol1": "a", "sol2": "b"})], [0, 1])
+    with pytest.raises(RecordError, match=r"record 1, field 'goal': holds a NUL"):
+        loaders.load_piqa(data)
+
+
+def test_piqa_line_separator_inside_a_string_does_not_split_the_line(tmp_path: Path) -> None:
+    line = json.dumps({"goal": "Open\u2028a jar", "sol1": "twist", "sol2": "hit"}, ensure_ascii=False)
+    items = loaders.load_piqa(_piqa(tmp_path, [line, line], [0, 1]))
+    assert len(items) == 2 and items[0].context == "Open\u2028a jar"
