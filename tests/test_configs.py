@@ -106,6 +106,13 @@ def test_method_config_keys_match_the_editor_constructor(method):
     _check_constructor_keys(_compose([f"method={method}"]).method, f"method={method}")
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_config_and_preset_builds_its_editor(method):
+    """Each method config and preset passes its editor's constructor checks (no model is loaded)."""
+    editor = hydra.utils.instantiate(_compose([f"method={method}"]).method)
+    assert type(editor).__name__ == EDITOR_CLASS[method.split("/")[0]]
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_is_its_method_defaults_plus_the_model_values(preset):
     """method/<method>/<model>.yaml: the method's paper defaults (method/<method>.yaml) with the

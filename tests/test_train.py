@@ -180,9 +180,12 @@ def test_the_entry_point_names_a_setting_by_its_config_key():
     with pytest.raises(SettingError, match=r"^outer\.inner\.max_steps must be >= 1, got 0$"):
         with settings_of("outer"):
             hydra.utils.instantiate(cfg.outer)
-    with pytest.raises(InstantiationException):  # not a setting error: left as it is
+    with pytest.raises(SettingError, match=r"^method\.objective must be one of prompt_last, teacher_forced, "):
         with settings_of("method"):
             hydra.utils.instantiate({"_target_": "editlab.methods.ft.FTL", "objective": "nonsense"})
+    with pytest.raises(InstantiationException):  # not a setting error (a TypeError): left as it is
+        with settings_of("method"):
+            hydra.utils.instantiate({"_target_": "editlab.methods.ft.FTL", "objectiv": "teacher_forced"})
 
 
 def test_a_stream_on_two_processes_is_refused_before_the_model_loads(tmp_path):

@@ -41,7 +41,7 @@ from torch import nn
 from transformers.optimization import Adafactor
 
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import require_bool, require_float, require_int
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, resolve_layer
 
@@ -75,17 +75,14 @@ class CaliNet(Editor):
         gated: bool | None = None,
         seed: int = 1,
     ) -> None:
-        require(lr > 0, "lr", "must be > 0", lr)
-        require(num_slots >= 1, "num_slots", "must be >= 1", num_slots)
-        require(max_steps >= 1, "max_steps", "must be >= 1", max_steps)
-        self.layer = int(layer)
-        self.num_slots = int(num_slots)
-        self.lr = lr
-        self.max_steps = int(max_steps)
-        self.early_stop_loss = early_stop_loss
-        self.grad_clip = grad_clip
-        self.gated = gated
-        self.seed = seed
+        self.layer = require_int(layer, "layer")
+        self.num_slots = require_int(num_slots, "num_slots", ge=1)
+        self.lr = require_float(lr, "lr", gt=0)
+        self.max_steps = require_int(max_steps, "max_steps", ge=1)
+        self.early_stop_loss = require_float(early_stop_loss, "early_stop_loss", ge=0, none=True)
+        self.grad_clip = require_float(grad_clip, "grad_clip", gt=0, none=True)
+        self.gated = require_bool(gated, "gated", none=True)
+        self.seed = require_int(seed, "seed")
         self.last_steps = 0
         self.last_losses: list[float] = []
 

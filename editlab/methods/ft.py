@@ -26,7 +26,7 @@ from torch import nn
 
 from editlab.data.collate import PairBatch, encode_pairs
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import require_bool, require_choice, require_float, require_int, require_ints
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import arch_for, get_module, get_parameter, is_encoder_decoder
 from editlab.scoring import head_nll
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 __all__ = ["FTL"]
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
+MODULES = ("mlp_out", "mlp_in", "attn_out", "mlp_gate")  # architecture-table roles of weighted projections
 
 
 class FTL(Editor):
@@ -45,13 +46,13 @@ class FTL(Editor):
     Args:
         layers: block indices whose ``module`` is tuned.
         module: architecture-table role of the tuned projection (``mlp_out`` — GPT-2 ``c_proj``,
-            Llama ``down_proj``, GPT-J ``fc_out``; or ``mlp_in``, ``attn_out``).
+            Llama ``down_proj``, GPT-J ``fc_out``; or ``mlp_in``, ``attn_out``, ``mlp_gate``).
         lr: Adam learning rate.
         num_steps: optimisation steps at most.
         norm_constraint: L∞ bound on each entry of the update (None: unconstrained).
         objective: ``prompt_last`` or ``teacher_forced`` (see module docstring).
         weight_decay: Adam weight decay on the update (pulls it towards zero).
-        early_stop_loss: stop once the loss falls below this.
+        early_stop_loss: stop once the loss falls below this (0: never stop early).
         replay: replay only the blocks from the lowest edited one up (decoder-only models); False
             runs the whole model each step (always the case for encoder-decoder models).
     """
@@ -68,21 +69,15 @@ class FTL(Editor):
         early_stop_loss: float = 1e-2,
         replay: bool = True,
     ) -> None:
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if not layers:
-            raise ValueError("FTL needs at least one layer")
-        require(lr > 0, "lr", "must be > 0", lr)
-        require(num_steps >= 1, "num_steps", "must be >= 1", num_steps)
-        self.layers = sorted(int(x) for x in layers)
-        self.module = module
-        self.lr = lr
-        self.num_steps = num_steps
-        self.norm_constraint = norm_constraint
-        self.objective = objective
-        self.weight_decay = weight_decay
-        self.early_stop_loss = early_stop_loss
-        self.replay = replay
+        self.layers = sorted(require_ints(layers, "layers", ge=0, unique=True))
+        self.module = require_choice(module, "module", MODULES)
+        self.lr = require_float(lr, "lr", gt=0)
+        self.num_steps = require_int(num_steps, "num_steps", ge=1)
+        self.norm_constraint = require_float(norm_constraint, "norm_constraint", gt=0, none=True)
+        self.objective = require_choice(objective, "objective", OBJECTIVES)
+        self.weight_decay = require_float(weight_decay, "weight_decay", ge=0)
+        self.early_stop_loss = require_float(early_stop_loss, "early_stop_loss", ge=0)
+        self.replay = require_bool(replay, "replay")
         self.last_losses: list[float] = []
 
     # ------------------------------------------------------------------ batch

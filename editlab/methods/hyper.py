@@ -61,6 +61,7 @@ from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
+from editlab.errors import require_choice, require_float, require_str, require_strs
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.tracing import GradientFactors, RowDeltas
@@ -258,7 +259,7 @@ class LearnedEditor(nn.Module, Editor):
 
     def __init__(self, base_model: str | None = None) -> None:
         nn.Module.__init__(self)
-        self.base_model = base_model
+        self.base_model = require_str(base_model, "base_model", none=True)
 
     def apply(self, *args, **kwargs):  # type: ignore[override]
         """``nn.Module.apply(fn)`` when given one function; otherwise :meth:`Editor.apply`
@@ -309,22 +310,14 @@ class TrainableEditor(LearnedEditor):
                  edit_outer: str = "rephrase", base_model: str | None = None,
                  loc_positions: str = "all", batch_edits: str = "joint") -> None:
         LearnedEditor.__init__(self, base_model=base_model)
-        if edit_outer not in EDIT_OUTER:
-            raise ValueError(f"edit_outer must be one of {EDIT_OUTER}, got {edit_outer!r}")
-        if loc_positions not in LOC_POSITIONS:
-            raise ValueError(f"loc_positions must be one of {LOC_POSITIONS}, got {loc_positions!r}")
-        if batch_edits not in BATCH_EDITS:
-            raise ValueError(f"batch_edits must be one of {BATCH_EDITS}, got {batch_edits!r}")
-        if edit_params is not None and not edit_params:
-            raise ValueError("edit_params must name at least one parameter (or be None for the default)")
-        if isinstance(edit_params, str):
-            raise ValueError(f"edit_params must be a list of parameter names, got the string {edit_params!r}")
-        self.edit_params: list[str] | None = list(edit_params) if edit_params is not None else None
-        self.c_edit = c_edit
-        self.c_loc = c_loc
-        self.edit_outer = edit_outer
-        self.loc_positions = loc_positions
-        self.batch_edits = batch_edits
+        if edit_params is not None:
+            edit_params = require_strs(edit_params, "edit_params", unique=True)
+        self.edit_params: list[str] | None = edit_params
+        self.c_edit = require_float(c_edit, "c_edit", ge=0)
+        self.c_loc = require_float(c_loc, "c_loc", ge=0)
+        self.edit_outer = require_choice(edit_outer, "edit_outer", EDIT_OUTER)
+        self.loc_positions = require_choice(loc_positions, "loc_positions", LOC_POSITIONS)
+        self.batch_edits = require_choice(batch_edits, "batch_edits", BATCH_EDITS)
         self._bound = False
 
     # ---------------------------------------------------------------- setup

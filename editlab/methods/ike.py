@@ -54,6 +54,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import pickle
 import random
@@ -67,7 +69,9 @@ import torch
 from torch import nn
 
 from editlab.data.records import EditRecord, RecordError
-from editlab.errors import require
+from editlab.errors import (
+    SettingError, require, require_bool, require_int, require_list, require_path, require_str,
+)
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.conditioned import ConditionedLM
 from editlab.models.encoder import SentenceEncoder
@@ -91,15 +95,13 @@ def ike_cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 
 def _check_format(name: str, value: str, allowed: set[str]) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} must be a format string, got {type(value).__name__}")
+    require_str(value, name, empty=True)
     try:
         fields = {f for _, f, _, _ in Formatter().parse(value) if f is not None}
     except ValueError as err:
-        raise ValueError(f"{name} is not a valid format string: {err}") from err
+        raise SettingError(name, f"is not a valid format string: {err}", value) from err
     unknown = fields - allowed
-    if unknown:
-        raise ValueError(f"{name} uses unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}")
+    require(not unknown, name, f"uses unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}", value)
     return value
 
 
@@ -169,29 +171,32 @@ class IKE(Editor):
         max_batch_tokens: int = 8192,
         text_join: bool = True,
     ) -> None:
-        require(not isinstance(k, bool) and isinstance(k, int) and k >= 0, "k", "must be an integer >= 0", k)
-        ratio = [float(r) for r in demo_ratio]
-        if len(ratio) != 3 or any(r < 0 for r in ratio) or sum(ratio) <= 0:
-            raise ValueError(f"demo_ratio must be three non-negative numbers (copy, update, retain) "
-                             f"with a positive sum, got {list(demo_ratio)}")
-        if k > 0 and train_data is None:
-            raise ValueError("IKE needs train_data (the training split demonstrations come from) when k > 0")
-        fact_fields = {"fact_prompt", "fact_target"}
-        self.k = k
+        self.k = require_int(k, "k", ge=0)
+        records = isinstance(train_data, Sequence) and not isinstance(train_data, (str, bytes))
+        require(train_data is None or callable(train_data) or records, "train_data",
+                "must be a list of records, a callable returning them (a _partial_ loader) or null", train_data)
+        require(k == 0 or train_data is not None, "train_data",
+                "must be set when k > 0: IKE needs train_data (the training split demonstrations come from)")
         self.train_data = train_data
+        require(encoder is None or (isinstance(encoder, str) and encoder != "")
+                or isinstance(encoder, SentenceEncoder),
+                "encoder", "must be a model name or folder, a SentenceEncoder or null", encoder)
         self.encoder = encoder
-        self.demo_ratio = ratio
+        ratio = require_list(demo_ratio, "demo_ratio")
+        numbers_ok = all(isinstance(r, numbers.Real) and not isinstance(r, bool) and 0 <= r < math.inf for r in ratio)
+        require(len(ratio) == 3 and numbers_ok and sum(ratio) > 0, "demo_ratio",
+                "must be three non-negative numbers (copy, update, retain) with a positive sum", demo_ratio)
+        self.demo_ratio = [float(r) for r in ratio]
+        fact_fields = {"fact_prompt", "fact_target"}
         self.demo_format = _check_format("demo_format", demo_format, fact_fields | {"prompt", "answer"})
-        self.fact_copy = bool(fact_copy)
+        self.fact_copy = require_bool(fact_copy, "fact_copy")
         self.fact_format = _check_format("fact_format", fact_format, fact_fields)
         self.query_format = _check_format("query_format", query_format, set())
-        self.seed = int(seed)
-        self.cache_dir = cache_dir
-        if encode_batch_size < 1 or max_batch_tokens < 1:
-            raise ValueError("encode_batch_size and max_batch_tokens must be positive")
-        self.encode_batch_size = int(encode_batch_size)
-        self.max_batch_tokens = int(max_batch_tokens)
-        self.text_join = bool(text_join)
+        self.seed = require_int(seed, "seed")
+        self.cache_dir = require_path(cache_dir, "cache_dir")
+        self.encode_batch_size = require_int(encode_batch_size, "encode_batch_size", ge=1)
+        self.max_batch_tokens = require_int(max_batch_tokens, "max_batch_tokens", ge=1)
+        self.text_join = require_bool(text_join, "text_join")
         self.stats: list[dict[str, int]] = []
         self._encoder: SentenceEncoder | None = encoder if isinstance(encoder, SentenceEncoder) else None
         self._pool: list[EditRecord] | None = None

@@ -64,7 +64,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import EditBatch, PairBatch
-from editlab.errors import require
+from editlab.errors import require_float, require_int
 from editlab.methods.base import EditError
 from editlab.methods.hyper import (
     TrainableEditor, edit_gradients, edited_forward, locality_terms, row_gradients, target_nll,
@@ -230,19 +230,16 @@ class KE(TrainableEditor):
     ) -> None:
         super().__init__(edit_params, base_model=base_model, loc_positions=loc_positions,
                          batch_edits=batch_edits)
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if margin < 0 or margin_min < 0:
-            raise ValueError(f"margins must be >= 0, got {margin}, {margin_min}")
-        require(lr_multiplier > 0, "lr_multiplier", "must be > 0", lr_multiplier)
-        self.hidden_dim = hidden_dim
-        self.condition_dim = condition_dim
-        self.max_scale = max_scale
-        self.margin_min = margin_min
-        self.margin_decay = margin_decay
-        self.anneal_threshold = anneal_threshold
-        self.lr_multiplier = lr_multiplier
-        self.label_smoothing = label_smoothing
+        self.hidden_dim = require_int(hidden_dim, "hidden_dim", ge=1)
+        self.condition_dim = require_int(condition_dim, "condition_dim", ge=1)
+        self.max_scale = require_float(max_scale, "max_scale", gt=0)
+        margin = require_float(margin, "margin", ge=0)
+        self.margin_min = require_float(margin_min, "margin_min", ge=0)
+        self.margin_decay = require_float(margin_decay, "margin_decay", gt=0, le=1)
+        self.anneal_threshold = require_float(anneal_threshold, "anneal_threshold", ge=0, le=1)
+        self.lr_multiplier = require_float(lr_multiplier, "lr_multiplier", gt=0)
+        multiplier_init = require_float(multiplier_init, "multiplier_init", ge=0)
+        self.label_smoothing = require_float(label_smoothing, "label_smoothing", ge=0, lt=1)
         self.multiplier = nn.Parameter(torch.tensor(float(multiplier_init)))
         self.register_buffer("margin", torch.tensor(float(margin)))
         self.conditioned = nn.ModuleDict()

@@ -41,6 +41,9 @@ from transformers import Cache, DynamicCache
 from editlab.data.collate import encode_pairs, subject_span
 from editlab.data.corpora import Corpus, WikipediaSample
 from editlab.data.records import EditRecord
+from editlab.errors import (
+    require, require_choice, require_float, require_int, require_ints, require_list, require_path, require_strs,
+)
 from editlab.methods.base import EditError, Editor
 from editlab.models.arch import arch_for, get_module, is_encoder_decoder
 from editlab.scoring import head_logits, head_nll
@@ -62,6 +65,8 @@ __all__ = [
 ]
 
 DEFAULT_TEMPLATE_PROMPTS = ("The", "Therefore", "Because", "I", "You")
+FACT_TOKENS = ("subject_last", "subject_first", "last")
+MOM2_DTYPES = ("float32", "float64", torch.float32, torch.float64)  # precision of each batch's kᵀk
 
 
 # ------------------------------------------------------------------------------------ records
@@ -258,22 +263,31 @@ class KeyValueEditor(Editor):
         mom2_dtype: str,
         stats_cache_dir: str | None,
     ) -> None:
-        if not layers:
-            raise ValueError(f"{self.method} needs at least one layer")
-        if fact_token not in ("subject_last", "subject_first", "last"):
-            raise ValueError(f"fact_token must be subject_last, subject_first or last, not {fact_token!r}")
-        self.layers = sorted(int(x) for x in layers)
-        self.fact_token = fact_token
-        self.v_num_grad_steps = v_num_grad_steps
-        self.v_lr = v_lr
-        self.v_weight_decay = v_weight_decay
-        self.clamp_norm_factor = clamp_norm_factor
-        self.kl_factor = kl_factor
-        self.kl_prompts = tuple(kl_prompts)
-        self.early_stop_loss = early_stop_loss
-        self.context_template_length_params = [tuple(x) for x in context_template_length_params]
-        self.template_prompts = tuple(template_prompts)
-        self.template_seed = template_seed
+        self.layers = sorted(require_ints(layers, "layers", ge=0, unique=True))
+        self.fact_token = require_choice(fact_token, "fact_token", FACT_TOKENS)
+        self.v_num_grad_steps = require_int(v_num_grad_steps, "v_num_grad_steps", ge=1)
+        self.v_lr = require_float(v_lr, "v_lr", gt=0)
+        self.v_weight_decay = require_float(v_weight_decay, "v_weight_decay", ge=0)
+        self.clamp_norm_factor = require_float(clamp_norm_factor, "clamp_norm_factor", gt=0)
+        self.kl_factor = require_float(kl_factor, "kl_factor", ge=0)
+        self.kl_prompts = tuple(require_strs(kl_prompts, "kl_prompts"))
+        require(all("{}" in t for t in self.kl_prompts), "kl_prompts", "must each hold {} (the subject)",
+                kl_prompts)
+        self.early_stop_loss = require_float(early_stop_loss, "early_stop_loss", ge=0)
+        pairs = require_list(context_template_length_params, "context_template_length_params", empty=True)
+        for pair in pairs:
+            ok = isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2
+            require(ok, "context_template_length_params", "must hold [length, count] pairs",
+                    context_template_length_params)
+            require_ints(pair, "context_template_length_params", ge=1)
+        self.context_template_length_params = [tuple(int(v) for v in x) for x in pairs]
+        self.template_prompts = tuple(require_strs(template_prompts, "template_prompts"))
+        self.template_seed = require_int(template_seed, "template_seed")
+        require(mom2_corpus is None or isinstance(mom2_corpus, Corpus), "mom2_corpus",
+                "must be a Corpus (editlab.data.corpora) or null", mom2_corpus)
+        mom2_n_tokens = require_int(mom2_n_tokens, "mom2_n_tokens", ge=1, none=True)
+        require(mom2_dtype in MOM2_DTYPES, "mom2_dtype", "must be float32 or float64", mom2_dtype)
+        stats_cache_dir = require_path(stats_cache_dir, "stats_cache_dir")
         self.stats = KeyStatistics(mom2_corpus, mom2_n_tokens, mom2_dtype, stats_cache_dir)
         self.last_losses: list[list[float]] = []
 

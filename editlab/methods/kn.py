@@ -82,7 +82,7 @@ from transformers import Cache, DynamicCache
 
 from editlab.data.collate import encode_pairs
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import require_bool, require_choice, require_float, require_int
 from editlab.methods.base import Deltas, EditError, Editor
 from editlab.models.arch import ArchSpec, arch_for, get_module, get_parameter, is_encoder_decoder
 from editlab.scoring import head_logits
@@ -128,23 +128,15 @@ class KN(Editor):
         old_token: str = "target_true",
         riemann: str = "linspace",
     ) -> None:
-        require(steps >= 1, "steps", "must be >= 1", steps)
-        require(batch_size >= 1, "batch_size", "must be >= 1", batch_size)
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"p must be in [0, 1), got {p}")
-        if riemann not in RIEMANN:
-            raise ValueError(f"riemann must be one of {RIEMANN}, got {riemann!r}")
-        if old_token not in OLD_TOKENS:
-            raise ValueError(f"old_token must be one of {OLD_TOKENS}, got {old_token!r}")
-        self.steps = int(steps)
-        self.batch_size = int(batch_size)
-        self.adaptive_threshold = float(adaptive_threshold)
-        self.refine = bool(refine)
-        self.p = float(p)
-        self.old_scale = float(old_scale)
-        self.new_scale = float(new_scale)
-        self.old_token = old_token
-        self.riemann = riemann
+        self.steps = require_int(steps, "steps", ge=1)
+        self.batch_size = require_int(batch_size, "batch_size", ge=1)
+        self.adaptive_threshold = require_float(adaptive_threshold, "adaptive_threshold", ge=0, lt=1)
+        self.refine = require_bool(refine, "refine")
+        self.p = require_float(p, "p", ge=0, lt=1)
+        self.old_scale = require_float(old_scale, "old_scale", ge=0)
+        self.new_scale = require_float(new_scale, "new_scale", ge=0)
+        self.old_token = require_choice(old_token, "old_token", OLD_TOKENS)
+        self.riemann = require_choice(riemann, "riemann", RIEMANN)
         self.last_neurons: dict[int | str, list[Neuron]] = {}
 
     # ------------------------------------------------------------ attribution

@@ -34,7 +34,7 @@ from torch import nn
 
 from editlab.data.corpora import Corpus
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import require_float, require_int
 from editlab.methods.base import Deltas, WeightEditSession
 from editlab.methods.keyvalue import DEFAULT_TEMPLATE_PROMPTS, KeyValueEditor, mean_keys, optimize_values
 from editlab.models.arch import arch_for, get_module
@@ -98,15 +98,13 @@ class MEMIT(KeyValueEditor):
         mom2_dtype: str = "float32",
         stats_cache_dir: str | None = None,
     ) -> None:
-        require(v_lr > 0, "v_lr", "must be > 0", v_lr)
-        require(v_num_grad_steps >= 1, "v_num_grad_steps", "must be >= 1", v_num_grad_steps)
         super().__init__(
             layers, fact_token, v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
             early_stop_loss, context_template_length_params, template_prompts, template_seed, mom2_corpus,
             mom2_n_tokens, mom2_dtype, stats_cache_dir,
         )
-        self.mom2_update_weight = mom2_update_weight
-        self.v_batch_requests = max(1, int(v_batch_requests))
+        self.mom2_update_weight = require_float(mom2_update_weight, "mom2_update_weight", gt=0)
+        self.v_batch_requests = require_int(v_batch_requests, "v_batch_requests", ge=1)
 
     def target_residuals(self, model: nn.Module, tokenizer, records: Sequence[EditRecord],
                          templates: Sequence[str]) -> torch.Tensor:

@@ -53,7 +53,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from editlab.data.collate import PairBatch
-from editlab.errors import require
+from editlab.errors import SettingError, require, require_bool, require_choice, require_float, require_int
 from editlab.methods.base import EditError
 from editlab.methods.hyper import TrainableEditor, edit_gradient_factors
 from editlab.models.arch import UnknownArchitecture, arch_for, get_module
@@ -238,30 +238,23 @@ class MEND(TrainableEditor):
     ) -> None:
         super().__init__(edit_params, c_edit=c_edit, c_loc=c_loc, edit_outer=edit_outer,
                          base_model=base_model, loc_positions=loc_positions, batch_edits=batch_edits)
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if act not in ACTS:
-            raise ValueError(f"act must be one of {ACTS}, got {act!r}")
-        if combine and (one_sided or x_only or delta_only):
-            raise ValueError("combine=True cannot be used with one_sided / x_only / delta_only")
-        if sum((one_sided, x_only, delta_only)) > 1:
-            raise ValueError("choose at most one of one_sided, x_only, delta_only")
-        if rank < 1 or n_hidden < 0:
-            raise ValueError(f"rank must be >= 1 and n_hidden >= 0, got {rank}, {n_hidden}")
-        require(edit_lr > 0, "edit_lr", "must be > 0", edit_lr)
-        require(lr_lr >= 0, "lr_lr", "must be >= 0", lr_lr)
-        self.rank = rank
-        self.n_hidden = n_hidden
-        self.init = init
-        self.act = act
-        self.norm = norm
-        self.combine = combine
-        self.shared = shared
-        self.one_sided = one_sided
-        self.x_only = x_only
-        self.delta_only = delta_only
-        self.edit_lr = edit_lr
-        self.lr_lr = lr_lr
+        self.rank = require_int(rank, "rank", ge=1)
+        self.n_hidden = require_int(n_hidden, "n_hidden", ge=0)
+        self.init = require_choice(init, "init", INITS)
+        self.act = require_choice(act, "act", ACTS)
+        self.norm = require_bool(norm, "norm")
+        self.combine = require_bool(combine, "combine")
+        self.shared = require_bool(shared, "shared")
+        self.one_sided = require_bool(one_sided, "one_sided")
+        self.x_only = require_bool(x_only, "x_only")
+        self.delta_only = require_bool(delta_only, "delta_only")
+        chosen = [name for name in ("one_sided", "x_only", "delta_only") if getattr(self, name)]
+        for name in chosen:
+            require(not combine, name, "needs combine=false (combine transforms both factors together)", True)
+        if len(chosen) > 1:
+            raise SettingError(chosen[1], f"cannot be used with {chosen[0]}: choose at most one", True)
+        self.edit_lr = require_float(edit_lr, "edit_lr", gt=0)
+        self.lr_lr = require_float(lr_lr, "lr_lr", ge=0)
         self.transforms = nn.ModuleDict()
         self._route: dict[str, tuple[str, int | None]] = {}
         self._transposed: dict[str, bool] = {}

@@ -39,7 +39,7 @@ from torch import nn
 
 from editlab.data.corpora import Corpus
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import require_bool
 from editlab.methods.base import Deltas, EditError, WeightEditSession
 from editlab.methods.keyvalue import DEFAULT_TEMPLATE_PROMPTS, KeyValueEditor, mean_keys, optimize_values
 from editlab.models.arch import arch_for, get_module
@@ -93,15 +93,13 @@ class ROME(KeyValueEditor):
         mom2_dtype: str = "float32",
         stats_cache_dir: str | None = None,
     ) -> None:
-        require(v_lr > 0, "v_lr", "must be > 0", v_lr)
-        require(v_num_grad_steps >= 1, "v_num_grad_steps", "must be >= 1", v_num_grad_steps)
         super().__init__(
             layers, fact_token, v_num_grad_steps, v_lr, v_weight_decay, clamp_norm_factor, kl_factor, kl_prompts,
             early_stop_loss, context_template_length_params, template_prompts, template_seed, mom2_corpus,
             mom2_n_tokens, mom2_dtype, stats_cache_dir,
         )
-        self.mom2_adjustment = mom2_adjustment
-        self.r_rome = r_rome
+        self.mom2_adjustment = require_bool(mom2_adjustment, "mom2_adjustment")
+        self.r_rome = require_bool(r_rome, "r_rome")
 
     def rank_one(self, model: nn.Module, tokenizer, record: EditRecord, layer: int,
                  templates: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:

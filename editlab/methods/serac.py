@@ -86,6 +86,7 @@ from torch import nn
 
 from editlab.data.collate import EditBatch, PairBatch, encode_pairs
 from editlab.data.records import EditRecord
+from editlab.errors import SettingError, require, require_bool, require_float, require_str
 from editlab.methods.base import Edit, EditError
 from editlab.methods.conditioned import ConditionedLM, default_bos
 from editlab.methods.hyper import LearnedEditor
@@ -368,34 +369,38 @@ class SERAC(LearnedEditor):
         base_model: str | None = None,
     ) -> None:
         super().__init__(base_model=base_model)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if scale <= 0:
-            raise ValueError(f"scale must be positive, got {scale}")
+        require(encoder is None or (isinstance(encoder, str) and encoder != "") or callable(encoder), "encoder",
+                "must be a model name or folder, a SentenceEncoder, a callable returning one, or null",
+                encoder)
+        self.cross_attend = require_bool(cross_attend, "cross_attend")
+        self.cos = require_bool(cos, "cos")
+        require(not (self.cos and self.cross_attend), "cos",
+                "applies to the embedding classifier only: needs cross_attend=false", cos)
+        self.square = require_bool(square, "square")
+        self.scale_init = require_float(scale, "scale", gt=0)
+        require(counterfactual is None or (isinstance(counterfactual, str) and counterfactual != "")
+                or isinstance(counterfactual, ModelBundle) or callable(counterfactual), "counterfactual",
+                "must be a model name or folder, a ModelBundle, a model, a callable returning one, or null",
+                counterfactual)
+        self.freeze_cntr = require_bool(freeze_cntr, "freeze_cntr")
+        require(not (self.freeze_cntr and counterfactual is not None), "freeze_cntr",
+                "uses the base model as the counterfactual model: leave counterfactual null", freeze_cntr)
+        self.c_edit = require_float(c_edit, "c_edit", ge=0)
+        self.c_loc = require_float(c_loc, "c_loc", ge=0)
+        self.use_all_negatives = require_bool(use_all_negatives, "use_all_negatives")
+        self.rephrase_negatives = require_bool(rephrase_negatives, "rephrase_negatives")
+        self.threshold = require_float(threshold, "threshold", gt=0, lt=1)
         for name, template in (("edit_template", edit_template), ("prefix_template", prefix_template)):
+            require_str(template, name)
             try:
                 template.format(prompt="p", target="t")
             except (KeyError, IndexError, ValueError) as err:
-                raise ValueError(f"{name} {template!r} may only use {{prompt}} and {{target}}") from err
-        if freeze_cntr and counterfactual is not None:
-            raise ValueError("freeze_cntr uses the base model as the counterfactual model: leave counterfactual None")
-        # kept in a dict, not as attributes: a module given here must not register as a submodule
-        self._sources: dict[str, Any] = {"encoder": encoder, "counterfactual": counterfactual}
-        self.cross_attend = cross_attend
-        self.cos = cos
-        self.square = square
-        self.scale_init = scale
-        self.freeze_cntr = freeze_cntr
-        self.c_edit = c_edit
-        self.c_loc = c_loc
-        self.use_all_negatives = use_all_negatives
-        self.rephrase_negatives = rephrase_negatives
-        self.threshold = threshold
+                raise SettingError(name, "may only use {prompt} and {target}", template) from err
         self.edit_template = edit_template
         self.prefix_template = prefix_template
-        self.dropout = dropout
+        self.dropout = require_float(dropout, "dropout", ge=0, lt=1)
+        # kept in a dict, not as attributes: a module given here must not register as a submodule
+        self._sources: dict[str, Any] = {"encoder": encoder, "counterfactual": counterfactual}
         self.classifier: nn.Module | None = None
         self.counterfactual: nn.Module | None = None
         self._tokenizer = None

@@ -79,10 +79,11 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from editlab.data.corpora import Corpus, WikipediaSample, batch_rows, pack_rows
 from editlab.data.records import EditRecord
-from editlab.errors import require
+from editlab.errors import require, require_bool, require_float, require_int, require_strs
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, host_patches, resolve_layer
 from editlab.models.arch import is_encoder_decoder
@@ -166,37 +167,38 @@ class TPatcher(Editor):
         cache_memory: bool = True,
         seed: int = 0,
     ) -> None:
-        require(lr > 0, "lr", "must be > 0", lr)
-        require(max_steps >= 1, "max_steps", "must be >= 1", max_steps)
-        require(check_every >= 1, "check_every", "must be >= 1", check_every)
-        require(max_neurons_per_edit >= 1, "max_neurons_per_edit", "must be >= 1", max_neurons_per_edit)
-        if memory_tokens < 1 or memory_seq_len < 1:
-            raise ValueError("memory_tokens and memory_seq_len must be positive")
-        self.layer = int(layer)
-        self.max_neurons_per_edit = int(max_neurons_per_edit)
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.max_steps = int(max_steps)
-        self.check_every = int(check_every)
-        self.early_stop_threshold = early_stop_threshold
-        self.lr_decay_factor = lr_decay_factor
-        self.lr_decay_patience = lr_decay_patience
-        self.lr_decay_threshold = lr_decay_threshold
-        self.grad_clip = grad_clip
-        self.activation_coef = activation_coef
-        self.activation_margin = activation_margin
-        self.activation_top_k = int(activation_top_k)
-        self.memory_coef = memory_coef
-        self.memory_margin_edit = memory_margin_edit
-        self.memory_margin_silent = memory_margin_silent
-        self.memory_top_k = int(memory_top_k)
-        self.value_amplify = value_amplify
+        self.layer = require_int(layer, "layer")
+        self.max_neurons_per_edit = require_int(max_neurons_per_edit, "max_neurons_per_edit", ge=1)
+        self.lr = require_float(lr, "lr", gt=0)
+        self.weight_decay = require_float(weight_decay, "weight_decay", ge=0)
+        self.max_steps = require_int(max_steps, "max_steps", ge=1)
+        self.check_every = require_int(check_every, "check_every", ge=1)
+        self.early_stop_threshold = require_float(early_stop_threshold, "early_stop_threshold", ge=0)
+        self.lr_decay_factor = require_float(lr_decay_factor, "lr_decay_factor", gt=0, lt=1)
+        self.lr_decay_patience = require_int(lr_decay_patience, "lr_decay_patience", ge=0)
+        self.lr_decay_threshold = require_float(lr_decay_threshold, "lr_decay_threshold", ge=0)
+        self.grad_clip = require_float(grad_clip, "grad_clip", gt=0, none=True)
+        self.activation_coef = require_float(activation_coef, "activation_coef", ge=0)
+        self.activation_margin = require_float(activation_margin, "activation_margin")
+        self.activation_top_k = require_int(activation_top_k, "activation_top_k", ge=1)
+        self.memory_coef = require_float(memory_coef, "memory_coef", ge=0)
+        self.memory_margin_edit = require_float(memory_margin_edit, "memory_margin_edit")
+        self.memory_margin_silent = require_float(memory_margin_silent, "memory_margin_silent")
+        self.memory_top_k = require_int(memory_top_k, "memory_top_k", ge=1)
+        self.value_amplify = require_float(value_amplify, "value_amplify", gt=0, none=True)
+        require(activation is None or (isinstance(activation, str) and activation in ACT2FN), "activation",
+                "must be a key of transformers.activations.ACT2FN (relu, gelu_new, silu, ...) or null",
+                activation)
         self.activation = activation
+        if memory_corpus is not None and not isinstance(memory_corpus, Corpus):
+            prompts = require_strs(memory_corpus, "memory_corpus")
+            require(any(p.strip() for p in prompts), "memory_corpus", "must hold a prompt that is not blank",
+                    memory_corpus)
         self.memory_corpus = memory_corpus if memory_corpus is not None else WikipediaSample()
-        self.memory_tokens = int(memory_tokens)
-        self.memory_seq_len = int(memory_seq_len)
-        self.cache_memory = cache_memory
-        self.seed = seed
+        self.memory_tokens = require_int(memory_tokens, "memory_tokens", ge=1)
+        self.memory_seq_len = require_int(memory_seq_len, "memory_seq_len", ge=1)
+        self.cache_memory = require_bool(cache_memory, "cache_memory")
+        self.seed = require_int(seed, "seed")
         self._memory_cache: tuple[tuple, torch.Tensor] | None = None
         self.last_steps = 0
         self.last_losses: list[float] = []

@@ -172,8 +172,12 @@ def test_edit_params_validation(tiny):
     with pytest.raises(ValueError):
         _Shift(edit_params="transformer.h.1.mlp.c_fc.weight")
     name = "transformer.h.1.mlp.c_fc.weight"
+    with pytest.raises(ValueError, match="^edit_params must not repeat a value"):  # when built, not at bind
+        _Shift(edit_params=[name, name])
+    editor = _Shift(edit_params=[name])
+    editor.edit_params = [name, name]
     with pytest.raises(EditError, match="more than once"):
-        _Shift(edit_params=[name, name]).bind(tiny("gpt2").model)
+        editor.bind(tiny("gpt2").model)
 
 
 def test_default_edit_params_resolve_at_bind(tiny):
