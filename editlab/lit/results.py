@@ -4,8 +4,9 @@
 
 * ``records.jsonl``: one line per record (every metric per stage, edit time, generated answers),
   appended and flushed as soon as a batch is scored, so a run that dies keeps every finished
-  batch.  Under DDP each rank appends to ``records.rank{r}.jsonl`` while running; at the end rank 0
-  merges the rank files into ``records.jsonl``, ordered by record index, and removes them.  At the
+  batch.  Under DDP each rank appends to ``records.rank{r}.jsonl`` while running; at the end the
+  ranks' rows are gathered to rank 0 over the process group (each node may have its own disk),
+  which writes ``records.jsonl``, ordered by record index, and every rank removes its file.  At the
   end the file is rewritten once with the stages scored after the stream (``final``);
 * ``summary.json`` and ``summary.csv`` (one row per metric, a column per stage) at the end;
 * ``curves.csv`` (rewritten at each stream checkpoint) and ``curves.png`` (at the end) for edit
@@ -36,8 +37,8 @@ from editlab.metrics.keys import STAGES, parse_key
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECORDS", "EvalResults", "ResultsWriter", "format_summary", "merge_record_files", "rank_file",
-           "stage_rows", "write_summary"]
+__all__ = ["RECORDS", "EvalResults", "ResultsWriter", "format_summary", "merge_record_files", "merge_rows",
+           "rank_file", "stage_rows", "write_summary"]
 
 RECORDS = "records.jsonl"
 
@@ -67,24 +68,31 @@ def _dump(row: dict[str, Any]) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
-def merge_record_files(output_dir: Path, world_size: int) -> int:
-    """Merge ``records.rank{r}.jsonl`` (r < world_size) into ``records.jsonl``, ordered by record
-    index, and remove the rank files; the number of records.  Records without an index (built in
-    code, index -1) keep the distributed sampler's order: record ``i`` is line ``i // W`` of rank
-    ``i % W``, so ties are ordered by line, then rank."""
-    rows: list[tuple[tuple[float, int, int], str]] = []
-    for rank in range(world_size):
-        path = rank_file(output_dir, rank)
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh):
-                if line.strip():
-                    index = json.loads(line).get("index")
-                    rows.append(((math.inf if index is None else float(index), line_no, rank), line))
-    rows.sort(key=lambda item: item[0])
-    tmp = output_dir / f"{RECORDS}.tmp"
+def merge_rows(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The record rows of every rank in one list, ordered by record index.  Records without an
+    index (built in code, index -1) keep the distributed sampler's order: record ``i`` is row
+    ``i // W`` of rank ``i % W``, so ties are ordered by row, then rank."""
+    keyed = [((math.inf if row.get("index") is None else float(row["index"]), n, rank), row)
+             for rank, rows in enumerate(per_rank) for n, row in enumerate(rows)]
+    return [row for _, row in sorted(keyed, key=lambda item: item[0])]
+
+
+def _write_records(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.writelines(line if line.endswith("\n") else line + "\n" for _, line in rows)
-    os.replace(tmp, output_dir / RECORDS)
+        fh.writelines(_dump(row) for row in rows)
+    os.replace(tmp, path)
+
+
+def merge_record_files(output_dir: Path, world_size: int) -> int:
+    """Merge ``records.rank{r}.jsonl`` (r < world_size) into ``records.jsonl`` (:func:`merge_rows`'
+    order) and remove the rank files; the number of records."""
+    per_rank = []
+    for rank in range(world_size):
+        with open(rank_file(output_dir, rank), encoding="utf-8") as fh:
+            per_rank.append([json.loads(line) for line in fh if line.strip()])
+    rows = merge_rows(per_rank)
+    _write_records(rows, output_dir / RECORDS)
     for rank in range(world_size):
         rank_file(output_dir, rank).unlink()
     return len(rows)
@@ -170,17 +178,22 @@ class ResultsWriter(L.Callback):
         results: EvalResults = pl_module.results
         self._close()
         # rewritten whole: rows gained the stages scored after the stream (final)
-        tmp = self._path.with_name(self._path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.writelines(_dump(row) for row in results.records)
-        os.replace(tmp, self._path)
+        _write_records(results.records, self._path)
         if trainer.world_size > 1:
+            # the rows travel to rank 0 over the process group, not through the file system: on
+            # several nodes each rank's output_dir is on its own machine
+            import torch.distributed as dist
+
+            gathered = [None] * trainer.world_size if trainer.is_global_zero else None
+            dist.gather_object(results.records, gathered, dst=0)
+            if trainer.is_global_zero:
+                rows = merge_rows(gathered)
+                _write_records(rows, self.output_dir / RECORDS)
+                log.info("merged the records of %d processes: %d records", trainer.world_size, len(rows))
             trainer.strategy.barrier("records")
+            self._path.unlink(missing_ok=True)  # this rank's rows are in rank 0's records.jsonl
         if not trainer.is_global_zero:
             return
-        if trainer.world_size > 1:
-            count = merge_record_files(self.output_dir, trainer.world_size)
-            log.info("merged the records of %d processes: %d records", trainer.world_size, count)
         write_summary(results.summary, self.output_dir)
         if results.curves:
             write_curves(results.curves, self.output_dir)
