@@ -118,7 +118,7 @@ class EditorCallback(L.Callback):
         start = time.perf_counter()
         try:
             records = list(batch)
-            edit = self.editor.compute_edit(pl_module.session.model, pl_module.tokenizer, records)
+            edit = self.editor.edit_in(pl_module.session, pl_module.tokenizer, records)
             # a result that is not finite (weights, or the edited model's logits on the batch's
             # edit prompts) is undone here and is an EditError like any failed edit
             pl_module.session.apply(edit, verify=lambda s: verify_outputs(s, pl_module.tokenizer, records))

@@ -48,10 +48,11 @@ class EditError(RuntimeError):
 
 
 Wrapper = Callable[[nn.Module, Sequence[EditRecord]], nn.Module]
+"""``(model, memory) → edited model``: a memory-based editor's view of ``model`` given its memory."""
+
 Verifier = Callable[["WeightEditSession"], None]
 """Called by :meth:`WeightEditSession.apply` once an edit is installed; raises :class:`EditError`
 to have it undone (:func:`verify_outputs`)."""
-"""``(model, memory) → edited model``: a memory-based editor's view of ``model`` given its memory."""
 
 PATCH_PREFIX = "editlab_patch_"  # name under which an added module is registered on its host
 
@@ -68,12 +69,20 @@ class Edit:
         memory: records a memory-based editor keeps; they accumulate over a sequential stream.
         wrap: builds the edited model from the base model and the memory so far (required with
             ``memory``).
+        replace: the patches replace every patch installed earlier at the same module paths,
+            instead of adding to them: an editor whose one module holds all its edits so far
+            (GRACE's codebook, WISE's side memory) returns that module anew with each edit.
+        state: a stateful editor's stream state after this edit (:attr:`Editor.stateful`); the
+            session keeps it while the edit is installed.  Tensors and plain data only (lists,
+            dicts, numbers, strings), so a stream checkpoint can hold it.
     """
 
     deltas: Deltas = field(default_factory=dict)
     patches: Mapping[str, nn.Module] = field(default_factory=dict)
     memory: Sequence[EditRecord] = ()
     wrap: Wrapper | None = None
+    replace: bool = False
+    state: Any = None
 
     def __post_init__(self) -> None:
         if self.memory and self.wrap is None:
@@ -86,7 +95,18 @@ class Editor(ABC):
     Weight editors implement :meth:`compute_deltas`; editors that add modules or keep a memory
     implement :meth:`compute_edit` instead (which by default wraps :meth:`compute_deltas`).
     Neither may modify ``model`` (parameters, buffers, hooks, ``requires_grad`` flags, mode).
+
+    A *stateful* editor (:attr:`stateful`) carries more from one edit of a stream to the next
+    than the weights it left: AlphaEdit the keys of earlier edits, GRACE its codebook, UltraEdit
+    its running normalisation.  That state is the model's edit history, so it lives in the
+    :class:`WeightEditSession` with the edits, not in the editor: :meth:`edit_in` passes the
+    session's :attr:`~WeightEditSession.stream_state` as ``compute_edit(..., state=...)`` (None at
+    a stream's start) and the editor returns the new state in :attr:`Edit.state`.  A failed edit
+    leaves the state as it was; a restore forgets it; the editor object itself stays stateless.
     """
+
+    stateful: bool = False
+    """True when :meth:`compute_edit` takes ``state=`` (see the class docstring)."""
 
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
         """Compute the weight updates that install ``records`` (all at once, as one batch)."""
@@ -113,19 +133,31 @@ class Editor(ABC):
                 session.forward_model(...)  # the edited model
         """
         check_lengths(records, tokenizer, arch_for(model).max_positions(model))  # before any compute
-        edit = self.compute_edit(model, tokenizer, records)
-        with applied(model, edit, verify=lambda session: verify_outputs(session, tokenizer, records)) as session:
+        session = WeightEditSession(model)
+        session.apply(self.edit_in(session, tokenizer, records),
+                      verify=lambda s: verify_outputs(s, tokenizer, records))
+        try:
             yield session
+        finally:
+            session.restore()
+
+    def edit_in(self, session: WeightEditSession, tokenizer, records: Sequence[EditRecord]) -> Edit:
+        """The :class:`Edit` that installs ``records`` on top of what ``session`` holds: computed on
+        ``session.model`` as the session has left it, with the session's stream state for a
+        stateful editor.  Nothing is installed here (``session.apply`` does that)."""
+        if self.stateful:
+            return self.compute_edit(session.model, tokenizer, records, state=session.stream_state)
+        return self.compute_edit(session.model, tokenizer, records)
 
 
 class WeightEditSession:
     """Install edits on a model, possibly in several steps, and undo them all.
 
     * :meth:`apply` validates everything first (delta names, shapes, finiteness; patch hosts),
-      then adds the deltas, attaches the patches and extends the memory; a failure midway
-      undoes that call.
+      then adds the deltas, attaches the patches (or replaces earlier ones, :attr:`Edit.replace`),
+      extends the memory and keeps the editor's stream state; a failure midway undoes that call.
     * :meth:`restore` copies back the saved originals of every touched parameter (bit-exact),
-      removes every added module and hook, and forgets the memory.
+      removes every added module and hook, and forgets the memory and the stream state.
     * :meth:`suspended` temporarily shows the unedited model (original weights, patches off,
       :attr:`forward_model` the bare model), e.g. to score pre-edit state in a sequential stream,
       and puts the edits back afterwards, bit-exactly.
@@ -139,6 +171,7 @@ class WeightEditSession:
         self._memory: list[EditRecord] = []
         self._wrap: Wrapper | None = None
         self._wrapped: nn.Module | None = None
+        self._state: Any = None
         self._active = True
 
     @property
@@ -162,6 +195,12 @@ class WeightEditSession:
     @property
     def memory(self) -> list[EditRecord]:
         return list(self._memory)
+
+    @property
+    def stream_state(self) -> Any:
+        """The stream state of the stateful editor whose edits this session holds (the last
+        installed :attr:`Edit.state`), or None."""
+        return self._state
 
     @property
     def forward_model(self) -> nn.Module:
@@ -225,6 +264,19 @@ class WeightEditSession:
             handle.remove()
             delattr(host, name)
 
+    def _retire(self, hosts: list[nn.Module]) -> list[tuple[nn.Module, nn.Module]]:
+        """Detach every patch at ``hosts``; ``(host, patch)`` in the order they were attached."""
+        retired, kept = [], []
+        for host, name, handle in self._patches:
+            if any(host is h for h in hosts):
+                retired.append((host, host.get_submodule(name)))
+                handle.remove()
+                delattr(host, name)
+            else:
+                kept.append((host, name, handle))
+        self._patches = kept
+        return retired
+
     @torch.no_grad()
     def apply(self, edit: Edit | Deltas, verify: Verifier | None = None) -> None:
         """Install ``edit`` (an :class:`Edit`, or bare deltas) on top of what is installed.
@@ -244,7 +296,8 @@ class WeightEditSession:
         applied_deltas: dict[str, torch.Tensor] = {}
         new_originals: list[str] = []
         patches = len(self._patches)
-        memory, wrap, wrapped = len(self._memory), self._wrap, self._wrapped
+        memory, wrap, wrapped, state = len(self._memory), self._wrap, self._wrapped, self._state
+        retired: list[tuple[nn.Module, nn.Module]] = []
         try:
             for name, param in params.items():
                 if name not in self._originals:
@@ -257,12 +310,17 @@ class WeightEditSession:
             if broken:
                 raise EditError(f"the edit makes {broken[0]!r}" + (f" and {len(broken) - 1} more" if len(broken) > 1
                                 else "") + " non-finite (NaN or Inf) once added to the weights")
+            if edit.replace:
+                retired = self._retire(list(hosts.values()))
+                patches = len(self._patches)
             for path, patch in edit.patches.items():
                 self._attach(hosts[path], patch)
             if edit.memory:
                 self._memory.extend(edit.memory)
                 self._wrap = edit.wrap
                 self._wrapped = None
+            if edit.state is not None:
+                self._state = edit.state
             if verify is not None:
                 verify(self)
         except BaseException:
@@ -271,8 +329,10 @@ class WeightEditSession:
             for name in new_originals:
                 del self._originals[name]
             self._detach_from(patches)
+            for host, patch in retired:  # back in their order: the host adds them up as before
+                self._attach(host, patch)
             del self._memory[memory:]
-            self._wrap, self._wrapped = wrap, wrapped
+            self._wrap, self._wrapped, self._state = wrap, wrapped, state
             raise
         for name, delta in applied_deltas.items():
             self._deltas[name] = self._deltas[name] + delta if name in self._deltas else delta
@@ -288,6 +348,7 @@ class WeightEditSession:
         self._memory.clear()
         self._wrap = None
         self._wrapped = None
+        self._state = None
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from editlab.methods.base import Edit, EditError, WeightEditSession, applied
+from editlab.methods.base import Edit, EditError, Editor, WeightEditSession, applied
 
 from conftest import assert_state_equal, state_copy
 
@@ -224,3 +224,67 @@ def _row(weight, row, value):
     delta = torch.zeros_like(weight)
     delta[row] = value
     return delta
+
+
+class _Codebook(torch.nn.Module):
+    """A patch holding every edit so far (GRACE-like): adds ``sum(values)`` to its host's output."""
+
+    def __init__(self, values: list[float], width: int):
+        super().__init__()
+        self.register_buffer("values", torch.tensor(values, dtype=torch.float32))
+        self.width = width
+
+    def forward(self, x):
+        return torch.full(x.shape[:-1] + (self.width,), float(self.values.sum()), dtype=x.dtype, device=x.device)
+
+
+class _Stateful(Editor):
+    """Each edit replaces the codebook patch with one holding one more value; the stream state is
+    the list of values (what a stream checkpoint would hold)."""
+
+    stateful = True
+
+    def __init__(self, host: str, width: int, fail_at: int | None = None):
+        self.host, self.width, self.fail_at = host, width, fail_at
+
+    def compute_edit(self, model, tokenizer, records, state=None):
+        values = list(state["values"]) if state else []
+        values.append(0.01 * (len(values) + 1))
+        if self.fail_at is not None and len(values) == self.fail_at:
+            raise EditError("refused on purpose")
+        return Edit(patches={self.host: _Codebook(values, self.width)}, replace=True, state={"values": values})
+
+
+def test_a_stateful_editor_replaces_its_patch_and_keeps_its_state_in_the_session(tiny, records):
+    """edit_in passes the session's stream state; a replacing patch retires the earlier one at its
+    host; a failed edit (here: refused by the verifier) brings back the old patch and state; the
+    editor object itself holds nothing; restore forgets the state."""
+    bundle = tiny("llama")
+    model, tok = bundle.model, bundle.tokenizer
+    before = state_copy(model)
+    host = next(n for n, _ in model.named_modules() if n.endswith("layers.0.mlp"))
+    editor = _Stateful(host, model.config.hidden_size)
+    session = WeightEditSession(model)
+    inputs = tok(records[0].prompt, return_tensors="pt")
+    outputs = []
+    for _ in range(3):
+        session.apply(editor.edit_in(session, tok, records[:1]))
+        outputs.append(model(**inputs).logits)
+    assert session.stream_state == {"values": [0.01, 0.02, 0.03]}
+    assert len(session.patches) == 1 and session.patches[0].values.tolist() == pytest.approx([0.01, 0.02, 0.03])
+    with pytest.raises(EditError, match="undone"):
+        session.apply(editor.edit_in(session, tok, records[:1]), verify=lambda s: (_ for _ in ()).throw(
+            EditError("undone")))
+    assert session.stream_state == {"values": [0.01, 0.02, 0.03]} and len(session.patches) == 1
+    assert torch.equal(model(**inputs).logits, outputs[-1])
+    with session.suspended():  # the unedited model: the codebook's patch is off
+        assert not torch.equal(model(**inputs).logits, outputs[-1])
+    with pytest.raises(EditError, match="on purpose"):
+        _Stateful(host, model.config.hidden_size, fail_at=4).edit_in(session, tok, records[:1])
+    session.restore()
+    assert session.stream_state is None and not session.patches
+    assert_state_equal(model, before)
+    assert all(not m._forward_hooks for m in model.modules())
+    with editor.apply(model, tok, records[:1]) as fresh:  # a new session starts a new stream
+        assert fresh.stream_state == {"values": [0.01]}
+    assert_state_equal(model, before)
