@@ -97,7 +97,8 @@ class GraceAdapter(nn.Module):
     a submodule (the adapter is itself registered on the host).
     """
 
-    def __init__(self, host: nn.Module, keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor) -> None:
+    def __init__(self, host: nn.Module, keys: torch.Tensor, values: torch.Tensor,
+                 radii: torch.Tensor) -> None:
         super().__init__()
         if keys.dim() != 2 or values.dim() != 2 or radii.dim() != 1 or not (
                 keys.shape[0] == values.shape[0] == radii.shape[0] > 0):
@@ -148,7 +149,8 @@ def update_codebook(codebook: dict[str, Any], query: torch.Tensor, init_value: t
     new = dict(codebook, labels=list(codebook["labels"]), ids=list(codebook["ids"]))
     keys = codebook["keys"]
     if keys is None or keys.shape[0] == 0:
-        new.update(keys=q.clone(), values=v.clone(), radii=torch.tensor([eps]), labels=[label], ids=[record_id])
+        new.update(keys=q.clone(), values=v.clone(), radii=torch.tensor([eps]), labels=[label],
+                   ids=[record_id])
         return new, 0, "add"
     keys, values, radii = keys.clone(), codebook["values"].clone(), codebook["radii"].clone()
     dists = torch.cdist(keys, q).flatten()
@@ -244,8 +246,8 @@ class GRACE(Editor):
             raise EditError(f"GRACE: non-finite codebook after records {[r.record_id for r in records]}")
         return Edit(patches={path: adapter}, replace=True, state=codebook)
 
-    def _edit_one(self, model: nn.Module, tokenizer, record: EditRecord, layer: int, path: str, host: nn.Module,
-                  codebook: dict[str, Any]) -> dict[str, Any]:
+    def _edit_one(self, model: nn.Module, tokenizer, record: EditRecord, layer: int, path: str,
+                  host: nn.Module, codebook: dict[str, Any]) -> dict[str, Any]:
         replay = HostReplay(model, tokenizer, [record], layer, "GRACE")
         last = int(replay.batch.prompt_lengths[0]) - 1
         with torch.no_grad(), Trace(model, [path], retain_input=True, retain_output=True, stop=True) as trace:

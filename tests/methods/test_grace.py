@@ -226,3 +226,20 @@ def test_a_sequential_stream_through_the_edit_loop_keeps_its_earlier_edits(tiny_
     assert len(rows) == len(STREAM)
     assert summary["pre/reliability"] == 0.0 and summary["post/reliability"] == 1.0
     assert all(r["final"]["reliability"] == 1.0 for r in rows)  # every edit still holds after the stream
+
+
+def test_a_warm_value_starts_at_the_module_own_output(tiny_deep):
+    """value_init='warm': the new entry's value is the host's output at the query, so an untrained
+    value (one step at a negligible learning rate) leaves the model's answer where it was."""
+    bundle = tiny_deep("llama")
+    rec = STREAM[0]
+    inputs = bundle.tokenizer(rec.prompt, return_tensors="pt")
+    with torch.no_grad():
+        logits = bundle.model(**inputs).logits
+    edit = GRACE(**{**FAST, "value_init": "warm", "n_iter": 1, "edit_lr": 1e-9}).compute_edit(
+        bundle.model, bundle.tokenizer, [rec])
+    cold = GRACE(**{**FAST, "n_iter": 1, "edit_lr": 1e-9}).compute_edit(bundle.model, bundle.tokenizer, [rec])
+    with applied(bundle.model, edit), torch.no_grad():
+        assert torch.allclose(bundle.model(**inputs).logits, logits, atol=1e-4)
+    with applied(bundle.model, cold), torch.no_grad():
+        assert not torch.allclose(bundle.model(**inputs).logits, logits, atol=1e-4)
