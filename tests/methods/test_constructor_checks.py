@@ -20,6 +20,7 @@ from editlab.errors import SettingError
 from editlab.methods.base import Editor
 from editlab.methods.calinet import CaliNet
 from editlab.methods.ft import FTL
+from editlab.methods.grace import GRACE
 from editlab.methods.ike import IKE
 from editlab.methods.ke import KE
 from editlab.methods.keyvalue import KeyValueEditor
@@ -147,6 +148,11 @@ TABLE: dict[type, list[tuple]] = {
         ("layer", 1.5), ("layer", None), ("num_slots", 0), ("num_slots", 64.0), ("lr", 0), ("max_steps", 0),
         ("early_stop_loss", -1.0), ("early_stop_loss", "0.01"), ("grad_clip", 0), ("gated", "auto"),
         ("gated", 1), ("seed", 1.5),
+    ],
+    GRACE: [
+        ("layer", 1.5), ("layer", "35"), ("layer", True), ("module", "mlp"), ("module", None), ("eps", 0),
+        ("eps", -1.0), ("eps", NAN), ("edit_lr", 0), ("edit_lr", "1.0"), ("n_iter", 0), ("n_iter", 100.0),
+        ("value_init", "hot"), ("value_init", None), ("eps_expand", "decay"), ("seed", 1.5),
     ],
 }
 
