@@ -17,6 +17,7 @@ import pytest
 
 import editlab.methods
 from editlab.errors import SettingError
+from editlab.methods.alphaedit import AlphaEdit
 from editlab.methods.base import Editor
 from editlab.methods.calinet import CaliNet
 from editlab.methods.ft import FTL
@@ -147,6 +148,11 @@ TABLE: dict[type, list[tuple]] = {
         ("layer", 1.5), ("layer", None), ("num_slots", 0), ("num_slots", 64.0), ("lr", 0), ("max_steps", 0),
         ("early_stop_loss", -1.0), ("early_stop_loss", "0.01"), ("grad_clip", 0), ("gated", "auto"),
         ("gated", 1), ("seed", 1.5),
+    ],
+    AlphaEdit: KEY_VALUE + [
+        ("nullspace_threshold", 0), ("nullspace_threshold", -0.02), ("nullspace_threshold", "2e-2"),
+        ("nullspace_threshold", NAN), ("L2", 0), ("L2", -10.0), ("L2", None), ("L2", INF),
+        ("v_batch_requests", 0), ("v_batch_requests", 1.5),
     ],
 }
 
