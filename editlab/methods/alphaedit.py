@@ -138,13 +138,14 @@ class AlphaEdit(MEMIT):
     def projections(self, model: nn.Module, tokenizer) -> dict[int, torch.Tensor]:
         """``{layer: P}`` (float32, CPU), built once per process from the key statistics."""
         stats = self.stats
-        setting = (stats.corpus.key, stats.n_tokens, str(stats.dtype), str(stats.cache_dir), self.nullspace_threshold)
+        setting = (stats.corpus.key, stats.n_tokens, str(stats.dtype), str(stats.cache_dir),
+                   self.nullspace_threshold)
         ident = model_identity(model)
         keys = {layer: (ident, layer, setting) for layer in self.layers}
         missing = [layer for layer in self.layers if keys[layer] not in _PROJECTIONS]
         if missing:
-            moments = layer_stats(model, tokenizer, missing, stats.corpus, n_tokens=stats.n_tokens, dtype=stats.dtype,
-                                  cache_dir=stats.cache_dir, progress=False)
+            moments = layer_stats(model, tokenizer, missing, stats.corpus, n_tokens=stats.n_tokens,
+                                  dtype=stats.dtype, cache_dir=stats.cache_dir, progress=False)
             for layer in missing:
                 proj = null_space_projection(moments[layer].mom2, self.nullspace_threshold)
                 rank = round(float(torch.trace(proj)))
@@ -175,7 +176,8 @@ class AlphaEdit(MEMIT):
         return grams
 
     # ------------------------------------------------------------------------------ the edit
-    def compute_edit(self, model: nn.Module, tokenizer, records: Sequence[EditRecord], state: Any = None) -> Edit:
+    def compute_edit(self, model: nn.Module, tokenizer, records: Sequence[EditRecord],
+                     state: Any = None) -> Edit:
         """The edit of ``records`` on top of the stream's earlier edits (``state``: their keys'
         Gram matrices per layer, None at the stream's start); the new state adds this batch's."""
         self.check(model, records)

@@ -1,5 +1,6 @@
 """AlphaEdit on tiny models: the update formula, the null-space constraint, the stream state."""
 
+import dataclasses
 import json
 
 import lightning as L
@@ -88,8 +89,8 @@ def test_update_solves_the_reference_system_and_stays_in_the_null_space():
     resid = torch.randn(d_out, n, generator=g, dtype=torch.float64)
     upd = alphaedit_update(keys, resid, proj, earlier @ earlier.T, l2)
     # the reference: X = solve(P (K Kᵀ + K_p K_pᵀ) + L2 I, P K Rᵀ), Δ = Xᵀ
-    ref = torch.linalg.solve(proj @ (keys @ keys.T + earlier @ earlier.T) + l2 * torch.eye(d_in, dtype=torch.float64),
-                             proj @ keys @ resid.T).T
+    system = proj @ (keys @ keys.T + earlier @ earlier.T) + l2 * torch.eye(d_in, dtype=torch.float64)
+    ref = torch.linalg.solve(system, proj @ keys @ resid.T).T
     torch.testing.assert_close(upd, ref)
     torch.testing.assert_close(upd @ proj, upd)
     assert (upd @ basis[:, 7:]).abs().max() < 1e-12
@@ -125,8 +126,8 @@ def test_update_lies_in_the_null_space_of_the_preserved_keys(tiny_deep, corpus, 
     recs = make_records()[:2]
     editor = _alpha(corpus, tmp_path)
     deltas = _layer_deltas(bundle.model, editor.compute_edit(bundle.model, bundle.tokenizer, recs).deltas)
-    memit = MEMIT(**{k: v for k, v in FAST.items() if k not in ("nullspace_threshold", "L2")}, mom2_update_weight=1.0,
-                  mom2_corpus=corpus, stats_cache_dir=str(tmp_path / "stats"))
+    shared = {k: v for k, v in FAST.items() if k not in ("nullspace_threshold", "L2")}
+    memit = MEMIT(**shared, mom2_update_weight=1.0, mom2_corpus=corpus, stats_cache_dir=str(tmp_path / "stats"))
     free = _layer_deltas(bundle.model, memit.compute_deltas(bundle.model, bundle.tokenizer, recs))
     moments = layer_stats(bundle.model, bundle.tokenizer, LAYERS, corpus, cache_dir=tmp_path / "stats",
                           dtype=torch.float32, progress=False)
@@ -195,7 +196,7 @@ def test_the_state_accumulates_the_keys_and_the_next_edit_uses_it(tiny_deep, cor
         assert session.stream_state is state1
         assert_state_equal(model, edited)
         # so does an edit the editor cannot compute
-        broken = recs[1].__class__(**{**recs[1].__dict__, "subject": "nowhere in the prompt"})
+        broken = dataclasses.replace(recs[1], subject="nowhere in the prompt")
         with pytest.raises(EditError, match="subject"):
             session.apply(editor.edit_in(session, tok, [broken]))
         assert session.stream_state is state1
@@ -205,7 +206,8 @@ def test_the_state_accumulates_the_keys_and_the_next_edit_uses_it(tiny_deep, cor
         path = tmp_path / "state.pt"  # what a stream checkpoint holds
         torch.save(session.stream_state, path)
         loaded = torch.load(path, weights_only=True)
-        assert loaded["layers"] == LAYERS and all(torch.equal(a, b) for a, b in zip(loaded["grams"], second.state["grams"]))
+        assert loaded["layers"] == LAYERS
+        assert all(torch.equal(a, b) for a, b in zip(loaded["grams"], second.state["grams"]))
         assert not any(isinstance(v, torch.Tensor) for v in vars(editor).values())  # no state on the editor
     finally:
         session.restore()
@@ -229,13 +231,23 @@ def test_sequential_stream_through_the_edit_loop(tiny_deep, corpus, tmp_path):
     bundle = tiny_deep("llama")
     before = state_copy(bundle.model)
     recs = make_records()
+    editor = _alpha(corpus, tmp_path)
+    received = []  # the stream state each edit of the loop is given
+    compute = editor.compute_edit
+
+    def spy(model, tokenizer, records, state=None):
+        received.append(None if state is None else state["edits"])
+        return compute(model, tokenizer, records, state=state)
+
+    editor.compute_edit = spy
     module = EditEvalModule(bundle, output_dir=str(tmp_path / "out"), score_after_stream=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[EditorCallback(_alpha(corpus, tmp_path), sequential=True)])
+                        callbacks=[EditorCallback(editor, sequential=True)])
     trainer.test(module, datamodule=EditDataModule(test=lambda: recs, batch_size=1), verbose=False)
     rows = [json.loads(x) for x in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert_state_equal(bundle.model, before)
+    assert received == [None, 1, 2]  # each edit builds on the keys of the ones before
     assert len(rows) == 3 and all(r["edit_seconds"] > 0 for r in rows)
     summary = module.summary
     assert summary["post/reliability"] > summary["pre/reliability"]
