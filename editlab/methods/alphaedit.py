@@ -192,7 +192,7 @@ class AlphaEdit(MEMIT):
         deltas = self.spread_updates(model, tokenizer, records, solve)
         new_grams = [(grams[layer] if earlier[layer] is None else earlier[layer].double() + grams[layer]).float()
                      for layer in self.layers]
-        edits = (int(state["edits"]) if state is not None else 0) + len(records)
+        edits = (int(state.get("edits", 0)) if state is not None else 0) + len(records)
         return Edit(deltas=deltas, state={"layers": list(self.layers), "grams": new_grams, "edits": edits})
 
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
