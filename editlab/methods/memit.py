@@ -27,7 +27,7 @@ value optimisation runs ``v_batch_requests`` requests at a time (exact: requests
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -127,9 +127,18 @@ class MEMIT(KeyValueEditor):
 
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
         self.check(model, records)
+        covs = self.stats.mom2(model, tokenizer, self.layers)
+        return self.spread_updates(
+            model, tokenizer, records,
+            lambda layer, keys, resid: memit_update(keys, resid, covs[layer], self.mom2_update_weight))
+
+    def spread_updates(self, model: nn.Module, tokenizer, records: Sequence[EditRecord],
+                       solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> Deltas:
+        """Steps 1 and 2 with the layer update ``solve(layer, K, R) → ΔW`` (keys ``K`` ``[d_in, n]``,
+        residuals ``R`` ``[d_out, n]``, float64 CPU; ``ΔW`` ``[d_out, d_in]``): MEMIT's solve is
+        :func:`memit_update`; AlphaEdit substitutes its null-space projected one."""
         spec = arch_for(model)
         templates = self.templates(model, tokenizer)
-        covs = self.stats.mom2(model, tokenizer, self.layers)
         z_site = spec.module_path(model, "residual", self.layers[-1])
         zs = self.target_residuals(model, tokenizer, records, templates)
         deltas: Deltas = {}
@@ -141,12 +150,13 @@ class MEMIT(KeyValueEditor):
                 k = keys[layer].T.cpu()  # [d_in, n]
                 cur = extras[z_site].double().cpu()  # [n, d]
                 resid = (zs - cur).T / (len(self.layers) - j)  # [d, n]
-                upd = memit_update(k, resid, covs[layer], self.mom2_update_weight)
+                upd = solve(layer, k, resid)
                 path = spec.module_path(model, "mlp_out", layer)
                 param = get_module(model, path).weight
                 delta = spec.delta_to_param(upd).to(param.dtype).to(param.device)
                 name = f"{path}.weight"
-                log.debug("MEMIT layer %d: |resid| %.3f |ΔW| %.3f", layer, resid.norm().item(), upd.norm().item())
+                log.debug("%s layer %d: |resid| %.3f |ΔW| %.3f", self.method, layer, resid.norm().item(),
+                          upd.norm().item())
                 session.apply({name: delta})  # the next layers see this one's update
                 deltas[name] = delta
         finally:

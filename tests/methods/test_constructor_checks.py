@@ -17,6 +17,7 @@ import pytest
 
 import editlab.methods
 from editlab.errors import SettingError
+from editlab.methods.alphaedit import AlphaEdit
 from editlab.methods.base import Editor
 from editlab.methods.calinet import CaliNet
 from editlab.methods.ft import FTL
@@ -153,6 +154,11 @@ TABLE: dict[type, list[tuple]] = {
         ("layer", 1.5), ("layer", "35"), ("layer", True), ("module", "mlp"), ("module", None), ("eps", 0),
         ("eps", -1.0), ("eps", NAN), ("edit_lr", 0), ("edit_lr", "1.0"), ("n_iter", 0), ("n_iter", 100.0),
         ("value_init", "hot"), ("value_init", None), ("eps_expand", "decay"), ("seed", 1.5),
+    ],
+    AlphaEdit: KEY_VALUE + [
+        ("nullspace_threshold", 0), ("nullspace_threshold", -0.02), ("nullspace_threshold", "2e-2"),
+        ("nullspace_threshold", NAN), ("L2", 0), ("L2", -10.0), ("L2", None), ("L2", INF),
+        ("v_batch_requests", 0), ("v_batch_requests", 1.5),
     ],
 }
 
