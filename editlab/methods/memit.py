@@ -125,6 +125,13 @@ class MEMIT(KeyValueEditor):
             self.last_losses += res.losses
         return torch.cat(zs)
 
+    def layer_update(self, keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """One layer's update ``ΔW`` ``[d_out, d_in]`` (float64) from its keys ``K`` ``[d_in, n]``, the
+        residuals ``R`` ``[d_out, n]`` assigned to it and its key second moment ``C``: MEMIT's
+        least-squares solve (:func:`memit_update`).  A variant of MEMIT with another per-layer
+        solve (EMMET's equality constraints) overrides this; everything else is shared."""
+        return memit_update(keys, residuals, cov, self.mom2_update_weight)
+
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
         self.check(model, records)
         spec = arch_for(model)
@@ -141,12 +148,13 @@ class MEMIT(KeyValueEditor):
                 k = keys[layer].T.cpu()  # [d_in, n]
                 cur = extras[z_site].double().cpu()  # [n, d]
                 resid = (zs - cur).T / (len(self.layers) - j)  # [d, n]
-                upd = memit_update(k, resid, covs[layer], self.mom2_update_weight)
+                upd = self.layer_update(k, resid, covs[layer])
                 path = spec.module_path(model, "mlp_out", layer)
                 param = get_module(model, path).weight
                 delta = spec.delta_to_param(upd).to(param.dtype).to(param.device)
                 name = f"{path}.weight"
-                log.debug("MEMIT layer %d: |resid| %.3f |ΔW| %.3f", layer, resid.norm().item(), upd.norm().item())
+                log.debug("%s layer %d: |resid| %.3f |ΔW| %.3f", self.method, layer, resid.norm().item(),
+                          upd.norm().item())
                 session.apply({name: delta})  # the next layers see this one's update
                 deltas[name] = delta
         finally:
