@@ -1,11 +1,11 @@
 """EMMET: batched editing with the edited facts as equality constraints.
 
-Gupta, Sajnani and Anumanchipalli 2024, "A Unified Framework for Model Editing" (arXiv 2403.14236),
-and Gupta, Baskaran and Anumanchipalli 2024, "Unified and Efficient Batched Editing" (EMMET up to
-10,000 edits per batch).  Defaults follow the reference repository
-scalable-model-editing/unified-model-editing (``hparams/EMMET/gpt2-xl.json``: layer 17, 20 value
-steps, lr 0.5, weight decay 0.5, clamp factor 0.75, KL factor 0.0625, ``mom2_update_weight`` 1000,
-``emmet_lambda`` 0.1, ``update_norm_lambda`` 0); the update is that of ``emmet/emmet_main.py``.
+Gupta, Sajnani and Anumanchipalli 2024, "A Unified Framework for Model Editing" (arXiv 2403.14236;
+the reference repository reports EMMET with batches of up to 10,000 edits).  Defaults follow the
+reference repository scalable-model-editing/unified-model-editing (``hparams/EMMET/gpt2-xl.json``:
+layer 17, 20 value steps, lr 0.5, weight decay 0.5, clamp factor 0.75, KL factor 0.0625,
+``mom2_update_weight`` 1000, ``emmet_lambda`` 0.1, ``update_norm_lambda`` 0); the update is that of
+``emmet/emmet_main.py`` (``execute_emmet``).
 
 The preservation–memorization view: an MLP output projection ``W₀`` should keep its outputs on
 the keys ``K₀`` it has seen (second moment ``C₀ = E[k kᵀ]``) and map the edited keys ``K₁`` to
@@ -82,7 +82,7 @@ def emmet_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor,
     d = (d + d.T) / 2
     if n > 1:
         d = d + emmet_lambda * torch.eye(n, dtype=d.dtype, device=d.device)  # against an ill-conditioned D
-    rank_deficient = n > d_in and not (n > 1 and emmet_lambda > 0)
+    rank_deficient = n > d_in and emmet_lambda == 0  # singular by construction
     chol_d, info = torch.linalg.cholesky_ex(d)
     if int(info) == 0 and not rank_deficient:
         adj = torch.cholesky_solve(a_inv_k.T, chol_d)  # D⁻¹ Kᵀ A⁻¹, [n, d_in]

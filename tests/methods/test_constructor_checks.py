@@ -19,6 +19,7 @@ import editlab.methods
 from editlab.errors import SettingError
 from editlab.methods.base import Editor
 from editlab.methods.calinet import CaliNet
+from editlab.methods.emmet import EMMET
 from editlab.methods.ft import FTL
 from editlab.methods.ike import IKE
 from editlab.methods.ke import KE
@@ -147,6 +148,12 @@ TABLE: dict[type, list[tuple]] = {
         ("layer", 1.5), ("layer", None), ("num_slots", 0), ("num_slots", 64.0), ("lr", 0), ("max_steps", 0),
         ("early_stop_loss", -1.0), ("early_stop_loss", "0.01"), ("grad_clip", 0), ("gated", "auto"),
         ("gated", 1), ("seed", 1.5),
+    ],
+    EMMET: KEY_VALUE + [
+        ("mom2_update_weight", 0), ("mom2_update_weight", -1.0), ("mom2_update_weight", "1000"),
+        ("v_batch_requests", 0), ("v_batch_requests", 1.5),
+        ("emmet_lambda", -0.1), ("emmet_lambda", None), ("emmet_lambda", "0.1"), ("emmet_lambda", INF),
+        ("update_norm_lambda", -1.0), ("update_norm_lambda", None), ("update_norm_lambda", NAN),
     ],
 }
 

@@ -69,7 +69,8 @@ def test_regulariser_and_covariance_scale_as_in_the_reference():
     upd = emmet_update(keys, resid, cov, weight=w, emmet_lambda=lam)
     d = keys.T @ torch.linalg.inv(w * cov) @ keys
     # the constraints hold up to the regulariser: ΔW K = R (D + λI)⁻¹ D
-    torch.testing.assert_close(upd @ keys, resid @ torch.linalg.inv(d + lam * torch.eye(5, dtype=d.dtype)) @ d)
+    eye = torch.eye(5, dtype=d.dtype)
+    torch.testing.assert_close(upd @ keys, resid @ torch.linalg.inv(d + lam * eye) @ d)
     assert (upd @ keys - resid).norm() > 1e-6 * resid.norm()
     # without the regulariser the scale of C cancels
     torch.testing.assert_close(emmet_update(keys, resid, cov, weight=w, emmet_lambda=0.0),
@@ -98,7 +99,8 @@ def test_batch_larger_than_the_key_dimension():
     reg = emmet_update(keys, resid, cov, emmet_lambda=0.1)
     assert torch.isfinite(reg).all()
     d = keys.T @ torch.linalg.inv(cov) @ keys
-    torch.testing.assert_close(reg @ keys, resid @ torch.linalg.inv(d + 0.1 * torch.eye(20, dtype=d.dtype)) @ d)
+    eye = torch.eye(20, dtype=d.dtype)
+    torch.testing.assert_close(reg @ keys, resid @ torch.linalg.inv(d + 0.1 * eye) @ d)
     pinv = emmet_update(keys, resid, cov, emmet_lambda=0.0)
     assert torch.isfinite(pinv).all()
     err = pinv @ keys - resid
@@ -117,7 +119,8 @@ def _emmet(corpus, tmp_path, **kw):
 
 
 def _nll(bundle, recs):
-    return score_pairs(bundle.model, bundle.tokenizer, [r.prompt for r in recs], [r.target_new for r in recs]).nll
+    prompts, targets = [r.prompt for r in recs], [r.target_new for r in recs]
+    return score_pairs(bundle.model, bundle.tokenizer, prompts, targets).nll
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "gptj"])  # gpt2: transposed (Conv1D) weights
@@ -183,7 +186,12 @@ def test_batch_larger_than_the_key_dimension_through_the_editor(tiny_deep, corpu
     monkeypatch.setattr(editor, "target_residuals", fixed)
     seen = {}
     solve = editor.layer_update
-    monkeypatch.setattr(editor, "layer_update", lambda k, r, c: seen.setdefault("upd", (k, r, solve(k, r, c)))[2])
+
+    def spy(k, r, c):
+        seen["upd"] = (k, r, solve(k, r, c))
+        return seen["upd"][2]
+
+    monkeypatch.setattr(editor, "layer_update", spy)
     deltas = editor.compute_deltas(bundle.model, bundle.tokenizer, recs)
     ((name, delta),) = deltas.items()
     assert torch.isfinite(delta).all() and delta.abs().max() > 0
