@@ -125,18 +125,24 @@ class MEMIT(KeyValueEditor):
             self.last_losses += res.losses
         return torch.cat(zs)
 
+    def layer_update(self, keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """One layer's update ``ΔW`` ``[d_out, d_in]`` (float64) from its keys ``K`` ``[d_in, n]``, the
+        residuals ``R`` ``[d_out, n]`` assigned to it and its key second moment ``C``: MEMIT's
+        least-squares solve (:func:`memit_update`).  A variant of MEMIT with another per-layer
+        solve (EMMET's equality constraints) overrides this; everything else is shared."""
+        return memit_update(keys, residuals, cov, self.mom2_update_weight)
+
     def compute_deltas(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]) -> Deltas:
         self.check(model, records)
         covs = self.stats.mom2(model, tokenizer, self.layers)
-        return self.spread_updates(
-            model, tokenizer, records,
-            lambda layer, keys, resid: memit_update(keys, resid, covs[layer], self.mom2_update_weight))
+        return self.spread_updates(model, tokenizer, records,
+                                   lambda layer, keys, resid: self.layer_update(keys, resid, covs[layer]))
 
     def spread_updates(self, model: nn.Module, tokenizer, records: Sequence[EditRecord],
                        solve: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]) -> Deltas:
         """Steps 1 and 2 with the layer update ``solve(layer, K, R) → ΔW`` (keys ``K`` ``[d_in, n]``,
         residuals ``R`` ``[d_out, n]``, float64 CPU; ``ΔW`` ``[d_out, d_in]``): MEMIT's solve is
-        :func:`memit_update`; AlphaEdit substitutes its null-space projected one."""
+        :meth:`layer_update` (EMMET overrides it); AlphaEdit substitutes its null-space projected one."""
         spec = arch_for(model)
         templates = self.templates(model, tokenizer)
         z_site = spec.module_path(model, "residual", self.layers[-1])

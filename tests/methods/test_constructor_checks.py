@@ -20,6 +20,7 @@ from editlab.errors import SettingError
 from editlab.methods.alphaedit import AlphaEdit
 from editlab.methods.base import Editor
 from editlab.methods.calinet import CaliNet
+from editlab.methods.emmet import EMMET
 from editlab.methods.ft import FTL
 from editlab.methods.grace import GRACE
 from editlab.methods.ike import IKE
@@ -159,6 +160,12 @@ TABLE: dict[type, list[tuple]] = {
         ("nullspace_threshold", 0), ("nullspace_threshold", -0.02), ("nullspace_threshold", "2e-2"),
         ("nullspace_threshold", NAN), ("L2", 0), ("L2", -10.0), ("L2", None), ("L2", INF),
         ("v_batch_requests", 0), ("v_batch_requests", 1.5),
+    ],
+    EMMET: KEY_VALUE + [
+        ("mom2_update_weight", 0), ("mom2_update_weight", -1.0), ("mom2_update_weight", "1000"),
+        ("v_batch_requests", 0), ("v_batch_requests", 1.5),
+        ("emmet_lambda", -0.1), ("emmet_lambda", None), ("emmet_lambda", "0.1"), ("emmet_lambda", INF),
+        ("update_norm_lambda", -1.0), ("update_norm_lambda", None), ("update_norm_lambda", NAN),
     ],
 }
 
