@@ -372,8 +372,9 @@ class WISE(Editor):
         self.weight_decay = require_float(weight_decay, "weight_decay", ge=0)
         pairs = require_list(context_template_length_params, "context_template_length_params", empty=True)
         for pair in pairs:
-            require(isinstance(pair, (list, tuple)) and len(pair) == 2, "context_template_length_params",
-                    "must hold [length, count] pairs", context_template_length_params)
+            ok = isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
+            require(ok, "context_template_length_params", "must hold [length, count] pairs",
+                    context_template_length_params)
             require_ints(pair, "context_template_length_params", ge=1)
         self.context_template_length_params = [tuple(int(v) for v in p) for p in pairs]
         self.template_prompts = require_strs(template_prompts, "template_prompts")
