@@ -32,6 +32,7 @@ from editlab.methods.mend import MEND
 from editlab.methods.rome import ROME
 from editlab.methods.serac import SERAC
 from editlab.methods.t_patcher import TPatcher
+from editlab.methods.wise import WISE
 
 NAN, INF = float("nan"), float("inf")
 
@@ -166,6 +167,18 @@ TABLE: dict[type, list[tuple]] = {
         ("v_batch_requests", 0), ("v_batch_requests", 1.5),
         ("emmet_lambda", -0.1), ("emmet_lambda", None), ("emmet_lambda", "0.1"), ("emmet_lambda", INF),
         ("update_norm_lambda", -1.0), ("update_norm_lambda", None), ("update_norm_lambda", NAN),
+    ],
+    WISE: [
+        ("layer", 1.5), ("layer", None), ("mask_ratio", 0), ("mask_ratio", 1.5), ("edit_lr", 0), ("n_iter", 0),
+        ("n_iter", 70.0), ("norm_constraint", 0), ("norm_constraint", "1"), ("act_margin", [5.0, 20.0]),
+        ("act_margin", [5.0, NAN, 10.0]), ("act_margin", "5,20,10"), ("act_margin", [5.0, True, 10.0]),
+        ("act_ratio", 0), ("act_ratio", None), ("save_freq", 0), ("save_freq", 500.0), ("merge_freq", 0),
+        ("merge_freq", 750), ("merge_alg", "slerp"), ("merge_alg", None), ("retrieve", 1), ("weights", 0),
+        ("densities", 0), ("densities", 1.5), ("weight_decay", -1e-5),
+        ("context_template_length_params", [[5]]), ("context_template_length_params", [[5, 0]]),
+        ("template_prompts", []), ("template_prompts", "I"), ("template_seed", 0.5),
+        ("irrelevant_corpus", []), ("irrelevant_corpus", [" "]), ("irrelevant_corpus", "some text"),
+        ("irrelevant_count", 0), ("irrelevant_max_tokens", 0), ("seed", "0"),
     ],
 }
 
