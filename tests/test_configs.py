@@ -32,7 +32,8 @@ FIT_PRESETS = [f for f in _options("fit") if "/" in f]
 # an experiment's name starts with its method; the editor class each method config builds
 EDITOR_CLASS = {"ft": "FTL", "rome": "ROME", "memit": "MEMIT", "kn": "KN", "mend": "MEND", "ke": "KE",
                 "serac": "SERAC", "ike": "IKE", "t_patcher": "TPatcher", "calinet": "CaliNet",
-                "grace": "GRACE", "alphaedit": "AlphaEdit", "emmet": "EMMET", "wise": "WISE"}
+                "grace": "GRACE", "alphaedit": "AlphaEdit", "emmet": "EMMET", "wise": "WISE",
+                "ultraedit": "UltraEdit"}
 
 
 def _compose(overrides):

@@ -33,6 +33,7 @@ from editlab.methods.rome import ROME
 from editlab.methods.serac import SERAC
 from editlab.methods.t_patcher import TPatcher
 from editlab.methods.wise import WISE
+from editlab.methods.ultraedit import UltraEdit
 
 NAN, INF = float("nan"), float("inf")
 
@@ -180,6 +181,11 @@ TABLE: dict[type, list[tuple]] = {
         ("irrelevant_corpus", []), ("irrelevant_corpus", [" "]), ("irrelevant_corpus", "some text"),
         ("irrelevant_count", 0), ("irrelevant_max_tokens", 0), ("seed", "0"),
     ],
+    UltraEdit: [
+        ("mlp_gate_layers", [-1]), ("mlp_gate_layers", 3), ("mlp_in_layers", [1.5]), ("mlp_in_layers", [2, 2]),
+        ("mlp_out_layers", "20"), ("mlp_out_layers", [], {"mlp_gate_layers": [], "mlp_in_layers": []}),
+        ("lr", 0), ("lr", NAN), ("lam", 0.0), ("lam", INF), ("lam", "1"), ("chunk_size", 0), ("chunk_size", 2.5),
+    ],
 }
 
 ROWS = [(cls, *row) if len(row) == 3 else (cls, *row, {}) for cls, rows in TABLE.items() for row in rows]
@@ -244,6 +250,7 @@ def test_ftl_early_stop_loss_none_is_refused_when_built():
     (TPatcher, {"layer": -1, "grad_clip": None, "value_amplify": None, "activation": "gelu_new",
                 "memory_corpus": ["a prompt"], "memory_margin_edit": -1}),
     (CaliNet, {"layer": 0, "early_stop_loss": None, "grad_clip": None, "gated": True, "lr": 1}),
+    (UltraEdit, {"mlp_gate_layers": [], "mlp_in_layers": [], "mlp_out_layers": [3, 1], "lr": 1, "lam": 2}),
 ])
 def test_good_values_construct_and_numbers_are_kept_as_their_type(cls, kwargs):
     editor = _build(cls, **kwargs)
