@@ -248,7 +248,7 @@ def check_resume(cfg: DictConfig) -> None:
     """Refuse a stream resume that cannot give the stream's results: a checkpoint that cannot be
     read, or one written under other settings (the differing keys are named), or a run that would
     train its editor again (``fit`` without ``ckpt_path``)."""
-    path = cfg.module.get("resume_from")
+    path = OmegaConf.select(cfg, "module.resume_from")
     if not path:
         return
     if cfg.get("fit") is not None and not cfg.get("ckpt_path"):
@@ -379,7 +379,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
     with settings_of("module"):
         module = hydra.utils.instantiate(cfg.module, model=bundle)
-    if cfg.module.get("checkpoint_every") or cfg.module.get("resume_from"):
+    if OmegaConf.select(cfg, "module.checkpoint_every") or OmegaConf.select(cfg, "module.resume_from"):
         # stored in stream checkpoints (check_resume compares it); set here, not passed to
         # instantiate, which would build the `_target_`s it names
         module.run_config = run_fingerprint(cfg)

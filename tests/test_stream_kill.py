@@ -46,8 +46,8 @@ def _train(tmp_path, *overrides, multirun=False):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
                EDITLAB_DATA_DIR=str(tmp_path))
     env.pop("HYDRA_FULL_ERROR", None)
-    cmd = [sys.executable, "-m", "editlab.train", *(["-m"] if multirun else []), *BASE, f"+model.marker={tmp_path / 'model_loaded'}", *STREAM,
-           *overrides]
+    cmd = [sys.executable, "-m", "editlab.train", *(["-m"] if multirun else []), *BASE,
+           f"+model.marker={tmp_path / 'model_loaded'}", *STREAM, *overrides]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -29,6 +29,13 @@ edited so far, "batches": batches so far, metric: value}`` in :attr:`EditEvalMod
 written to ``curves.csv`` / ``curves.png`` and logged as ``stream/{metric}`` with ``step`` = edits
 so far.
 
+Stream checkpoints (``checkpoint_every``, ``resume_from``; :mod:`editlab.lit.stream`): every
+``checkpoint_every`` batches, once the batch's rows are written, the module saves the session's
+edit state and its own (metric states, rows, curve points, caches, random states) into
+``<output_dir>/stream/``; a module given ``resume_from`` on a freshly loaded model puts all of it
+back (the editor callback re-installs the edits when the test epoch starts, :meth:`resume_session`),
+skips the batches done and goes on: its results are those of the stream never stopped.
+
 General ability (``general_ability``, a :class:`~editlab.evaluation.general.GeneralAbility`):
 perplexity on a held-out text sample and PIQA accuracy, measured on the whole model rather than per
 record: ``pre/general_…`` on the unedited model before the first edit; ``post/general_…`` in the

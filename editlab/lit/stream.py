@@ -36,7 +36,7 @@ import os
 import pkgutil
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,7 @@ def checkpoint_path(folder: Path, batches: int) -> Path:
 
 def write_stream_checkpoint(checkpoint: dict[str, Any], folder: Path) -> Path:
     """Write ``checkpoint`` atomically as ``folder/batch_<batches>.pt`` and remove the older ones."""
+    check_plain(checkpoint, "the stream checkpoint")  # what weights_only could not read back is refused now
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(folder, int(checkpoint["batches"]))

@@ -181,3 +181,28 @@ def test_records_round_trip_and_patches_are_allowlisted(tmp_path):
     assert latest_checkpoint(tmp_path).name == "batch_000002.pt"
     with pytest.raises(FileNotFoundError, match="no stream checkpoint"):
         resolve_resume(True, tmp_path / "empty")
+
+
+def test_reinstall_puts_back_the_streams_weights_bit_for_bit(tmp_path):
+    """Two deltas of 4e-8 on a weight of 1.0 (float32): added one at a time each rounds away, added
+    as their sum (8e-8) they do not.  A reinstalled session holds the stream's weights, its summed
+    deltas, and restores the fresh model's originals."""
+    from editlab.lit.stream import reinstall_session, session_snapshot
+    from editlab.methods.base import WeightEditSession
+
+    name = "model.layers.0.mlp.down_proj.weight"
+    streamed, fresh = tiny_model("llama", seed=0), tiny_model("llama", seed=0)
+    for bundle in (streamed, fresh):
+        torch.nn.init.ones_(dict(bundle.model.named_parameters())[name])
+    original = dict(fresh.model.named_parameters())[name].detach().clone()
+    session = WeightEditSession(streamed.model)
+    for _ in range(2):
+        session.apply({name: torch.full_like(original, 4e-8)})
+    weight = dict(streamed.model.named_parameters())[name].detach().clone()
+    assert torch.equal(weight, original) and not torch.equal(original + session.deltas[name], weight)
+    again = WeightEditSession(fresh.model)
+    reinstall_session(again, session_snapshot(session), None, fresh.tokenizer, tmp_path)
+    assert torch.equal(dict(fresh.model.named_parameters())[name], weight)
+    assert torch.equal(again.deltas[name], session.deltas[name])
+    again.restore()
+    assert torch.equal(dict(fresh.model.named_parameters())[name], original)
