@@ -34,6 +34,16 @@ files were merged into it, in the ``records.rank<N>.jsonl`` files beside it (eac
 ``--out FILE`` writes the table to FILE as well as to stdout: CSV when FILE ends in ``.csv``
 (a sweep's metrics at full precision), markdown otherwise.
 
+**Curves.**  ``--curves RUN [RUN ...]`` compares edit streams instead (the methods of a
+comparison): one figure per metric (reliability, locality, ...) with every run's curve against the
+number of edits, read from each run's ``curves.csv`` (a run folder, or the file), written as
+``<stem>_<metric>.png`` for ``--out <stem>.png`` (default ``curves.png``: ``curves_<metric>.png``
+in the current folder).  A run is labelled by its method's class (and its folder when two runs
+share one)::
+
+    python -m editlab.report --curves experiments/runs/ft_smollm2_stream/<t1> experiments/runs/memit_stream/<t2> \
+        --out cmp/stream.png
+
 ``--run EXP [EXP ...]`` first runs the named experiments that have no finished run yet
 (``python -m editlab.train experiment=EXP``, one after another), so one command reproduces the
 table from nothing::
@@ -382,6 +392,43 @@ def _run_missing(experiments: Sequence[str], root: Path, overrides: Sequence[str
         subprocess.run(cmd, check=True)
 
 
+def _curves_file(run: str | Path) -> Path:
+    path = Path(run)
+    found = path / "curves.csv" if path.is_dir() else path
+    if not found.is_file():
+        raise ValueError(f"{run}: no curves.csv (a stream run with stream.eval_every writes one)")
+    return found
+
+
+def _method_label(folder: Path) -> str:
+    for config in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):
+        if config.is_file():
+            method = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("method") or {}
+            if isinstance(method, dict) and method.get("_target_"):
+                return _class_name(method["_target_"])
+    return folder.name
+
+
+def compare_curves(runs: Sequence[str | Path], out: str | Path = "curves.png") -> list[Path]:
+    """One PNG per metric with every run's stream curve (:func:`editlab.lit.curves.plot_comparison`);
+    the files written."""
+    from editlab.lit.curves import plot_comparison, read_curves_csv
+
+    files = [_curves_file(run) for run in runs]
+    labels = [_method_label(f.parent) for f in files]
+    curves: dict[str, list[dict[str, float]]] = {}
+    for f, label in zip(files, labels):
+        if labels.count(label) > 1:
+            label = f"{label} ({f.parent.name})"
+        while label in curves:
+            label += "'"
+        curves[label] = read_curves_csv(f)
+    try:
+        return plot_comparison(curves, Path(out))
+    except ImportError as err:
+        raise ValueError("--curves needs matplotlib (pip install 'editlab[plot]')") from err
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m editlab.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="experiments/runs",
@@ -396,9 +443,17 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--stage", default="post", choices=["pre", "post", "final"])
     parser.add_argument("--generation-score", default="em", choices=GENERATION_SCORES)
     parser.add_argument("--out", default=None,
-                        help="write the table here as well as to stdout: CSV when the name ends in .csv, else markdown")
+                        help="write the table here as well as to stdout: CSV when the name ends in .csv, else markdown; "
+                             "with --curves: <stem>.png gives <stem>_<metric>.png (default curves.png)")
+    parser.add_argument("--curves", nargs="+", default=None, metavar="RUN",
+                        help="compare stream runs instead: one PNG per metric with every run's curve (curves.csv)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.curves:
+        written = compare_curves(args.curves, args.out or "curves.png")
+        text = "".join(f"{path}\n" for path in written)
+        sys.stdout.write(text)
+        return text
     root = Path(args.runs)
     if _sweep_folder(root) is not None:
         if args.run or args.experiments or args.model:

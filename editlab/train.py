@@ -29,7 +29,9 @@ shorthand for the settings it implies (:func:`apply_stream`): the first N test r
 (``data.test.limit``) in batches of B (``data.batch_size``), edits accumulating
 (``edit.sequential``), every edited record scored after the whole stream
 (``module.score_after_stream``) and, every K batches, all records edited so far
-(``module.eval_every``: ``curves.csv`` / ``curves.png``).  A stream is one model's history: a
+(``module.eval_every``: ``curves.csv`` / ``curves.png``).  A stream writes a stream checkpoint
+(:mod:`editlab.lit.stream`) every ``stream.checkpoint_every`` batches; ``stream.resume=true
+hydra.run.dir=<run folder>`` continues a killed stream from its latest one.  A stream is one model's history: a
 sequential run on more than one process (``trainer.devices`` x ``trainer.num_nodes``) is refused.
 """
 
@@ -39,6 +41,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -51,6 +54,7 @@ from editlab.evaluation.scorer import ScoringSettings
 from editlab.lit.callbacks import EditorCallback, refuse_split_stream
 from editlab.lit.checkpoint import check_editor_checkpoint, load_editor, read_editor_checkpoint, training_order
 from editlab.lit.results import format_summary
+from editlab.lit.stream import read_stream_checkpoint, resolve_resume
 from editlab.models.arch import arch_for
 
 log = logging.getLogger(__name__)
@@ -156,24 +160,47 @@ def finish_editor(cfg: DictConfig, editor, bundle, datamodule, loggers: list):
     return editor
 
 
+STREAM_KEYS = ("edits", "batch_size", "eval_every", "checkpoint_every", "resume")
+CHECKPOINT_EVERY = 10
+"""Batches between stream checkpoints of a stream without ``eval_every`` (``stream.checkpoint_every=null``)."""
+
+
 def apply_stream(cfg: DictConfig) -> None:
     """Expand a ``stream`` node (any field set) into the data / edit / module settings it stands for.
 
     ``edits`` → ``data.test.limit``, ``batch_size`` → ``data.batch_size`` (unset: the data config's
-    own values), ``edit.sequential=true``, ``module.score_after_stream=true`` and ``eval_every`` →
-    ``module.eval_every`` (unset: no curves).  Those settings are overwritten, so the stream node is
-    the one place a stream is described.
+    own values), ``edit.sequential=true``, ``module.score_after_stream=true``, ``eval_every`` →
+    ``module.eval_every`` (unset: no curves), ``checkpoint_every`` → ``module.checkpoint_every``
+    (null: at every curve point, ``eval_every``, or every :data:`CHECKPOINT_EVERY` batches without
+    curves; 0: no stream checkpoints) and ``resume`` (true: the latest stream checkpoint of this
+    run folder, ``paths.output_dir``; a path: that checkpoint, or the latest in that folder) →
+    ``module.resume_from``.  Those settings are overwritten, so the stream node is the one place a
+    stream is described.
     """
     stream = cfg.get("stream")
-    if not stream or all(v is None for v in stream.values()):
+    if not stream or all(v is None or v is False for v in stream.values()):
         return
-    unknown = set(stream) - {"edits", "batch_size", "eval_every"}
+    unknown = set(stream) - set(STREAM_KEYS)
     if unknown:
-        raise SettingError("stream", f"has unknown settings {sorted(unknown)}: use edits, batch_size, eval_every")
+        raise SettingError("stream", f"has unknown settings {sorted(unknown)}: use {', '.join(STREAM_KEYS)}")
     for key in ("edits", "batch_size", "eval_every"):
         value = stream.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SettingError(f"stream.{key}", "must be a positive integer or null", value)
+    every = stream.get("checkpoint_every")
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        raise SettingError("stream.checkpoint_every", "must be an integer >= 0 (0: no stream checkpoints) or null",
+                           every)
+    if every is None:
+        every = stream.get("eval_every") or CHECKPOINT_EVERY
+    resume = stream.get("resume")
+    if resume is not None and not isinstance(resume, (bool, str)):
+        raise SettingError("stream.resume", "must be true, false or the path of a stream checkpoint", resume)
+    if resume:
+        try:
+            resume = str(resolve_resume(resume, cfg.paths.output_dir))
+        except FileNotFoundError as err:
+            raise SettingError("stream.resume", str(err)) from None
     with open_dict(cfg):
         if stream.get("edits") is not None:
             cfg.data.test.limit = stream.edits
@@ -182,9 +209,60 @@ def apply_stream(cfg: DictConfig) -> None:
         cfg.edit.sequential = True
         cfg.module.score_after_stream = True
         cfg.module.eval_every = stream.get("eval_every")
-    log.info("edit stream: %s edits in batches of %s, sequential, scored after the stream%s",
+        cfg.module.checkpoint_every = every
+        cfg.module.resume_from = resume or None
+    log.info("edit stream: %s edits in batches of %s, sequential, scored after the stream%s%s",
              cfg.data.test.get("limit"), cfg.data.get("batch_size"),
-             f", curves every {cfg.module.eval_every} batches" if cfg.module.eval_every else "")
+             f", curves every {cfg.module.eval_every} batches" if cfg.module.eval_every else "",
+             f", checkpoints every {every} batches" if every else "")
+
+
+_VOLATILE = {"output_dir", "data_dir", "cache_dir", "checkpoint_every", "resume_from"}
+
+
+def run_fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The settings a stream's results depend on (resolved; folders and checkpoint settings left
+    out): stored in its stream checkpoints, compared when it is resumed."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _VOLATILE}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    keys = ("model", "data", "method", "edit", "module", "seed", "ckpt_path")
+    return {key: strip(_container(cfg.get(key)) if OmegaConf.is_config(cfg.get(key)) else cfg.get(key))
+            for key in keys}
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Refuse a stream resume that cannot give the stream's results: a checkpoint that cannot be
+    read, or one written under other settings (the differing keys are named), or a run that would
+    train its editor again (``fit`` without ``ckpt_path``)."""
+    path = OmegaConf.select(cfg, "module.resume_from")
+    if not path:
+        return
+    if cfg.get("fit") is not None and not cfg.get("ckpt_path"):
+        raise SettingError("stream.resume", "would train the editor again (fit): resume a stream of a trained "
+                           "editor with ckpt_path=<its checkpoint>")
+    stored = read_stream_checkpoint(path, mmap=True).get("config")
+    if stored is None:
+        return
+    old, new = _flat(stored), _flat(run_fingerprint(cfg))
+    differ = [k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} here" for k in differ[:5])
+        raise SettingError("stream.resume", f"{path} was written by a run with other settings ({shown}"
+                           f"{' ...' if len(differ) > 5 else ''}): resume a stream with its own settings")
 
 
 def trainer_processes(trainer: DictConfig | None) -> int | None:
@@ -222,6 +300,7 @@ def check_config(cfg: DictConfig) -> None:
     """Check the settings that no constructor checks, and the files they name, before anything is
     built: a mistake here costs nothing yet."""
     apply_stream(cfg)
+    check_resume(cfg)
     if cfg.get("edit", {}).get("sequential"):
         # (the edit loop refuses it too, EditorCallback.setup, for a launch this cannot see)
         trainer = cfg.get("trainer")
@@ -300,6 +379,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(EditorCallback(editor, **cfg.get("edit", {})))
     with settings_of("module"):
         module = hydra.utils.instantiate(cfg.module, model=bundle)
+    if OmegaConf.select(cfg, "module.checkpoint_every") or OmegaConf.select(cfg, "module.resume_from"):
+        # stored in stream checkpoints (check_resume compares it); set here, not passed to
+        # instantiate, which would build the `_target_`s it names
+        module.run_config = run_fingerprint(cfg)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     if trainer.is_global_zero:

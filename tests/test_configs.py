@@ -397,10 +397,12 @@ def test_stream_experiment_expands_into_a_sequential_stream_with_curves():
     from editlab.train import apply_stream
 
     cfg = _compose(["experiment=ft_smollm2_stream"])
-    assert OmegaConf.to_container(cfg.stream) == {"edits": 200, "batch_size": 10, "eval_every": 5}
+    assert OmegaConf.to_container(cfg.stream) == {"edits": 200, "batch_size": 10, "eval_every": 5,
+                                                  "checkpoint_every": None, "resume": None}
     apply_stream(cfg)
     assert cfg.data.test.limit == 200 and cfg.data.batch_size == 10
     assert cfg.edit.sequential is True and cfg.module.score_after_stream is True and cfg.module.eval_every == 5
+    assert cfg.module.checkpoint_every == 5 and cfg.module.resume_from is None  # a checkpoint at every curve point
     module = hydra.utils.get_class(cfg.module._target_)
     assert "eval_every" in module.__init__.__code__.co_varnames
 
@@ -412,6 +414,14 @@ def test_stream_experiment_expands_into_a_sequential_stream_with_curves():
     bad = _compose(["experiment=ft_smollm2_counterfact", "stream.batch_size=0"])
     with pytest.raises(ValueError, match="stream.batch_size"):
         apply_stream(bad)
+    curveless = _compose(["experiment=ft_smollm2_counterfact", "stream.edits=50", "stream.checkpoint_every=null"])
+    apply_stream(curveless)
+    assert curveless.module.checkpoint_every == 10 and curveless.module.eval_every is None
+    off = _compose(["experiment=ft_smollm2_stream", "stream.checkpoint_every=0"])
+    apply_stream(off)
+    assert off.module.checkpoint_every == 0
+    with pytest.raises(ValueError, match="stream.checkpoint_every"):
+        apply_stream(_compose(["experiment=ft_smollm2_stream", "stream.checkpoint_every=-1"]))
 
 
 @pytest.mark.parametrize("eval_every", [None, 2])

@@ -144,3 +144,35 @@ def test_a_real_sweep_is_reported(tmp_path):
     assert [row[:2] for row in rows] == [["0", "0.001"], ["1", "0.01"]]
     assert all(row[-1] == "2" for row in rows)  # both records of each job
     assert all(row[header.index("reliability")] for row in rows)
+
+
+def test_curves_of_two_runs_are_one_png_per_metric(tmp_path, monkeypatch):
+    """--curves: each run's curves.csv, one figure per metric with a line per run (labelled by the
+    run's method), <stem>_<metric>.png beside --out."""
+    from editlab.lit import curves as curves_module
+    from editlab.lit.curves import write_curves_csv
+
+    ft = _run(tmp_path / "runs", "ft_stream", "t1", "FTL", "cf.json", {})
+    memit = _run(tmp_path / "runs", "memit_stream", "t2", "MEMIT", "cf.json", {})
+    write_curves_csv([{"edits": 10, "batches": 1, "reliability": 0.9, "locality": 0.8},
+                      {"edits": 20, "batches": 2, "reliability": 0.7, "locality": 0.6}], ft)
+    write_curves_csv([{"edits": 10, "batches": 1, "reliability": 1.0, "reliability@generation_em": 0.5},
+                      {"edits": 20, "batches": 2, "reliability": 0.95, "reliability@generation_em": 0.4}], memit)
+    seen = {}
+    real = curves_module.plot_comparison
+
+    def spy(runs, out):
+        seen.update(runs)
+        return real(runs, out)
+
+    monkeypatch.setattr(curves_module, "plot_comparison", spy)
+    out = tmp_path / "cmp" / "stream.png"
+    text = main(["--curves", str(ft), str(memit / "curves.csv"), "--out", str(out)])
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["stream_locality.png", "stream_reliability.png", "stream_reliability_generation_em.png"]
+    assert all((out.parent / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+    assert text.splitlines() == [str(out.parent / n) for n in ["stream_reliability.png", "stream_locality.png",
+                                                                "stream_reliability_generation_em.png"]]
+    assert list(seen) == ["FTL", "MEMIT"] and seen["MEMIT"][1]["reliability"] == 0.95
+    with pytest.raises(ValueError, match="no curves.csv"):
+        main(["--curves", str(tmp_path / "runs")])

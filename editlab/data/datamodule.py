@@ -241,6 +241,14 @@ class EditDataModule(L.LightningDataModule):
         self.seed = seed
         self.pair_locality = pair_locality
         self.datasets: dict[str, RecordDataset] = {}
+        self.test_start = 0
+
+    def resume_test(self, records: int) -> None:
+        """Make the test loader start after its first ``records`` records (a resumed edit stream:
+        those batches were done before the checkpoint).  Batches are consecutive slices of the
+        split, so the rest of the stream is batched as before.  One process only (a stream is)."""
+        require(isinstance(records, int) and records >= 0, "records", "must be an int >= 0", records)
+        self.test_start = records
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", tuple(self.sources))
@@ -277,6 +285,10 @@ class EditDataModule(L.LightningDataModule):
         dataset = self._dataset(split)
         sampler = None
         world, _ = _distributed()
+        if split == "test" and self.test_start:
+            if world > 1:
+                raise ValueError("a resumed edit stream runs on one process")
+            dataset = RecordDataset(dataset.records[self.test_start:])
         if world > 1:
             if split == "val" and len(dataset) < world:
                 # a rank without validation batches would miss the collectives of the others' steps

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,6 +80,16 @@ class StateCache:
         self.scores.clear()
         self.fluency.clear()
         self.answers.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain data (what a stream checkpoint holds)."""
+        return {"scores": self.scores.state_dict(), "fluency": dict(self.fluency),
+                "answers": [[prompt, cap, text] for (prompt, cap), text in self.answers.items()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scores.load_state_dict(state["scores"])
+        self.fluency = dict(state["fluency"])
+        self.answers = {(prompt, int(cap)): text for prompt, cap, text in state["answers"]}
 
 
 class RecordScorer:

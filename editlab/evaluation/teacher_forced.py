@@ -9,6 +9,7 @@ pair is scored once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,24 @@ class ScoreCache:
 
     def clear(self) -> None:
         self._rows.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The cached scores as a few flat tensors and lists of strings (a stream checkpoint saves
+        them: the resumed stream reads the very same pre-edit scores)."""
+        rows = list(self._rows.items())
+        lengths = [len(pred) for _, (_, pred, _) in rows]
+        flat = lambda i: torch.cat([r[i] for _, r in rows]) if rows else torch.zeros(0, dtype=torch.long)  # noqa: E731
+        return {"prompts": [p for (p, _), _ in rows], "targets": [t for (_, t), _ in rows],
+                "nll": torch.tensor([r[0] for _, r in rows], dtype=torch.float64),
+                "lengths": torch.tensor(lengths, dtype=torch.long), "pred": flat(1), "target": flat(2)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the cache with what :meth:`state_dict` returned."""
+        self._rows.clear()
+        preds = torch.split(state["pred"], state["lengths"].tolist())
+        targets = torch.split(state["target"], state["lengths"].tolist())
+        for i, pair in enumerate(zip(state["prompts"], state["targets"])):
+            self._rows[pair] = (float(state["nll"][i]), preds[i].clone(), targets[i].clone())
 
     def scores(self, model: nn.Module, tokenizer, prompts: Sequence[str], targets: Sequence[str],
                **kwargs) -> ProbeScores:

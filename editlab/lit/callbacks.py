@@ -110,6 +110,13 @@ class EditorCallback(L.Callback):
             self.editor.to(pl_module.device)
             self.editor.eval()
 
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: EditTarget) -> None:
+        # a resumed stream: the module puts the checkpoint's edits back on its session, with this
+        # editor at hand for a memory's wrapper (IKE, SERAC)
+        resume = getattr(pl_module, "resume_session", None)
+        if callable(resume):
+            resume(self.editor)
+
     def on_test_batch_start(
         self, trainer: L.Trainer, pl_module: EditTarget, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:

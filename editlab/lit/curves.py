@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ from editlab.metrics.keys import is_general
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainingCurves", "curve_columns", "plot_curves", "plot_training_curves", "write_curves",
-           "write_curves_csv", "write_training_curves"]
+__all__ = ["TrainingCurves", "curve_columns", "plot_comparison", "plot_curves", "plot_training_curves",
+           "read_curves_csv", "write_curves", "write_curves_csv", "write_training_curves"]
 
 INDEX = ("edits", "batches")
 # general ability gets panels of its own (other scales); fluency (n-gram entropy) and the
@@ -112,6 +113,40 @@ def plot_curves(points: list[dict[str, float]], path: Path) -> bool:
             ax.plot(edits, [p.get(name, float("nan")) for p in points], marker="o", markersize=3, label=name)
 
     return _plot_panels(path, panels, "edits", draw)
+
+
+def read_curves_csv(path: Path) -> list[dict[str, float]]:
+    """The points of a ``curves.csv`` (:func:`write_curves_csv`); empty cells are left out."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def plot_comparison(runs: dict[str, list[dict[str, float]]], out: Path) -> list[Path]:
+    """One figure per metric with every run's curve on it (against the number of edits): written
+    as ``<out stem>_<metric>.png`` beside ``out``; the files written.  Needs matplotlib."""
+    from matplotlib.figure import Figure
+
+    metrics = curve_columns([p for points in runs.values() for p in points])[len(INDEX):]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for metric in metrics:
+        fig = Figure(figsize=(6, 3.6))
+        ax = fig.subplots()
+        for label, points in runs.items():
+            shown = [p for p in points if metric in p]
+            if shown:
+                ax.plot([p["edits"] for p in shown], [p[metric] for p in shown], marker="o", markersize=3, label=label)
+        ax.set_xlabel("edits")
+        ax.set_ylabel(metric)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out.with_name(f"{out.stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', metric)}.png")
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    return written
 
 
 # ------------------------------------------------------------------------------ training curves

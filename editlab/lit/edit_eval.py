@@ -29,6 +29,13 @@ edited so far, "batches": batches so far, metric: value}`` in :attr:`EditEvalMod
 written to ``curves.csv`` / ``curves.png`` and logged as ``stream/{metric}`` with ``step`` = edits
 so far.
 
+Stream checkpoints (``checkpoint_every``, ``resume_from``; :mod:`editlab.lit.stream`): every
+``checkpoint_every`` batches, once the batch's rows are written, the module saves the session's
+edit state and its own (metric states, rows, curve points, caches, random states) into
+``<output_dir>/stream/``; a module given ``resume_from`` on a freshly loaded model puts all of it
+back (the editor callback re-installs the edits when the test epoch starts, :meth:`resume_session`),
+skips the batches done and goes on: its results are those of the stream never stopped.
+
 General ability (``general_ability``, a :class:`~editlab.evaluation.general.GeneralAbility`):
 perplexity on a held-out text sample and PIQA accuracy, measured on the whole model rather than per
 record: ``pre/general_…`` on the unedited model before the first edit; ``post/general_…`` in the
@@ -63,7 +70,11 @@ from torch import nn
 from editlab.data.records import EditRecord
 from editlab.evaluation.scorer import (Observation, Probes, ScoringSettings, StateCache, answers_by_record,
                                        build_scorer)
+from editlab.lit.checkpoint import CheckpointError
 from editlab.lit.results import EvalResults, ResultsWriter
+from editlab.lit.stream import (FORMAT, STREAM_DIR, load_metric_states, metric_states, read_stream_checkpoint,
+                                record_from_dict, record_to_dict, reinstall_session, rng_state, session_snapshot,
+                                set_rng_state, write_stream_checkpoint)
 from editlab.methods.base import WeightEditSession
 from editlab.metrics.edit import computed
 from editlab.metrics.keys import STAGES, STEP, STREAM, general_metric, join, parse_key, time_key
@@ -107,6 +118,15 @@ class EditEvalModule(L.LightningModule):
         eval_every: in a sequential edit stream, score all records edited so far every this many
             batches (curve points; see the module docstring); implies ``score_after_stream``.
             ``None``: no curves.  Refused unless every editor callback is sequential.
+        checkpoint_every: write a stream checkpoint (:mod:`editlab.lit.stream`) into
+            ``<output_dir>/stream/`` after every this many batches (not after the last one: what
+            remains then is the scoring after the stream); ``None`` or 0: none.
+        resume_from: a stream checkpoint to continue from (the model given is freshly loaded):
+            the batches it has done are skipped, its edit state, metric states, rows, curves and
+            random states are put back, and the run goes on as if never stopped.  The test loader
+            must come from an :class:`~editlab.data.datamodule.EditDataModule`.
+        run_config: the run's settings, stored in stream checkpoints (``editlab.train`` refuses
+            to resume a stream under other settings).
     """
 
     def __init__(
@@ -118,10 +138,17 @@ class EditEvalModule(L.LightningModule):
         score_after_stream: bool = False,
         general_ability: GeneralEvaluator | None = None,
         eval_every: int | None = None,
+        checkpoint_every: int | None = None,
+        resume_from: str | None = None,
+        run_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"eval_every must be a positive number of batches or None, got {eval_every}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 0):
+            raise ValueError(f"checkpoint_every must be a number of batches >= 0 or None, got {checkpoint_every}")
+        if (checkpoint_every or resume_from) and not output_dir:
+            raise ValueError("stream checkpoints (checkpoint_every, resume_from) need an output_dir")
         self.scorer = build_scorer(model.tokenizer, scoring)
         self.bundle = model
         self.model = model.model
@@ -141,7 +168,14 @@ class EditEvalModule(L.LightningModule):
         self._failed: dict[int, str] = {}
         self._stream: list[EditRecord] = []  # successfully edited records, in stream order
         self._stream_rows: list[int] = []  # their index in results.records
-        self._steps = 0
+        self._steps = 0  # batches done (a resumed stream counts those before its checkpoint)
+        self.checkpoint_every = checkpoint_every or None
+        self.resume_from = str(resume_from) if resume_from else None
+        self.run_config = run_config
+        self._resume: dict[str, Any] | None = None  # the stream checkpoint being resumed
+        self._session_back = False  # its edits are installed again
+        self._offset = 0  # batches of the stream before this run's first batch
+        self._last = False
 
     # ------------------------------------------------ the editor callback's interface (EditTarget)
     @property
@@ -151,11 +185,25 @@ class EditEvalModule(L.LightningModule):
 
     def record_edit(self, batch_idx: int, seconds: float) -> None:
         """Called by the editor callback after it applied the edit of batch ``batch_idx``."""
-        self._edit_seconds[batch_idx] = seconds
+        self._edit_seconds[batch_idx + self._offset] = seconds
 
     def record_failure(self, batch_idx: int, message: str) -> None:
         """Called by the editor callback when an edit failed and was skipped (model unchanged)."""
-        self._failed[batch_idx] = message
+        self._failed[batch_idx + self._offset] = message
+
+    def resume_session(self, editor: Any = None) -> None:
+        """Called by the editor callback when the test epoch starts: put a resumed stream's edits
+        back on the session (``editor`` rebuilds a memory's wrapper).  Nothing when not resuming."""
+        if self._resume is None or self._session_back:
+            return
+        reinstall_session(self.session, self._resume["session"], editor, self.tokenizer, Path(self.resume_from))
+        self._session_back = True
+
+    @property
+    def resumed_rows(self) -> list[dict[str, Any]] | None:
+        """The record rows of a resumed stream's checkpoint (the results writer writes them again
+        and appends to them), None when not resuming."""
+        return None if self._resume is None else self._resume["loop"]["results"]["records"]
 
     # -------------------------------------------------------------------- results
     @property
@@ -182,6 +230,37 @@ class EditEvalModule(L.LightningModule):
                 "EditEvalModule needs Trainer(inference_mode=False): editors compute gradients "
                 "inside the test loop (set trainer.inference_mode=false)"
             )
+        if stage != "test" or not (self.checkpoint_every or self.resume_from):
+            return
+        if self.trainer.world_size > 1:
+            raise ValueError("stream checkpoints (checkpoint_every, resume_from) are for a stream on one process")
+        self._resume, self._session_back, self._offset = None, False, 0
+        if self.resume_from:
+            self._prepare_resume(read_stream_checkpoint(self.resume_from))
+
+    def _prepare_resume(self, checkpoint: dict[str, Any]) -> None:
+        """Check that the checkpoint's rows are this run's first records, batched alike, and make
+        the test loader start after them."""
+        source = self.resume_from
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "resume_test"):
+            raise ValueError("resuming a stream needs the test records from an EditDataModule (trainer.test(module, "
+                             "datamodule=...)): it skips the batches done")
+        rows = checkpoint["loop"]["results"]["records"]
+        records = datamodule.datasets["test"].records
+        size = datamodule.batch_sizes["test"]
+        batches = int(checkpoint["batches"])
+        if len(rows) != int(checkpoint["rows"]) or len(rows) != batches * size or len(rows) >= len(records):
+            raise CheckpointError(f"{source}: its {len(rows)} record rows of {batches} batches do not fit this run's "
+                                  f"{len(records)} records in batches of {size}")
+        for i, (row, rec) in enumerate(zip(rows, records)):
+            if row["record_id"] != rec.record_id or row["index"] != rec.index or row["batch"] != i // size:
+                raise CheckpointError(f"{source}: its row {i} (record {row['record_id']!r}, batch {row['batch']}) is "
+                                      f"not this run's record {i} (record {rec.record_id!r}, batch {i // size}): "
+                                      "resume a stream with its own records and batch size")
+        datamodule.resume_test(len(rows))
+        self._resume, self._offset = checkpoint, batches
+        log.info("resuming the edit stream of %s after %d batches (%d records)", source, batches, len(rows))
 
     def on_test_epoch_start(self) -> None:
         for metrics in self.stage_metrics.values():
@@ -191,6 +270,9 @@ class EditEvalModule(L.LightningModule):
         for state in (self._pre, self._general, self._edit_seconds, self._failed, self._stream, self._stream_rows):
             state.clear()
         self._steps = 0
+        if self._resume is not None:
+            self._load_stream(self._resume)
+            return
         if self.general_ability is not None:
             with self.session.suspended():
                 self._measure_general("pre")
@@ -225,11 +307,12 @@ class EditEvalModule(L.LightningModule):
         """True in the run's last test step (of the last test loader)."""
         self._steps += 1
         total = sum(self.trainer.num_test_batches)
-        return math.isfinite(total) and self._steps == int(total)
+        return math.isfinite(total) and self._steps == int(total) + self._offset
 
     def test_step(self, batch: list[EditRecord], batch_idx: int) -> list[dict[str, Any]]:
         """Score the batch before and after its edit; return its record rows (``records.jsonl`` lines)."""
         probes = self.scorer.probes(batch)
+        batch_idx += self._offset  # the batch's place in the whole stream
         failed = self._failed.get(batch_idx)
         t0 = time.perf_counter()
         with self.session.suspended():
@@ -252,12 +335,54 @@ class EditEvalModule(L.LightningModule):
             self._stream_rows.extend(range(len(self.results.records), len(self.results.records) + len(rows)))
         self.results.records.extend(rows)
 
-        last = self._is_last_step()
+        last = self._last = self._is_last_step()
         if self.general_ability is not None and last:
             self._measure_general("post")
         if self.eval_every is not None and not last and self._steps % self.eval_every == 0:
             self._checkpoint()  # the last batch's point is the `final` stage, scored at the end
         return rows
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """After the callbacks (the results writer has appended the batch's rows): a stream
+        checkpoint every ``checkpoint_every`` batches."""
+        if self.checkpoint_every and not self._last and self._steps % self.checkpoint_every == 0:
+            self._write_stream_checkpoint()
+
+    def _write_stream_checkpoint(self) -> None:
+        start = time.perf_counter()
+        loop = {
+            "metrics": {stage: metric_states(m) for stage, m in self.stage_metrics.items()},
+            "results": {"records": self.results.records, "curves": self.results.curves},
+            "general": self._general, "timings": self.timings, "edit_seconds": self._edit_seconds,
+            "failed": self._failed, "stream": [record_to_dict(r) for r in self._stream],
+            "stream_rows": self._stream_rows, "pre": self._pre.state_dict(),
+        }
+        checkpoint = {"format": FORMAT, "batches": self._steps, "rows": len(self.results.records),
+                      "config": self.run_config, "session": session_snapshot(self.session), "loop": loop,
+                      "rng": rng_state()}
+        path = write_stream_checkpoint(checkpoint, self.output_dir / STREAM_DIR)
+        log.info("stream checkpoint after %d batches: %s (%.2fs)", self._steps, path, time.perf_counter() - start)
+
+    def _load_stream(self, checkpoint: dict[str, Any]) -> None:
+        """The edit loop's state as the checkpoint saved it; random states last (nothing may draw
+        from them between here and the next edit, as in the run that wrote it)."""
+        source = Path(self.resume_from)
+        if not self._session_back:  # no editor callback asked for it: deltas and patches need no editor
+            self.resume_session(None)
+        loop = checkpoint["loop"]
+        for stage, metrics in self.stage_metrics.items():
+            load_metric_states(metrics, loop["metrics"].get(stage, {}), source)
+        self.results.records.extend(loop["results"]["records"])
+        self.results.curves.extend(loop["results"]["curves"])
+        self._general.update(loop["general"])
+        self.timings = {name: list(values) for name, values in loop["timings"].items()}
+        self._edit_seconds.update({int(k): v for k, v in loop["edit_seconds"].items()})
+        self._failed.update({int(k): v for k, v in loop["failed"].items()})
+        self._stream.extend(record_from_dict(r) for r in loop["stream"])
+        self._stream_rows.extend(int(i) for i in loop["stream_rows"])
+        self._pre.load_state_dict(loop["pre"])
+        self._steps = int(checkpoint["batches"])
+        set_rng_state(checkpoint["rng"])
 
     def _update(self, stage: str, probes: Probes, now: Observation, pre: Observation) -> dict[str, torch.Tensor]:
         return self.scorer.update(self.stage_metrics[stage], probes, now, pre, compare_with_pre=stage != "pre",

@@ -4,7 +4,9 @@
 
 * ``records.jsonl``: one line per record (every metric per stage, edit time, generated answers),
   appended and flushed as soon as a batch is scored, so a run that dies keeps every finished
-  batch.  Under DDP each rank appends to ``records.rank{r}.jsonl`` while running; at the end the
+  batch; a resumed stream (:mod:`editlab.lit.stream`) starts it again from its checkpoint's rows
+  (the rows of later batches a kill left are dropped: those batches run again).  Under DDP each
+  rank appends to ``records.rank{r}.jsonl`` while running; at the end the
   ranks' rows are gathered to rank 0 over the process group (each node may have its own disk),
   which writes ``records.jsonl``, ordered by record index, and every rank removes its file.  At the
   end the file is rewritten once with the stages scored after the stream (``final``);
@@ -155,8 +157,15 @@ class ResultsWriter(L.Callback):
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rank, world = trainer.global_rank, trainer.world_size
         self._path = self.output_dir / RECORDS if world == 1 else rank_file(self.output_dir, rank)
-        self._file = open(self._path, "w", encoding="utf-8")  # a fresh run: no lines of an older one
         self._curve_points = 0
+        resumed = getattr(pl_module, "resumed_rows", None)
+        if resumed is not None:
+            # a resumed stream: the rows of its checkpoint, and none of the batches a kill may have
+            # left after it (they are scored again)
+            _write_records(resumed, self._path)
+            self._file = open(self._path, "a", encoding="utf-8")
+            return
+        self._file = open(self._path, "w", encoding="utf-8")  # a fresh run: no lines of an older one
 
     def on_test_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
                           dataloader_idx: int = 0) -> None:

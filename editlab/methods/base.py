@@ -193,8 +193,20 @@ class WeightEditSession:
         return [host.get_submodule(name) for host, name, _ in self._patches]
 
     @property
+    def installed_patches(self) -> list[tuple[str, nn.Module]]:
+        """``(host path, patch)`` of every added module, in the order they were attached (the
+        order their outputs are added up in at a shared host): what a stream checkpoint saves."""
+        paths = {id(module): name for name, module in self.model.named_modules()}
+        return [(paths[id(host)], host.get_submodule(name)) for host, name, _ in self._patches]
+
+    @property
     def memory(self) -> list[EditRecord]:
         return list(self._memory)
+
+    @property
+    def memory_wrap(self) -> Wrapper | None:
+        """The editor's wrapper of the memory installed (:attr:`Edit.wrap`), or None."""
+        return self._wrap if self._memory else None
 
     @property
     def stream_state(self) -> Any:
@@ -336,6 +348,40 @@ class WeightEditSession:
             raise
         for name, delta in applied_deltas.items():
             self._deltas[name] = self._deltas[name] + delta if name in self._deltas else delta
+
+    @torch.no_grad()
+    def reinstall(self, deltas: Deltas, weights: Mapping[str, torch.Tensor],
+                  patches: Sequence[tuple[str, nn.Module]] = (), memory: Sequence[EditRecord] = (),
+                  wrap: Wrapper | None = None, state: Any = None) -> None:
+        """Put a stream's edit state back on an unedited session (a resumed stream checkpoint).
+
+        ``deltas`` (the summed weight updates, as :attr:`deltas`), the ``patches`` in their
+        attachment order (:attr:`installed_patches`), the ``memory`` with its ``wrap`` and the
+        stream ``state`` are installed through :meth:`apply`, so the originals are the model's own
+        weights and :meth:`restore` is bit-exact as ever.  Then every touched parameter is set to
+        ``weights``, its value when the checkpoint was written: a stream adds its deltas one at a
+        time, and floating-point addition is not associative, so ``original + sum(deltas)`` can
+        differ from that value in the last bits.  Anything that does not fit undoes everything and
+        raises :class:`EditError`.
+        """
+        if self.edited or self._state is not None:
+            raise EditError("reinstall needs a session that holds no edit yet")
+        if set(weights) != set(deltas):
+            raise EditError(f"the stream's weights ({sorted(weights)}) and deltas ({sorted(deltas)}) name "
+                            "different parameters")
+        try:
+            self.apply(Edit(deltas=dict(deltas), memory=tuple(memory), wrap=wrap, state=state))
+            for path, patch in patches:
+                self.apply(Edit(patches={path: patch}))
+            named = dict(self.model.named_parameters())
+            for name, value in weights.items():
+                if tuple(value.shape) != tuple(named[name].shape):
+                    raise EditError(f"the stream's weight {name!r} has shape {tuple(value.shape)}, the parameter "
+                                    f"has {tuple(named[name].shape)}")
+                named[name].copy_(value)
+        except BaseException:
+            self.restore()
+            raise
 
     @torch.no_grad()
     def restore(self) -> None:

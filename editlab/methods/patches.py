@@ -92,6 +92,14 @@ class FFNPatch(nn.Module):
         anchors = anchors.detach().to(torch.float32).clone() if anchors is not None else keys.new_zeros(0, keys.shape[1])
         self.register_buffer("anchors", anchors, persistent=False)
 
+    def stream_args(self) -> dict[str, Any]:
+        """The constructor's keyword arguments that rebuild this patch (anchors included, which a
+        state dict leaves out): how a stream checkpoint saves it (:mod:`editlab.lit.stream`)."""
+        return {"keys": self.keys.detach(), "values": self.values.detach(),
+                "bias": None if self.bias is None else self.bias.detach(),
+                "gates": None if self.gates is None else self.gates.detach(),
+                "activation": self.activation, "anchors": self.anchors}
+
     @property
     def num_slots(self) -> int:
         return int(self.keys.shape[0])

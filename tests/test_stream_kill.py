@@ -1,0 +1,70 @@
+"""A stream killed with SIGKILL mid-way (``python -m editlab.train``, a tiny model) and continued
+with ``stream.resume=true`` ends with the records, summary and curves of the same stream run
+without a kill.  One multirun process runs the uninterrupted stream (job 0), then the stream that
+kills itself before batch 4 (job 1; stream checkpoint after batch 2, records of batches 1-3 on
+disk); a second process resumes job 1 in its run folder.  Every kind of edit state is covered
+in-process, faster, by tests/lit/test_stream_resume.py."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import lightning as L
+from test_configs import _write_fixture
+from test_train import BASE, HERE, ROOT
+
+STREAM = ["stream.edits=5", "stream.batch_size=1", "stream.eval_every=2", "stream.checkpoint_every=2"]
+
+
+class KillAt(L.Callback):
+    """SIGKILLs its own process when batch ``batch`` (0-based) is about to be edited; -1: never."""
+
+    def __init__(self, batch: int):
+        self.batch = batch
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def outputs(out):
+    """records.jsonl (without edit times), summary.json (without timings) and curves.csv of a run."""
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    for row in rows:
+        row.pop("edit_seconds")
+    summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if not k.startswith("time/")}
+    with open(out / "curves.csv", newline="") as fh:
+        return rows, summary, list(csv.reader(fh))
+
+
+def _train(tmp_path, *overrides, multirun=False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE)]),
+               EDITLAB_DATA_DIR=str(tmp_path))
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "editlab.train", *(["-m"] if multirun else []), *BASE,
+           f"+model.marker={tmp_path / 'model_loaded'}", *STREAM, *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_a_killed_stream_resumes_to_the_results_of_an_uninterrupted_one(tmp_path):
+    _write_fixture(tmp_path / "cf.json", n=5)
+    sweep = tmp_path / "sweep"
+    proc = _train(tmp_path, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${hydra.job.num}",
+                  "+callbacks.kill._target_=test_stream_kill.KillAt", "+callbacks.kill.batch=-1,3", multirun=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    whole, killed = sweep / "0", sweep / "1"
+    assert (whole / "summary.json").exists() and not (killed / "summary.json").exists()
+    assert len((killed / "records.jsonl").read_text().splitlines()) == 3  # batch 3 is past the checkpoint
+    assert [p.name for p in (killed / "stream").iterdir()] == ["batch_000002.pt"]
+    proc = _train(tmp_path, f"hydra.run.dir={killed}", "stream.resume=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming the edit stream" in proc.stdout + proc.stderr
+    assert outputs(killed) == outputs(whole)
+    # a resume under other settings is refused before the model loads, naming what differs
+    proc = _train(tmp_path, f"hydra.run.dir={killed}", "stream.resume=true", "method.lr=0.5")
+    assert proc.returncode == 1 and "error: stream.resume" in proc.stderr and "method.lr" in proc.stderr, proc.stderr
