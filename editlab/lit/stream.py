@@ -48,6 +48,7 @@ from torchmetrics import MetricCollection
 from editlab.data.records import EditRecord, Probe
 from editlab.lit.checkpoint import CheckpointError, read_checkpoint
 from editlab.methods.base import EditError, WeightEditSession
+from editlab.models.arch import get_module
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ def record_from_dict(data: dict[str, Any]) -> EditRecord:
 # ---------------------------------------------------------------------------------- patches
 def patch_classes() -> dict[str, type[nn.Module]]:
     """editlab's patch classes by dotted name: every ``nn.Module`` subclass defined in a module of
-    ``editlab.methods`` that has a ``stream_args`` method.  Only these are rebuilt from a checkpoint."""
+    ``editlab.methods`` that has a ``stream_args`` method.  Only these are rebuilt from a checkpoint.
+    A class whose constructor takes ``host`` (an adapter that reads its host module's weights) is
+    given the module at the patch's path; ``stream_args`` leaves it out."""
     import editlab.methods as methods
 
     found: dict[str, type[nn.Module]] = {}
@@ -163,7 +166,8 @@ def _save_patch(path: str, patch: nn.Module) -> dict[str, Any]:
     return {"host": path, "class": dotted, "args": args, "state": dict(patch.state_dict())}
 
 
-def _build_patch(entry: dict[str, Any], source: Path, device: torch.device) -> tuple[str, nn.Module]:
+def _build_patch(entry: dict[str, Any], source: Path, device: torch.device,
+                 model: nn.Module) -> tuple[str, nn.Module]:
     classes = patch_classes()
     dotted = entry.get("class")
     if dotted not in classes:
@@ -175,6 +179,12 @@ def _build_patch(entry: dict[str, Any], source: Path, device: torch.device) -> t
     if not isinstance(args, dict) or any(not isinstance(k, str) or k not in params or k == "self" for k in args):
         raise CheckpointError(f"{source}: the stored arguments of a {dotted} are not its constructor's: "
                               f"{sorted(args) if isinstance(args, dict) else args!r}")
+    if "host" in params and "host" not in args:
+        # a patch that reads its host module (GRACE's, WISE's adapters) gets the module at its path
+        try:
+            args = {**args, "host": get_module(model, str(entry.get("host")))}
+        except (AttributeError, IndexError, KeyError) as err:
+            raise CheckpointError(f"{source}: the {dotted} sits at {entry.get('host')!r}, which this model lacks") from err
     try:
         patch = cls(**args)
         patch.load_state_dict(entry["state"])
@@ -219,7 +229,7 @@ def reinstall_session(session: WeightEditSession, snapshot: dict[str, Any], edit
             raise CheckpointError(f"{source}: the stream holds a memory, but this run has no editor to wrap the "
                                   "model with it")
         wrap = editor.compute_edit(session.model, tokenizer, memory).wrap
-    patches = [_build_patch(entry, source, device) for entry in snapshot["patches"]]
+    patches = [_build_patch(entry, source, device, session.model) for entry in snapshot["patches"]]
     devices = iter(snapshot.get("state_devices", []))
     state = _map_tensors(snapshot["state"], lambda t: t.to(_device(next(devices, str(device)), device)))
     try:

@@ -112,6 +112,11 @@ class GraceAdapter(nn.Module):
     def num_keys(self) -> int:
         return int(self.keys.shape[0])
 
+    def stream_args(self) -> dict[str, Any]:
+        """The constructor's arguments but the host (a stream checkpoint rebuilds the adapter at its
+        host's path: :mod:`editlab.lit.stream`)."""
+        return {"keys": self.keys.detach(), "values": self.values.detach(), "radii": self.radii.detach()}
+
     def in_range(self, x: torch.Tensor) -> torch.Tensor:
         """``[...]`` bool: the positions of ``x`` whose nearest key is within its radius."""
         dist, nearest = torch.cdist(x.reshape(-1, x.shape[-1]).float(), self.keys).min(dim=-1)

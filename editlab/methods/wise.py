@@ -229,6 +229,12 @@ class WiseAdapter(nn.Module):
     def weights(self) -> list[torch.Tensor | None]:
         return [getattr(self, f"memory_{i}") for i in range(len(self.thresholds))]
 
+    def stream_args(self) -> dict[str, Any]:
+        """The constructor's arguments but the host (a stream checkpoint rebuilds the adapter at its
+        host's path: :mod:`editlab.lit.stream`)."""
+        return {"transposed": self.transposed, "activation": self.activation, "retrieve": self.retrieve,
+                "memories": [[None if w is None else w.detach(), t] for w, t in zip(self.weights(), self.thresholds)]}
+
     def _main(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         host = self._host[0]
         w = host.weight.t() if self.transposed else host.weight

@@ -74,7 +74,42 @@ def stream_records(n: int = N):
     return [dataclasses.replace(base[i % len(base)], record_id=i, index=i) for i in range(n)]
 
 
-def _editor(kind: str, bundle):
+TEXT = ("The capital of France is Paris. The mother tongue of Danielle Darrieux is French. Toko Yasuda plays "
+        "the guitar. The company that makes the iPhone is Apple. Lionel Messi plays football for Argentina. ") * 8
+
+
+def _lifelong(kind: str, tmp):
+    """The issue's lifelong editors, at small settings for the 2-block tiny llama."""
+    from editlab.data.corpora import TextFile
+    from editlab.methods.alphaedit import AlphaEdit
+    from editlab.methods.emmet import EMMET
+    from editlab.methods.grace import GRACE
+    from editlab.methods.ultraedit import UltraEdit
+    from editlab.methods.wise import WISE
+
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(TEXT, encoding="utf-8")
+    key_value = dict(layers=[0, 1], fact_token="last", v_num_grad_steps=10, v_lr=0.5, clamp_norm_factor=20.0,
+                     context_template_length_params=((5, 2),), template_prompts=("The", "I"),
+                     mom2_corpus=TextFile(corpus), stats_cache_dir=str(tmp / "stats"))
+    if kind == "alphaedit":
+        return AlphaEdit(**key_value, nullspace_threshold=0.4, L2=1.0)
+    if kind == "emmet":
+        return EMMET(**key_value, mom2_update_weight=1.0, emmet_lambda=0.1)
+    if kind == "ultraedit":
+        return UltraEdit(mlp_gate_layers=[], mlp_in_layers=[], mlp_out_layers=[0, 1], lr=0.1)
+    if kind == "grace":
+        return GRACE(layer=1, module="mlp_out", n_iter=10)
+    return WISE(layer=1, context_template_length_params=[], irrelevant_corpus=[TEXT[:200]], edit_lr=0.5,
+                n_iter=10, act_margin=[2.0, 10.0, 5.0], mask_ratio=0.5, save_freq=2, merge_freq=4)
+
+
+LIFELONG = ["alphaedit", "emmet", "ultraedit", "grace", "wise"]
+
+
+def _editor(kind: str, bundle, tmp=None):
+    if kind in LIFELONG:
+        return _lifelong(kind, tmp)
     if kind == "ft":
         return FTL(layers=[1], lr=0.05, num_steps=5, objective="teacher_forced")
     if kind == "t_patcher":
@@ -93,7 +128,7 @@ def run_stream(kind: str, out, stop_at: int | None = None, resume_from=None, rec
     torch.manual_seed(0)
     module = EditEvalModule(bundle, ScoringSettings(), output_dir=str(out), eval_every=EVAL_EVERY,
                             checkpoint_every=CHECKPOINT_EVERY, resume_from=resume_from)
-    callbacks = [EditorCallback(_editor(kind, bundle), sequential=True, skip_failed=True)]
+    callbacks = [EditorCallback(_editor(kind, bundle, out.parent), sequential=True, skip_failed=True)]
     if stop_at is not None:
         callbacks.append(Stop(stop_at))
     trainer = L.Trainer(accelerator="cpu", devices=1, inference_mode=False, logger=False, enable_checkpointing=False,
@@ -141,6 +176,26 @@ def test_a_stopped_stream_resumes_to_the_results_of_an_uninterrupted_one(kind, t
     assert outputs(part) == outputs(whole)
     if kind == "stateful":
         assert module.summary["edits/failed"] == 2.0
+
+
+@pytest.mark.parametrize("kind", LIFELONG)
+def test_a_stopped_lifelong_stream_resumes_to_the_results_of_an_uninterrupted_one(kind, tmp_path, monkeypatch):
+    """The lifelong editors' state (AlphaEdit's kept keys, UltraEdit's statistics, GRACE's codebook
+    and WISE's side memories, their adapters rebuilt at their hosts; EMMET's deltas) survives a stop:
+    the resumed stream ends where the uninterrupted one does."""
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert run_stream(kind, whole).summary["edits/failed"] == 0  # every edit of the stream took place
+    with pytest.raises(Stopped):
+        run_stream(kind, part, stop_at=KILL_AT)
+    checkpoint = latest_checkpoint(part / STREAM_DIR)
+    session = read_stream_checkpoint(checkpoint)["session"]
+    if kind in ("alphaedit", "ultraedit", "grace", "wise"):
+        assert session["state"] is not None
+    if kind in ("grace", "wise"):
+        assert len(session["patches"]) == 1 and session["patches"][0]["class"].endswith("Adapter")
+    run_stream(kind, part, resume_from=str(checkpoint))
+    assert outputs(part) == outputs(whole)
 
 
 def test_a_resume_from_another_folder_writes_the_checkpoints_rows_there(tmp_path):
