@@ -153,3 +153,20 @@ def scripted_next_tokens(model: torch.nn.Module, table: dict[int, int], default:
             h.remove()
         with torch.no_grad():
             head.weight.copy_(original)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """A tiny text corpus for key statistics (ROME, MEMIT, EMMET, AlphaEdit on tiny models)."""
+    from editlab.data.corpora import TextFile
+    from editlab.models.tiny import TINY_CORPUS
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(TINY_CORPUS, encoding="utf-8")
+    return TextFile(path)
+
+
+@pytest.fixture
+def template_cache(tmp_path, monkeypatch):
+    """Context templates are cached under $EDITLAB_CACHE: one folder per test keeps tests apart."""
+    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))

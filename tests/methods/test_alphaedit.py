@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import editlab.methods.alphaedit as alphaedit_module
-from editlab.data.corpora import TextFile
 from editlab.data.datamodule import EditDataModule
 from editlab.evaluation.teacher_forced import score_pairs
 from editlab.lit.callbacks import EditorCallback
@@ -18,7 +17,6 @@ from editlab.methods.base import EditError, WeightEditSession
 from editlab.methods.keyvalue import mean_keys
 from editlab.methods.memit import MEMIT
 from editlab.models.arch import arch_for, get_module
-from editlab.models.tiny import TINY_CORPUS
 from editlab.stats import layer_stats
 
 from conftest import assert_state_equal, make_records, state_copy
@@ -26,16 +24,8 @@ from conftest import assert_state_equal, make_records, state_copy
 LAYERS = [1, 2]  # inner blocks of the 4-block tiny models: the model identity (stats cache key) stays
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TINY_CORPUS, encoding="utf-8")
-    return TextFile(path)
 
-
-@pytest.fixture(autouse=True)
-def _template_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("template_cache")
 
 
 # tiny Llama keys: second-moment eigenvalues 0.06 ... 3.9, median 0.38: the threshold 0.4 keeps about half

@@ -4,7 +4,6 @@ import lightning as L
 import pytest
 import torch
 
-from editlab.data.corpora import TextFile
 from editlab.data.datamodule import EditDataModule
 from editlab.data.records import EditRecord
 from editlab.evaluation.teacher_forced import score_pairs
@@ -14,23 +13,14 @@ from editlab.methods import emmet as emmet_module
 from editlab.methods.base import EditError, WeightEditSession
 from editlab.methods.emmet import EMMET, emmet_update
 from editlab.methods.keyvalue import mean_keys
-from editlab.methods.memit import MEMIT, memit_update
+from editlab.methods.memit import memit_update
 from editlab.models.arch import arch_for
-from editlab.models.tiny import TINY_CORPUS
 
 from conftest import assert_state_equal, make_records, state_copy
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TINY_CORPUS, encoding="utf-8")
-    return TextFile(path)
 
-
-@pytest.fixture(autouse=True)
-def _template_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("template_cache")
 
 
 def _problem(d_in=12, d_out=7, n=5, seed=0):

@@ -1,24 +1,14 @@
 import pytest
 import torch
 
-from editlab.data.corpora import TextFile
 from editlab.methods.memit import MEMIT, memit_update
-from editlab.models.tiny import TINY_CORPUS
 from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import CAUSAL_TYPES, assert_state_equal, make_records, state_copy
 
 
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TINY_CORPUS, encoding="utf-8")
-    return TextFile(path)
 
-
-@pytest.fixture(autouse=True)
-def _template_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("template_cache")
 
 
 def test_update_is_the_least_squares_minimiser():

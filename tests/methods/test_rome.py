@@ -1,23 +1,15 @@
 import pytest
 import torch
 
-from editlab.data.corpora import TextFile
 from editlab.methods.base import EditError
 from editlab.methods.rome import ROME
 from editlab.models.arch import arch_for, get_module
-from editlab.models.tiny import TINY_CORPUS
 from editlab.evaluation.teacher_forced import score_pairs
 
 from conftest import CAUSAL_TYPES, assert_state_equal, make_records, state_copy
 
 TEMPLATES = ((5, 2),)  # two short generated templates: fast, and still an average over three
 
-
-@pytest.fixture
-def corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TINY_CORPUS, encoding="utf-8")
-    return TextFile(path)
 
 
 def _rome(corpus, tmp_path, **kw):
@@ -35,9 +27,7 @@ def _scores(bundle, rec):
     return s.nll.tolist(), bool((s.pred[0] == s.target[0])[s.mask[0]].all())
 
 
-@pytest.fixture(autouse=True)
-def _template_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDITLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("template_cache")
 
 
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)
