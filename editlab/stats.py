@@ -233,8 +233,8 @@ def _save(path: Path, stat: SecondMoment, key: dict[str, Any]) -> None:
         raise
 
 
-def _cache_entries(model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int], corpus: Corpus,
-                   role: str, n_tokens: int | None, max_seq_len: int, dtype: torch.dtype,
+def _cache_entries(model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
+                   corpus: Corpus, role: str, n_tokens: int | None, max_seq_len: int, dtype: torch.dtype,
                    cache_dir: str | os.PathLike[str] | None):
     """The arguments of :func:`layer_stats` checked, and per layer its module path, cache key and
     cache file: ``(layers, paths, folder, keys, files)``."""
@@ -271,7 +271,8 @@ def _cache_entries(model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers:
 
 
 def _holds(path: Path, key: dict[str, Any]) -> bool:
-    """Whether ``path`` is a readable cache file of the statistic ``key`` (tensors memory-mapped, not read)."""
+    """Whether ``path`` is a readable cache file of the statistic ``key`` (its tensors are memory-mapped,
+    not read)."""
     if not path.is_file():
         return False
     try:

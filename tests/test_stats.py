@@ -223,7 +223,8 @@ def test_a_cache_file_that_is_corrupt_or_pickled_is_recomputed_not_run(tmp_path)
     assert not (tmp_path / "made_by_pickle").exists()
 
 
-def test_is_cached_tells_whether_layer_stats_would_load_without_computing(tiny, corpus, tmp_path, monkeypatch):
+def test_is_cached_tells_whether_layer_stats_would_load_without_computing(tiny, corpus, tmp_path,
+                                                                          monkeypatch):
     b = tiny("llama")
     ran = []
     real_gather = stats._gather
