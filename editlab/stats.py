@@ -50,6 +50,7 @@ from editlab.tracing import Trace
 
 __all__ = [
     "SecondMoment",
+    "is_cached",
     "layer_stats",
     "effective_seq_len",
     "model_identity",
@@ -232,6 +233,55 @@ def _save(path: Path, stat: SecondMoment, key: dict[str, Any]) -> None:
         raise
 
 
+def _cache_entries(model: nn.Module, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int],
+                   corpus: Corpus, role: str, n_tokens: int | None, max_seq_len: int, dtype: torch.dtype,
+                   cache_dir: str | os.PathLike[str] | None):
+    """The arguments of :func:`layer_stats` checked, and per layer its module path, cache key and
+    cache file: ``(layers, paths, folder, keys, files)``."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
+    if n_tokens is not None and n_tokens < 1:
+        raise ValueError("n_tokens must be positive (or None for the whole corpus)")
+    wanted = list(dict.fromkeys(int(layer) for layer in layers))
+    if not wanted:
+        raise ValueError("layer_stats needs at least one layer")
+    if is_encoder_decoder(model):
+        raise ValueError("layer_stats supports decoder-only models")
+    spec = arch_for(model)
+    count_layers = spec.num_layers(model)
+    for layer in wanted:
+        if not 0 <= layer < count_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {count_layers} blocks")
+    paths = {layer: spec.module_path(model, role, layer) for layer in wanted}
+    seq_len = effective_seq_len(model, max_seq_len)
+    folder = stats_cache_root(cache_dir) / model_identity(model)
+    base_key: dict[str, Any] = {
+        "format": CACHE_FORMAT,
+        "model": folder.name,
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "role": role,
+        "corpus": corpus.key,
+        "n_tokens": n_tokens,
+        "max_seq_len": seq_len,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    keys = {layer: {**base_key, "layer": layer, "path": paths[layer]} for layer in wanted}
+    files = {layer: _cache_file(folder, role, layer, keys[layer]) for layer in wanted}
+    return wanted, paths, folder, keys, files
+
+
+def _holds(path: Path, key: dict[str, Any]) -> bool:
+    """Whether ``path`` is a readable cache file of the statistic ``key`` (its tensors are memory-mapped,
+    not read)."""
+    if not path.is_file():
+        return False
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
+        return False
+    return isinstance(saved, dict) and saved.get("key") == json.dumps(key, sort_keys=True) and "mom2" in saved
+
+
 # -------------------------------------------------------------------------------------------- API
 def layer_stats(
     model: nn.Module,
@@ -268,37 +318,10 @@ def layer_stats(
     Returns:
         ``{layer: SecondMoment}`` in the order of ``layers``.
     """
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, not {dtype}")
-    if n_tokens is not None and n_tokens < 1:
-        raise ValueError("n_tokens must be positive (or None for the whole corpus)")
-    wanted = list(dict.fromkeys(int(layer) for layer in layers))
-    if not wanted:
-        raise ValueError("layer_stats needs at least one layer")
-    if is_encoder_decoder(model):
-        raise ValueError("layer_stats supports decoder-only models")
-    spec = arch_for(model)
-    count_layers = spec.num_layers(model)
-    for layer in wanted:
-        if not 0 <= layer < count_layers:
-            raise ValueError(f"layer {layer} out of range: the model has {count_layers} blocks")
-    paths = {layer: spec.module_path(model, role, layer) for layer in wanted}
-    seq_len = effective_seq_len(model, max_seq_len)
-
     start = time.perf_counter()
-    folder = stats_cache_root(cache_dir) / model_identity(model)
-    base_key: dict[str, Any] = {
-        "format": CACHE_FORMAT,
-        "model": folder.name,
-        "tokenizer": _tokenizer_identity(tokenizer),
-        "role": role,
-        "corpus": corpus.key,
-        "n_tokens": n_tokens,
-        "max_seq_len": seq_len,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-    keys = {layer: {**base_key, "layer": layer, "path": paths[layer]} for layer in wanted}
-    files = {layer: _cache_file(folder, role, layer, keys[layer]) for layer in wanted}
+    wanted, paths, folder, keys, files = _cache_entries(model, tokenizer, layers, corpus, role, n_tokens,
+                                                        max_seq_len, dtype, cache_dir)
+    seq_len = keys[wanted[0]]["max_seq_len"]
     result: dict[int, SecondMoment] = {}
     for layer in wanted:
         cached = _load(files[layer], keys[layer])
@@ -326,3 +349,23 @@ def layer_stats(
             _save(files[layer], stat, keys[layer])
             result[layer] = stat
     return {layer: result[layer] for layer in wanted}
+
+
+def is_cached(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[int],
+    corpus: Corpus = WikipediaSample(),
+    *,
+    role: str = "mlp_out",
+    n_tokens: int | None = None,
+    max_seq_len: int = 256,
+    dtype: torch.dtype = torch.float64,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> bool:
+    """Whether :func:`layer_stats` with these arguments would load every one of ``layers`` from the
+    cache (no pass over the corpus).  Nothing is computed or written; the arguments are checked as
+    :func:`layer_stats` checks them."""
+    wanted, _, _, keys, files = _cache_entries(model, tokenizer, layers, corpus, role, n_tokens, max_seq_len,
+                                               dtype, cache_dir)
+    return all(_holds(files[layer], keys[layer]) for layer in wanted)

@@ -221,3 +221,35 @@ def test_a_cache_file_that_is_corrupt_or_pickled_is_recomputed_not_run(tmp_path)
     for path in (pickled, raw, cut, listed):
         assert _load(path, key) is None, path
     assert not (tmp_path / "made_by_pickle").exists()
+
+
+def test_is_cached_tells_whether_layer_stats_would_load_without_computing(tiny, corpus, tmp_path,
+                                                                          monkeypatch):
+    b = tiny("llama")
+    ran = []
+    real_gather = stats._gather
+    monkeypatch.setattr(stats, "_gather", lambda *a, **k: ran.append(1) or real_gather(*a, **k))
+    args = (b.model, b.tokenizer)
+    kw = dict(cache_dir=tmp_path, max_seq_len=SEQ)
+    assert not stats.is_cached(*args, [0], corpus, **kw) and not ran  # nothing computed or written
+    assert not any(tmp_path.rglob("*.pt"))
+    got = layer_stats(*args, [0], corpus, cache_dir=tmp_path, **KW)
+    assert stats.is_cached(*args, [0], corpus, **kw)
+    assert not stats.is_cached(*args, [0, 1], corpus, **kw)  # every layer asked for must be cached
+    # another statistic: n_tokens, row length, dtype, role, corpus, model weights
+    assert not stats.is_cached(*args, [0], corpus, n_tokens=50, **kw)
+    assert not stats.is_cached(*args, [0], corpus, cache_dir=tmp_path, max_seq_len=64)
+    assert not stats.is_cached(*args, [0], corpus, dtype=torch.float32, **kw)
+    assert not stats.is_cached(*args, [0], corpus, role="mlp_in", **kw)
+    other = tmp_path / "other.txt"
+    other.write_text(_docs()[0] + "\n", encoding="utf-8")
+    assert not stats.is_cached(*args, [0], TextFile(other), **kw)
+    seed1 = tiny_model("llama", seed=1)
+    assert not stats.is_cached(seed1.model, seed1.tokenizer, [0], corpus, **kw)
+    # a file at the right path that holds something else, or is unreadable, is not a cached statistic
+    path = got[0].path
+    path.write_bytes(path.read_bytes()[:40])
+    assert not stats.is_cached(*args, [0], corpus, **kw)
+    with pytest.raises(ValueError, match="out of range"):
+        stats.is_cached(*args, [2], corpus, **kw)
+    assert len(ran) == 1
