@@ -34,7 +34,8 @@ def _child_args(method: str, **kw) -> argparse.Namespace:
 
 
 def test_lifelong_script_prints_one_row_per_method_with_every_column(tmp_path):
-    env = dict(os.environ, EDITLAB_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, EDITLAB_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, str(ROOT / "benchmarks" / "lifelong.py"), "--model", "tiny_llama", "--tiny",
            "--methods", "ultraedit", "--edits", "4", "--batch-size", "2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
