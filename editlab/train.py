@@ -160,7 +160,7 @@ def finish_editor(cfg: DictConfig, editor, bundle, datamodule, loggers: list):
     return editor
 
 
-STREAM_KEYS = ("edits", "batch_size", "eval_every", "checkpoint_every", "resume")
+STREAM_KEYS = ("edits", "batch_size", "eval_every", "eval_sample", "checkpoint_every", "resume")
 CHECKPOINT_EVERY = 10
 """Batches between stream checkpoints of a stream without ``eval_every`` (``stream.checkpoint_every=null``)."""
 
@@ -170,7 +170,8 @@ def apply_stream(cfg: DictConfig) -> None:
 
     ``edits`` → ``data.test.limit``, ``batch_size`` → ``data.batch_size`` (unset: the data config's
     own values), ``edit.sequential=true``, ``module.score_after_stream=true``, ``eval_every`` →
-    ``module.eval_every`` (unset: no curves), ``checkpoint_every`` → ``module.checkpoint_every``
+    ``module.eval_every`` (unset: no curves), ``eval_sample`` → ``module.eval_sample`` (unset: every
+    record edited so far at each curve point), ``checkpoint_every`` → ``module.checkpoint_every``
     (null: at every curve point, ``eval_every``, or every :data:`CHECKPOINT_EVERY` batches without
     curves; 0: no stream checkpoints) and ``resume`` (true: the latest stream checkpoint of this
     run folder, ``paths.output_dir``; a path: that checkpoint, or the latest in that folder) →
@@ -183,7 +184,7 @@ def apply_stream(cfg: DictConfig) -> None:
     unknown = set(stream) - set(STREAM_KEYS)
     if unknown:
         raise SettingError("stream", f"has unknown settings {sorted(unknown)}: use {', '.join(STREAM_KEYS)}")
-    for key in ("edits", "batch_size", "eval_every"):
+    for key in ("edits", "batch_size", "eval_every", "eval_sample"):
         value = stream.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SettingError(f"stream.{key}", "must be a positive integer or null", value)
@@ -209,6 +210,7 @@ def apply_stream(cfg: DictConfig) -> None:
         cfg.edit.sequential = True
         cfg.module.score_after_stream = True
         cfg.module.eval_every = stream.get("eval_every")
+        cfg.module.eval_sample = stream.get("eval_sample")
         cfg.module.checkpoint_every = every
         cfg.module.resume_from = resume or None
     log.info("edit stream: %s edits in batches of %s, sequential, scored after the stream%s%s",

@@ -393,12 +393,20 @@ def test_entry_point_with_general_ability(tmp_path):
 
 
 # ------------------------------------------------------------------ edit streams
+def test_the_scale_stream_scores_a_fixed_sample_at_its_curve_points():
+    from editlab.train import apply_stream
+
+    cfg = _compose(["experiment=ultraedit_smollm2_counterfact_10k"])
+    apply_stream(cfg)
+    assert cfg.data.test.limit == 10000 and cfg.module.eval_every == 20 and cfg.module.eval_sample == 500
+
+
 def test_stream_experiment_expands_into_a_sequential_stream_with_curves():
     from editlab.train import apply_stream
 
     cfg = _compose(["experiment=ft_smollm2_stream"])
     assert OmegaConf.to_container(cfg.stream) == {"edits": 200, "batch_size": 10, "eval_every": 5,
-                                                  "checkpoint_every": None, "resume": None}
+                                                  "eval_sample": None, "checkpoint_every": None, "resume": None}
     apply_stream(cfg)
     assert cfg.data.test.limit == 200 and cfg.data.batch_size == 10
     assert cfg.edit.sequential is True and cfg.module.score_after_stream is True and cfg.module.eval_every == 5

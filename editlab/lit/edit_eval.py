@@ -21,7 +21,8 @@ as the whole edit stream left it (stage ``final``).  In a sequential stream ``po
 right after a record's own edit and ``final/…`` the score after all edits: the gap is forgetting.
 
 Edit streams (lifelong editing, ``eval_every``): with sequential editing (the editor callback's
-``sequential=True``) and ``eval_every=K``, every K batches all records edited so far are scored on
+``sequential=True``) and ``eval_every=K``, every K batches all records edited so far (or the
+stream's first ``eval_sample`` edited records, a fixed sample) are scored on
 the model as the stream has left it so far (stage ``step``: same metrics, same pre-edit cache for
 locality), and, at every such checkpoint, general ability too; the last point of the curve is the
 ``final`` stage (``eval_every`` implies ``score_after_stream``).  Points are ``{"edits": records
@@ -118,6 +119,10 @@ class EditEvalModule(L.LightningModule):
         eval_every: in a sequential edit stream, score all records edited so far every this many
             batches (curve points; see the module docstring); implies ``score_after_stream``.
             ``None``: no curves.  Refused unless every editor callback is sequential.
+        eval_sample: score only the stream's first this many edited records at each curve point
+            (a fixed sample: the same records at every point once they are edited, so a long
+            stream's points cost the same and show what is left of its early edits); ``None``:
+            every record edited so far.  The ``final`` stage scores every record either way.
         checkpoint_every: write a stream checkpoint (:mod:`editlab.lit.stream`) into
             ``<output_dir>/stream/`` after every this many batches (not after the last one: what
             remains then is the scoring after the stream); ``None`` or 0: none.
@@ -138,6 +143,7 @@ class EditEvalModule(L.LightningModule):
         score_after_stream: bool = False,
         general_ability: GeneralEvaluator | None = None,
         eval_every: int | None = None,
+        eval_sample: int | None = None,
         checkpoint_every: int | None = None,
         resume_from: str | None = None,
         run_config: dict[str, Any] | None = None,
@@ -145,6 +151,9 @@ class EditEvalModule(L.LightningModule):
         super().__init__()
         if eval_every is not None and eval_every < 1:
             raise ValueError(f"eval_every must be a positive number of batches or None, got {eval_every}")
+        if eval_sample is not None and (isinstance(eval_sample, bool) or not isinstance(eval_sample, int)
+                                        or eval_sample < 1):
+            raise ValueError(f"eval_sample must be a positive number of records or None, got {eval_sample}")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 0):
             raise ValueError(f"checkpoint_every must be a number of batches >= 0 or None, got {checkpoint_every}")
         if (checkpoint_every or resume_from) and not output_dir:
@@ -158,6 +167,7 @@ class EditEvalModule(L.LightningModule):
         self.precompute_pre = precompute_pre
         self.general_ability = general_ability
         self.eval_every = eval_every
+        self.eval_sample = eval_sample
         self.score_after_stream = score_after_stream or eval_every is not None  # a curve ends at `final`
         self.stage_metrics = nn.ModuleDict({s: self.scorer.metrics(f"{s}/") for s in (*STAGES, STEP)})
         self.results = EvalResults()
@@ -407,12 +417,12 @@ class EditEvalModule(L.LightningModule):
         return rows
 
     # ------------------------------------------------------------- after the stream
-    def _rescore(self, stage: str) -> tuple[dict[str, torch.Tensor], list[dict[str, list[str]]]]:
-        """Score every edited record so far on the model as it is now into ``stage``'s metrics;
-        per-record values (pre-edit references from the cache of the unedited model) and, in
-        generation mode, per-record generated answers."""
+    def _rescore(self, stage: str, limit: int | None = None) -> tuple[dict[str, torch.Tensor], list[dict[str, list[str]]]]:
+        """Score every edited record so far (the first ``limit`` of them when given) on the model as
+        it is now into ``stage``'s metrics; per-record values (pre-edit references from the cache
+        of the unedited model) and, in generation mode, per-record generated answers."""
         start = time.perf_counter()
-        probes = self.scorer.probes(self._stream)
+        probes = self.scorer.probes(self._stream[:limit])
         with self.session.suspended():
             pre = self.scorer.observe(self.session.forward_model, probes, self._pre)
         now = self.scorer.observe(self.session.forward_model, probes)
@@ -433,11 +443,12 @@ class EditEvalModule(L.LightningModule):
                 self.results.records[row]["generations"]["final"] = answers[i]
 
     def _checkpoint(self) -> None:
-        """A curve point mid-stream: all records edited so far (and general ability) on the model now."""
+        """A curve point mid-stream: the records edited so far (the fixed sample, ``eval_sample``)
+        and general ability, on the model now."""
         metrics = self.stage_metrics[STEP]
         metrics.reset()
         if self._stream:
-            self._rescore(STEP)
+            self._rescore(STEP, self.eval_sample)
         if self.general_ability is not None:
             self._measure_general(STEP)
         self._add_point(computed(metrics), self._general.pop(STEP, {}))

@@ -220,3 +220,29 @@ def test_pre_edit_metrics_inside_a_stream_equal_those_of_a_fresh_unedited_model(
     pre = {k: v for k, v in module.summary.items() if k.startswith("pre/")}
     assert pre and pre == {k: v for k, v in fresh.summary.items() if k.startswith("pre/")}
     assert any(r["post"] != r["pre"] for r in rows)  # the stream did edit
+
+
+def test_eval_sample_scores_a_fixed_sample_at_each_point_and_every_record_at_the_end(tiny, tmp_path, caplog):
+    """eval_sample=2: every curve point scores the stream's first two edited records only (the same
+    two once edited); final/ still scores all four, as without a sample."""
+    import dataclasses
+    import logging
+
+    def four():
+        base = make_records()
+        return [*base, dataclasses.replace(base[0], record_id=3, prompt="The capital of Spain is", subject="Spain")]
+
+    bundle = tiny("gpt2")
+    whole, _ = _run(bundle, _ft(), tmp_path / "all", eval_every=1, records=four)
+    with caplog.at_level(logging.INFO, logger="editlab.lit.edit_eval"):
+        sampled, _ = _run(bundle, _ft(), tmp_path / "sample", eval_every=1, eval_sample=2, records=four)
+    scored = [r.getMessage().split(": scored ")[1].split(" ")[0] for r in caplog.records
+              if ": scored " in r.getMessage()]
+    assert scored == ["1", "2", "2", "4"]  # points after batches 1-3 (batch 4's point is final), then final
+    assert sampled.curves[:2] == whole.curves[:2]  # the sample is every record so far until it is full
+    assert sampled.curves[2] != whole.curves[2]  # after batch 3: records 0-1 only, not 0-2
+    assert sampled.curves[-1] == whole.curves[-1]
+    assert {k: v for k, v in sampled.summary.items() if k.startswith("final/")} == {
+        k: v for k, v in whole.summary.items() if k.startswith("final/")}
+    with pytest.raises(ValueError, match="eval_sample"):
+        EditEvalModule(bundle, eval_every=1, eval_sample=0)
