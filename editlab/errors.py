@@ -21,7 +21,8 @@ from typing import Any
 
 __all__ = [
     "UserError", "SettingError", "require", "require_int", "require_float", "require_bool", "require_choice",
-    "require_str", "require_path", "require_list", "require_ints", "require_strs", "find_user_error",
+    "require_str", "require_path", "require_list", "require_ints", "require_strs", "require_int_pairs",
+    "require_texts", "find_user_error",
 ]
 
 _UNSET = object()
@@ -177,6 +178,23 @@ def require_strs(value: Any, key: str, *, empty: bool = False, unique: bool = Fa
     require(all(isinstance(x, str) and x for x in items), key, "must hold non-empty strings only", value)
     require(not unique or len(set(items)) == len(items), key, "must not repeat a value", value)
     return items
+
+
+def require_int_pairs(value: Any, key: str, *, ge: int | None = None) -> list[tuple[int, int]]:
+    """A list (possibly empty) of ``[a, b]`` integer pairs (each ``>= ge``), as tuples."""
+    pairs = require_list(value, key, empty=True)
+    for pair in pairs:
+        ok = isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
+        require(ok, key, "must hold [a, b] pairs of integers", value)
+        require_ints(pair, key, ge=ge)
+    return [(int(a), int(b)) for a, b in pairs]
+
+
+def require_texts(value: Any, key: str) -> list[str]:
+    """A list of non-empty strings, at least one of which is not blank (a small text corpus)."""
+    texts = require_strs(value, key)
+    require(any(t.strip() for t in texts), key, "must hold a text that is not blank", value)
+    return texts
 
 
 def find_user_error(exc: BaseException, user_errors: tuple[type[BaseException], ...] = (UserError,),

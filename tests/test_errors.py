@@ -143,3 +143,17 @@ def test_errors_imports_nothing_from_editlab():
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not [m for m in imported if m.split(".")[0] in ("editlab", "hydra", "omegaconf", "lightning", "torch")]
+
+
+def test_int_pairs_and_texts():
+    from editlab.errors import require_int_pairs, require_texts
+
+    assert require_int_pairs([[5, 2], (10, 1)], "p", ge=1) == [(5, 2), (10, 1)]
+    assert require_int_pairs([], "p") == []
+    for bad in ([[5]], [[5, 0]], ["ab"], [[1.5, 2]], "55"):
+        with pytest.raises(SettingError, match="^p "):
+            require_int_pairs(bad, "p", ge=1)
+    assert require_texts(["a", " "], "t") == ["a", " "]
+    for bad in ([" "], [], "text", [""], [1]):
+        with pytest.raises(SettingError, match="^t "):
+            require_texts(bad, "t")

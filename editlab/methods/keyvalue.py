@@ -42,7 +42,8 @@ from editlab.data.collate import encode_pairs, subject_span
 from editlab.data.corpora import Corpus, WikipediaSample
 from editlab.data.records import EditRecord
 from editlab.errors import (
-    require, require_choice, require_float, require_int, require_ints, require_list, require_path, require_strs,
+    require, require_choice, require_float, require_int, require_int_pairs, require_ints, require_path,
+    require_strs,
 )
 from editlab.methods.base import EditError, Editor
 from editlab.models.arch import arch_for, get_module, is_encoder_decoder
@@ -274,13 +275,8 @@ class KeyValueEditor(Editor):
         require(all("{}" in t for t in self.kl_prompts), "kl_prompts", "must each hold {} (the subject)",
                 kl_prompts)
         self.early_stop_loss = require_float(early_stop_loss, "early_stop_loss", ge=0)
-        pairs = require_list(context_template_length_params, "context_template_length_params", empty=True)
-        for pair in pairs:
-            ok = isinstance(pair, Sequence) and not isinstance(pair, str) and len(pair) == 2
-            require(ok, "context_template_length_params", "must hold [length, count] pairs",
-                    context_template_length_params)
-            require_ints(pair, "context_template_length_params", ge=1)
-        self.context_template_length_params = [tuple(int(v) for v in x) for x in pairs]
+        self.context_template_length_params = require_int_pairs(
+            context_template_length_params, "context_template_length_params", ge=1)
         self.template_prompts = tuple(require_strs(template_prompts, "template_prompts"))
         self.template_seed = require_int(template_seed, "template_seed")
         require(mom2_corpus is None or isinstance(mom2_corpus, Corpus), "mom2_corpus",

@@ -83,7 +83,7 @@ from transformers.activations import ACT2FN
 
 from editlab.data.corpora import Corpus, WikipediaSample, batch_rows, pack_rows
 from editlab.data.records import EditRecord
-from editlab.errors import require, require_bool, require_float, require_int, require_strs
+from editlab.errors import require, require_bool, require_float, require_int, require_texts
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.patches import FFNPatch, HostReplay, check_records, host_patches, resolve_layer
 from editlab.models.arch import is_encoder_decoder
@@ -191,9 +191,7 @@ class TPatcher(Editor):
                 activation)
         self.activation = activation
         if memory_corpus is not None and not isinstance(memory_corpus, Corpus):
-            prompts = require_strs(memory_corpus, "memory_corpus")
-            require(any(p.strip() for p in prompts), "memory_corpus", "must hold a prompt that is not blank",
-                    memory_corpus)
+            require_texts(memory_corpus, "memory_corpus")
         self.memory_corpus = memory_corpus if memory_corpus is not None else WikipediaSample()
         self.memory_tokens = require_int(memory_tokens, "memory_tokens", ge=1)
         self.memory_seq_len = require_int(memory_seq_len, "memory_seq_len", ge=1)

@@ -108,8 +108,8 @@ from transformers.activations import ACT2FN
 from editlab.data.collate import encode_pairs
 from editlab.data.corpora import Corpus, WikipediaSample
 from editlab.data.records import EditRecord
-from editlab.errors import (require, require_bool, require_choice, require_float, require_int, require_list,
-                            require_ints, require_strs)
+from editlab.errors import (require, require_bool, require_choice, require_float, require_int, require_int_pairs,
+                            require_list, require_strs, require_texts)
 from editlab.methods.base import Edit, EditError, Editor
 from editlab.methods.keyvalue import context_templates
 from editlab.methods.patches import check_records, resolve_layer
@@ -376,19 +376,12 @@ class WISE(Editor):
         self.weights = require_float(weights, "weights", gt=0)
         self.densities = require_float(densities, "densities", gt=0, le=1)
         self.weight_decay = require_float(weight_decay, "weight_decay", ge=0)
-        pairs = require_list(context_template_length_params, "context_template_length_params", empty=True)
-        for pair in pairs:
-            ok = isinstance(pair, Sequence) and not isinstance(pair, (str, bytes)) and len(pair) == 2
-            require(ok, "context_template_length_params", "must hold [length, count] pairs",
-                    context_template_length_params)
-            require_ints(pair, "context_template_length_params", ge=1)
-        self.context_template_length_params = [tuple(int(v) for v in p) for p in pairs]
+        self.context_template_length_params = require_int_pairs(
+            context_template_length_params, "context_template_length_params", ge=1)
         self.template_prompts = require_strs(template_prompts, "template_prompts")
         self.template_seed = require_int(template_seed, "template_seed")
         if irrelevant_corpus is not None and not isinstance(irrelevant_corpus, Corpus):
-            texts = require_strs(irrelevant_corpus, "irrelevant_corpus")
-            require(any(t.strip() for t in texts), "irrelevant_corpus", "must hold a text that is not blank",
-                    irrelevant_corpus)
+            require_texts(irrelevant_corpus, "irrelevant_corpus")
         self.irrelevant_corpus = irrelevant_corpus if irrelevant_corpus is not None else WikipediaSample()
         self.irrelevant_count = require_int(irrelevant_count, "irrelevant_count", ge=1)
         self.irrelevant_max_tokens = require_int(irrelevant_max_tokens, "irrelevant_max_tokens", ge=1)
