@@ -474,6 +474,10 @@ class EditEvalModule(L.LightningModule):
             self._score_after_stream()
             if self.general_ability is not None and not self.session.edited:
                 self._general["final"] = dict(self._general["pre"])  # every edit undone: the unedited model
+            elif self.general_ability is not None and "post" in self._general:
+                # edits kept (a sequential stream): post/ was measured after the last edit on this very
+                # model, and nothing has changed it since
+                self._general["final"] = dict(self._general["post"])
             elif self.general_ability is not None:
                 self._measure_general("final")
         if self.eval_every is not None and self._steps:

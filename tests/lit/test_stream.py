@@ -131,9 +131,16 @@ def test_first_checkpoint_of_single_edits_is_the_first_records_post_score(tiny, 
 def test_general_ability_is_measured_at_every_checkpoint(tiny, tmp_path):
     bundle = tiny("gpt2")
     weight = bundle.model.transformer.h[1].mlp.c_proj.weight  # the weight FT-L tunes
-    general = lambda model, tokenizer: {"checksum": float(weight.double().sum())}  # noqa: E731
+    calls = []
+
+    def general(model, tokenizer):
+        calls.append(1)
+        return {"checksum": float(weight.double().sum())}
+
     module, _ = _run(bundle, _ft(), tmp_path, eval_every=1, general_ability=general)
     sums = [p["general_checksum"] for p in module.curves]
+    # pre, the two mid-stream points and post; final is post's model, not measured twice
+    assert len(calls) == 1 + (len(sums) - 1) + 1
     assert len(set(sums)) == 3  # the model changes with every edit of the stream
     assert sums[-1] == module.summary["final/general_checksum"] == module.summary["post/general_checksum"]
     assert module.summary["pre/general_checksum"] not in sums
