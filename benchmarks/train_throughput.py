@@ -4,8 +4,8 @@ Each (method, processes) pair trains the editor of the experiment ``<method>_smo
 (its method config and learning rate; ``--model`` swaps the base model) on the first records of
 ``counterfact/counterfact-train.json`` for ``--warmup`` + ``--steps`` optimizer steps of
 ``--batch-size`` edits per process (``--batch-edits``: one joint batch edit, or each record edited
-on its own in one batched pass; MALMEN always edits a step's records jointly), with :class:`~editlab.lit.editor_train.EditorTrainModule` and a
-Lightning Trainer: one process, or DDP over ``--procs`` processes (gloo on CPU, NCCL on GPU;
+on its own in one batched pass; MALMEN always edits a step's records jointly), with
+:class:`~editlab.lit.editor_train.EditorTrainModule` and a Lightning Trainer: one process, or DDP over ``--procs`` processes (gloo on CPU, NCCL on GPU;
 Lightning launches the extra ranks).  Validation, checkpoints and logging are off.  Timed: the
 steps after the warm-up, on rank 0 (ranks are in lock-step through the gradient all-reduce).
 

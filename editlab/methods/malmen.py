@@ -232,7 +232,8 @@ class MALMEN(TrainableEditor):
         except UnknownArchitecture as err:
             raise EditError(f"MALMEN: {err}") from err
         total = spec.num_layers(model)
-        return [spec.module_path(model, "mlp_out", layer) + ".weight" for layer in range(max(0, total - 6), total)]
+        layers = range(max(0, total - 6), total)
+        return [spec.module_path(model, "mlp_out", layer) + ".weight" for layer in layers]
 
     def build(self, model: nn.Module, params: dict[str, nn.Parameter]) -> None:
         shapes: dict[str, tuple[int, int]] = {}
@@ -250,13 +251,15 @@ class MALMEN(TrainableEditor):
             groups.setdefault(f"{key_size}x{value_size}", []).append(name)
         for group, names in groups.items():
             key_size, value_size = shapes[names[0]]
-            self.nets[group] = _HyperNet(key_size, value_size, self.rank, self.n_blocks, len(names), self.edit_lr)
+            self.nets[group] = _HyperNet(key_size, value_size, self.rank, self.n_blocks, len(names),
+                                         self.edit_lr)
             for layer, name in enumerate(names):
                 self._route[name] = (group, layer)
         self.to(next(iter(params.values())).device)
 
     # ---------------------------------------------------------------- the three steps
-    def gradient_factors(self, model: nn.Module, batch: PairBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def gradient_factors(self, model: nn.Module, batch: PairBatch
+                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per edited weight, the keys ``U [T, in]`` and value gradients ``D [T, out]`` of all edits
         of ``batch`` (each edit's rows the factors of its own NLL's gradient; float32, detached),
         ``capture_batch_size`` edits per forward and backward."""
@@ -285,7 +288,8 @@ class MALMEN(TrainableEditor):
         if keys.shape[0] == 0:
             return keys.new_zeros(0, net.value_size)
         step = self.net_batch_size
-        return torch.cat([net(keys[lo:lo + step], grads[lo:lo + step], layer) for lo in range(0, keys.shape[0], step)])
+        return torch.cat([net(keys[lo:lo + step], grads[lo:lo + step], layer)
+                          for lo in range(0, keys.shape[0], step)])
 
     def solve(self, name: str, keys: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         """``ΔW = (UᵀU + e^λ I)⁻¹ UᵀV`` for weight ``name``, in the parameter's layout (float32)."""
@@ -303,7 +307,8 @@ class MALMEN(TrainableEditor):
         factors = self.gradient_factors(model, batch)
         if self.training:
             self.update_statistics(factors)
-        return {n: self.solve(n, keys, self.value_shifts(n, keys, grads)) for n, (keys, grads) in factors.items()}
+        return {n: self.solve(n, keys, self.value_shifts(n, keys, grads))
+                for n, (keys, grads) in factors.items()}
 
     # ---------------------------------------------------------------- editing
     def edited_parameters(self, model: nn.Module, batch: PairBatch,
