@@ -1,11 +1,11 @@
-"""Benchmark: training throughput of the trainable editors (MEND, KE) with 1 and 2 processes.
+"""Benchmark: training throughput of the trainable editors (MEND, KE, MALMEN) with 1 and 2 processes.
 
 Each (method, processes) pair trains the editor of the experiment ``<method>_smollm2_counterfact``
 (its method config and learning rate; ``--model`` swaps the base model) on the first records of
 ``counterfact/counterfact-train.json`` for ``--warmup`` + ``--steps`` optimizer steps of
 ``--batch-size`` edits per process (``--batch-edits``: one joint batch edit, or each record edited
-on its own in one batched pass), with :class:`~editlab.lit.editor_train.EditorTrainModule` and a
-Lightning Trainer: one process, or DDP over ``--procs`` processes (gloo on CPU, NCCL on GPU;
+on its own in one batched pass; MALMEN always edits a step's records jointly), with
+:class:`~editlab.lit.editor_train.EditorTrainModule` and a Lightning Trainer: one process, or DDP over ``--procs`` processes (gloo on CPU, NCCL on GPU;
 Lightning launches the extra ranks).  Validation, checkpoints and logging are off.  Timed: the
 steps after the warm-up, on rank 0 (ranks are in lock-step through the gradient all-reduce).
 
@@ -17,6 +17,7 @@ GPU: peak allocated CUDA memory).  Every configuration runs in fresh processes.
     python benchmarks/train_throughput.py --model tiny_llama --steps 5  # a quick check
     python benchmarks/train_throughput.py --accelerator gpu --procs 1,2
     python benchmarks/train_throughput.py --methods mend --procs 1 --batch-size 10 --batch-edits independent
+    python benchmarks/train_throughput.py --methods malmen --procs 1,2 --batch-size 100  # one batch edit per step
 
 On CPU each process gets ``cores / processes`` threads (``--threads`` to override); run it with
 nothing else on the machine.
@@ -40,7 +41,7 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("mend", "ke")
+METHODS = ("mend", "ke", "malmen")
 
 
 def _compose(method: str, model: str):
@@ -63,7 +64,12 @@ def run_worker(args: argparse.Namespace) -> None:
     cfg = _compose(args.worker, args.model)
     L.seed_everything(0, verbose=False)
     bundle = hydra.utils.instantiate(cfg.model)
-    editor = hydra.utils.instantiate(cfg.method, batch_edits=args.batch_edits)
+    if "batch_edits" in cfg.method:
+        editor = hydra.utils.instantiate(cfg.method, batch_edits=args.batch_edits)
+    elif args.batch_edits == "joint":  # MALMEN: a step's records are one batch edit
+        editor = hydra.utils.instantiate(cfg.method)
+    else:
+        raise SystemExit(f"{args.worker} edits a step's records jointly only (--batch-edits joint)")
     module = EditorTrainModule(bundle, editor, lr=cfg.fit.module.lr)
     steps = args.warmup + args.steps
     n_records = steps * args.batch_size * args.procs

@@ -129,13 +129,19 @@ def edit_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch) -> 
     return {n: (g if g is not None else torch.zeros_like(leaves[n])).detach() for n, g in zip(leaves, grads)}
 
 
-def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBatch, owner: str = "editor"
-                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBatch, owner: str = "editor",
+                          positions: str = "all") -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per weight in ``names`` (of linear-like modules), the rank-one factors ``(x [n, in],
     δ [n, out])`` of the gradient of the edit loss (:func:`target_nll` of ``batch`` on the
     unedited model) and, third, the batch row each factor comes from, over every position where
     ``x`` and ``δ`` are both non-zero (detached, float32).  ``Σ_t δ_t x_tᵀ`` is the exact gradient.
+    ``positions="answer"`` keeps only the positions whose logits predict a target token (MALMEN's
+    ``token: ans``; decoder-only models), and the sum is then the gradient restricted to them.
     ``owner`` names the caller in errors."""
+    if positions not in LOC_POSITIONS:
+        raise ValueError(f"positions must be one of {LOC_POSITIONS}, got {positions!r}")
+    if positions == "answer" and is_encoder_decoder(model):
+        raise EditError(f"{owner}: factors at answer positions need a decoder-only model")
     named = dict(model.named_parameters())
     leaves = {n: named[n].detach().requires_grad_(True) for n in names}
     paths = {n: n.rpartition(".")[0] for n in names}
@@ -154,8 +160,24 @@ def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBat
         rows = capture.factor_rows(path)
         x, delta = x.float(), delta.float()
         keep = (x != 0).any(-1) & (delta != 0).any(-1)
+        if positions == "answer":
+            keep &= _answer_rows(capture.inputs[path], batch, f"{owner}: parameter {name!r}")
         factors[name] = (x[keep], delta[keep], rows[keep])
     return factors
+
+
+def _answer_rows(inputs: Sequence[torch.Tensor], batch: PairBatch, where: str) -> torch.Tensor:
+    """For the factor rows of a module called with ``inputs`` (one ``[N, L, in]`` tensor per call),
+    whether each row sits at a position whose logit predicts a target token of ``batch``."""
+    answer = torch.zeros(batch.input_ids.shape, dtype=torch.bool, device=batch.input_ids.device)
+    answer[batch.gather_index()] = True
+    masks = []
+    for x in inputs:
+        if tuple(x.shape[:-1]) != tuple(answer.shape):
+            raise EditError(f"{where}: the module input {tuple(x.shape)} is not laid out as the batch "
+                            f"{tuple(answer.shape)}, so its answer positions are unknown")
+        masks.append(answer.reshape(-1).to(x.device))
+    return torch.cat(masks)
 
 
 def row_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch,

@@ -1,4 +1,4 @@
-"""Training MEND and KE with DDP on 2 gloo CPU processes, in the default suite (seconds): the ranks
+"""Training MEND, KE and MALMEN with DDP on 2 gloo CPU processes, in the default suite (seconds): the ranks
 train on disjoint shards of the training split, finish with the same editor (gradients all-reduced,
 buffers from rank 0), which training changed, and rank 0's checkpoint rebuilds that editor.
 
@@ -25,6 +25,7 @@ from editlab.data.loaders import load_counterfact_easyedit
 from editlab.lit.checkpoint import load_editor, read_editor_checkpoint
 from editlab.lit.editor_train import EditorTrainModule
 from editlab.methods.ke import KE
+from editlab.methods.malmen import MALMEN
 from editlab.methods.mend import MEND
 
 from learned_step import write_easyedit
@@ -33,6 +34,9 @@ EDITORS = {
     "mend": (lambda: MEND(rank=8), {"_target_": "editlab.methods.mend.MEND", "rank": 8}),
     "ke": (lambda: KE(hidden_dim=8, condition_dim=16),
            {"_target_": "editlab.methods.ke.KE", "hidden_dim": 8, "condition_dim": 16}),
+    # its gradient reaches the parameters in the backward of its own autograd function (step 3)
+    "malmen": (lambda: MALMEN(rank=8, edit_lr=1e-2), {"_target_": "editlab.methods.malmen.MALMEN", "rank": 8,
+                                                      "edit_lr": 1e-2}),
 }
 
 

@@ -448,12 +448,13 @@ def test_last_checkpoint_is_the_latest_validation_not_the_best(tmp_path, caplog)
 
 @pytest.mark.parametrize("experiment,extra", [
     ("mend_smollm2_counterfact", ["method.rank=8"]),
+    ("malmen_smollm2_counterfact", ["method.rank=8", "method.edit_lr=1e-2"]),
     ("ke_smollm2_counterfact", ["method.hidden_dim=8", "method.condition_dim=16"]),
     ("serac_smollm2_counterfact", [f"method.encoder={{_target_:{TINY_ENCODER}}}"]),
     ("serac_smollm2_zsre", [f"method.encoder={{_target_:{TINY_ENCODER}}}", "method.cross_attend=true"]),
 ])
 def test_trainable_experiments_run_end_to_end(tmp_path, experiment, extra):
-    """The MEND, KE and SERAC experiments (train, then test in the edit loop) on a tiny model, few
+    """The MEND, MALMEN, KE and SERAC experiments (train, then test in the edit loop) on a tiny model, few
     steps (the zsRE experiment reads the same EasyEdit-schema fixture: only its data paths differ)."""
     drop = ("method=", "fit=", "data=", "model=")
     overrides = [o for o in _tiny_overrides(tmp_path) if not o.startswith(drop)]

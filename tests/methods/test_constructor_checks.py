@@ -27,6 +27,7 @@ from editlab.methods.ike import IKE
 from editlab.methods.ke import KE
 from editlab.methods.keyvalue import KeyValueEditor
 from editlab.methods.kn import KN
+from editlab.methods.malmen import MALMEN
 from editlab.methods.memit import MEMIT
 from editlab.methods.mend import MEND
 from editlab.methods.rome import ROME
@@ -185,6 +186,11 @@ TABLE: dict[type, list[tuple]] = {
         ("mlp_gate_layers", [-1]), ("mlp_gate_layers", 3), ("mlp_in_layers", [1.5]), ("mlp_in_layers", [2, 2]),
         ("mlp_out_layers", "20"), ("mlp_out_layers", [], {"mlp_gate_layers": [], "mlp_in_layers": []}),
         ("lr", 0), ("lr", NAN), ("lam", 0.0), ("lam", INF), ("lam", "1"), ("chunk_size", 0), ("chunk_size", 2.5),
+    ],
+    MALMEN: [row for row in TRAINABLE if row[0] != "batch_edits"] + [
+        ("rank", 0), ("rank", 1920.0), ("n_blocks", -1), ("n_blocks", 1.5), ("edit_lr", 0), ("edit_lr", "1e-6"),
+        ("edit_lr", NAN), ("token", "answer"), ("token", None), ("capture_batch_size", 0),
+        ("capture_batch_size", 32.0), ("net_batch_size", 0), ("net_batch_size", True),
     ],
 }
 
