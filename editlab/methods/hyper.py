@@ -80,12 +80,14 @@ __all__ = [
     "EDIT_OUTER",
     "LOC_POSITIONS",
     "BATCH_EDITS",
+    "FACTOR_POSITIONS",
     "RowEdits",
 ]
 
 EDIT_OUTER = ("rephrase", "prompt", "both")
 LOC_POSITIONS = ("all", "answer")
 BATCH_EDITS = ("joint", "independent")
+FACTOR_POSITIONS = ("all", "answer")
 
 
 @dataclass
@@ -129,22 +131,39 @@ def edit_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch) -> 
     return {n: (g if g is not None else torch.zeros_like(leaves[n])).detach() for n, g in zip(leaves, grads)}
 
 
-def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBatch, owner: str = "editor"
+def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBatch, owner: str = "editor",
+                          params: dict[str, torch.Tensor] | None = None, positions: str = "all"
                           ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per weight in ``names`` (of linear-like modules), the rank-one factors ``(x [n, in],
     δ [n, out])`` of the gradient of the edit loss (:func:`target_nll` of ``batch`` on the
     unedited model) and, third, the batch row each factor comes from, over every position where
     ``x`` and ``δ`` are both non-zero (detached, float32).  ``Σ_t δ_t x_tᵀ`` is the exact gradient.
-    ``owner`` names the caller in errors."""
+    ``owner`` names the caller in errors.
+
+    ``params`` (name → tensor): values substituted for the model's own parameters of those names
+    (detached), so the factors are those of the model so edited (an edit stream's accumulated
+    updates) without writing it.  ``positions="answer"``: keep only the positions whose logits
+    predict a target token (MALMEN's and RLEdit's ``token: ans``; the module must see one row per
+    position of the sequence the logits are read from), instead of every non-zero position."""
+    if positions not in FACTOR_POSITIONS:
+        raise ValueError(f"positions must be one of {FACTOR_POSITIONS}, got {positions!r}")
     named = dict(model.named_parameters())
-    leaves = {n: named[n].detach().requires_grad_(True) for n in names}
+    given = {n: v.detach() for n, v in (params or {}).items()}
+    leaves = {n: given.get(n, named[n]).detach().requires_grad_(True) for n in names}
     paths = {n: n.rpartition(".")[0] for n in names}
     with torch.enable_grad(), GradientFactors(model, paths.values()) as capture:
-        nll, _ = target_nll(edited_forward(model, leaves, batch), batch)
+        nll, _ = target_nll(edited_forward(model, {**given, **leaves}, batch), batch)
         targets = capture.grad_targets()
         if not targets:
             raise EditError(f"{owner}: none of the modules {sorted(set(paths.values()))} ran in the forward")
         torch.autograd.grad(nll, targets, allow_unused=True)
+    answer = None
+    if positions == "answer":
+        rows, pos = batch.gather_index()
+        length = (batch.decoder_input_ids if batch.decoder_input_ids is not None else batch.input_ids).shape[1]
+        answer = torch.zeros(len(batch), length, dtype=torch.bool, device=rows.device)
+        answer[rows, pos] = True
+        answer = answer.reshape(-1)
     factors = {}
     for name, path in paths.items():
         try:
@@ -153,7 +172,14 @@ def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBat
             raise EditError(f"{owner}: {err.args[0]} (parameter {name!r})") from err
         rows = capture.factor_rows(path)
         x, delta = x.float(), delta.float()
-        keep = (x != 0).any(-1) & (delta != 0).any(-1)
+        if answer is None:
+            keep = (x != 0).any(-1) & (delta != 0).any(-1)
+        elif x.shape[0] == answer.shape[0]:
+            keep = answer.to(x.device)
+        else:
+            raise EditError(f"{owner}: {name!r} saw {x.shape[0]} input rows, not one per position of the "
+                            f"{len(batch)} x {answer.shape[0] // max(len(batch), 1)} sequence its answer "
+                            "positions are read from")
         factors[name] = (x[keep], delta[keep], rows[keep])
     return factors
 
