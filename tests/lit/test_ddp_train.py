@@ -1,4 +1,4 @@
-"""Training MEND and KE with DDP on 2 gloo CPU processes, in the default suite (seconds): the ranks
+"""Training MEND, KE and RLEdit with DDP on 2 gloo CPU processes, in the default suite (seconds): the ranks
 train on disjoint shards of the training split, finish with the same editor (gradients all-reduced,
 buffers from rank 0), which training changed, and rank 0's checkpoint rebuilds that editor.
 
@@ -26,6 +26,7 @@ from editlab.lit.checkpoint import load_editor, read_editor_checkpoint
 from editlab.lit.editor_train import EditorTrainModule
 from editlab.methods.ke import KE
 from editlab.methods.mend import MEND
+from editlab.methods.rledit import RLEdit
 
 from learned_step import write_easyedit
 
@@ -33,6 +34,11 @@ EDITORS = {
     "mend": (lambda: MEND(rank=8), {"_target_": "editlab.methods.mend.MEND", "rank": 8}),
     "ke": (lambda: KE(hidden_dim=8, condition_dim=16),
            {"_target_": "editlab.methods.ke.KE", "hidden_dim": 8, "condition_dim": 16}),
+    # a batch of 2 records is an episode of 2 steps of 1 edit (factors at every position: a
+    # one-token answer alone gives one row, too few for the normalisation statistics)
+    "rledit": (lambda: RLEdit(rank=8, edits_per_step=1, episode_steps=2, factor_positions="all"),
+               {"_target_": "editlab.methods.rledit.RLEdit", "rank": 8, "edits_per_step": 1, "episode_steps": 2,
+                "factor_positions": "all"}),
 }
 
 
