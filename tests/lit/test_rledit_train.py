@@ -91,3 +91,22 @@ def test_resume_reaches_the_uninterrupted_state(tiny, tmp_path, resume_step):
     for i in a:
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(a[i][name], b[i][name]), (i, name)
+
+
+def test_the_experiment_trains_then_edits_a_stream(tmp_path):
+    """experiment=rledit_smollm2_counterfact on a tiny model (its own edit_params and sizes swapped
+    for the tiny model's): training episodes, then the test stream with curves."""
+    from test_editor_train import _compose, _run, _tiny_overrides
+
+    drop = ("method=", "fit=", "data=", "model=", "data.train_batch_size", "data.val_batch_size")
+    overrides = [o for o in _tiny_overrides(tmp_path) if not o.startswith(drop)]
+    cfg = _compose(["experiment=rledit_smollm2_counterfact", "model=tiny_llama", *overrides,
+                    "method.edit_params=null", "method.rank=8", "method.factor_positions=all",
+                    "method.edits_per_step=2", "method.episode_steps=2", "data.train_batch_size=4",
+                    "data.val_batch_size=2", "fit.module.val_edits_per_batch=2", "fit.module.lr=1e-3",
+                    "stream.edits=2", "stream.batch_size=1", "stream.eval_every=1"])
+    summary = _run(cfg, tmp_path / "out")
+    assert "final/reliability" in summary and "post/locality" in summary
+    assert (tmp_path / "out" / "curves.csv").is_file()
+    metrics = (tmp_path / "out" / "csv" / "metrics.csv").read_text()
+    assert "train/loss_memory" in metrics and "val/reliability" in metrics

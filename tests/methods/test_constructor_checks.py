@@ -29,6 +29,7 @@ from editlab.methods.keyvalue import KeyValueEditor
 from editlab.methods.kn import KN
 from editlab.methods.memit import MEMIT
 from editlab.methods.mend import MEND
+from editlab.methods.rledit import RLEdit
 from editlab.methods.rome import ROME
 from editlab.methods.serac import SERAC
 from editlab.methods.t_patcher import TPatcher
@@ -185,6 +186,12 @@ TABLE: dict[type, list[tuple]] = {
         ("mlp_gate_layers", [-1]), ("mlp_gate_layers", 3), ("mlp_in_layers", [1.5]), ("mlp_in_layers", [2, 2]),
         ("mlp_out_layers", "20"), ("mlp_out_layers", [], {"mlp_gate_layers": [], "mlp_in_layers": []}),
         ("lr", 0), ("lr", NAN), ("lam", 0.0), ("lam", INF), ("lam", "1"), ("chunk_size", 0), ("chunk_size", 2.5),
+    ],
+    RLEdit: [row for row in TRAINABLE if row[0] != "batch_edits"] + [
+        ("rank", 0), ("rank", 1024.0), ("n_blocks", 0), ("n_blocks", True), ("edit_lr", 0), ("edit_lr", "1e-6"),
+        ("factor_positions", "ans"), ("factor_positions", None), ("edits_per_step", 0), ("edits_per_step", 2.5),
+        ("episode_steps", 0), ("episode_steps", "400"), ("memory_depth", 0), ("memory_depth", 1.0),
+        ("memory_decay", -0.1), ("memory_decay", 1.5), ("memory_decay", NAN), ("c_reg", -1e-4), ("c_reg", None),
     ],
 }
 
