@@ -1,4 +1,4 @@
-"""Benchmark: training throughput of the trainable editors (MEND, KE, MALMEN) with 1 and 2 processes.
+"""Benchmark: training throughput of the trainable editors (MEND, KE, MALMEN, RLEdit) with 1 and 2 processes.
 
 Each (method, processes) pair trains the editor of the experiment ``<method>_smollm2_counterfact``
 (its method config and learning rate; ``--model`` swaps the base model) on the first records of
@@ -6,7 +6,10 @@ Each (method, processes) pair trains the editor of the experiment ``<method>_smo
 ``--batch-size`` edits per process (``--batch-edits``: one joint batch edit, or each record edited
 on its own in one batched pass; MALMEN always edits a step's records jointly), with
 :class:`~editlab.lit.editor_train.EditorTrainModule` and a Lightning Trainer: one process, or DDP over ``--procs`` processes (gloo on CPU, NCCL on GPU;
-Lightning launches the extra ranks).  Validation, checkpoints and logging are off.  Timed: the
+Lightning launches the extra ranks).  RLEdit trains episodes: each of its optimizer steps is an
+episode of ``--episode-steps`` steps of ``--batch-size`` edits (joint batch edits only; on another
+model than SmolLM2-135M it edits the MLP weights of the last three blocks, its preset's weights
+being SmolLM2's).  Validation, checkpoints and logging are off.  Timed: the
 steps after the warm-up, on rank 0 (ranks are in lock-step through the gradient all-reduce).
 
 Columns: ``examples/s`` = edits trained per second over all processes; ``steps/s`` = optimizer
@@ -18,6 +21,7 @@ GPU: peak allocated CUDA memory).  Every configuration runs in fresh processes.
     python benchmarks/train_throughput.py --accelerator gpu --procs 1,2
     python benchmarks/train_throughput.py --methods mend --procs 1 --batch-size 10 --batch-edits independent
     python benchmarks/train_throughput.py --methods malmen --procs 1,2 --batch-size 100  # one batch edit per step
+    python benchmarks/train_throughput.py --methods rledit --procs 1 --batch-size 10 --episode-steps 10
 
 On CPU each process gets ``cores / processes`` threads (``--threads`` to override); run it with
 nothing else on the machine.
@@ -41,7 +45,7 @@ import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ("mend", "ke", "malmen")
+METHODS = ("mend", "ke", "malmen", "rledit")
 
 
 def _compose(method: str, model: str):
@@ -64,18 +68,27 @@ def run_worker(args: argparse.Namespace) -> None:
     cfg = _compose(args.worker, args.model)
     L.seed_everything(0, verbose=False)
     bundle = hydra.utils.instantiate(cfg.model)
-    if "batch_edits" in cfg.method:
-        editor = hydra.utils.instantiate(cfg.method, batch_edits=args.batch_edits)
+    per_step = args.batch_size  # edits per optimizer step and process
+    if args.worker == "rledit":
+        if args.batch_edits != "joint":
+            raise SystemExit("rledit trains joint batch edits only (--batch-edits joint)")
+        kwargs = {"edits_per_step": args.batch_size, "episode_steps": args.episode_steps}
+        if args.model != "smollm2_135m":
+            kwargs["edit_params"] = None
+        per_step = args.batch_size * args.episode_steps
+    elif "batch_edits" in cfg.method:
+        kwargs = {"batch_edits": args.batch_edits}
     elif args.batch_edits == "joint":  # MALMEN: a step's records are one batch edit
-        editor = hydra.utils.instantiate(cfg.method)
+        kwargs = {}
     else:
         raise SystemExit(f"{args.worker} edits a step's records jointly only (--batch-edits joint)")
+    editor = hydra.utils.instantiate(cfg.method, **kwargs)
     module = EditorTrainModule(bundle, editor, lr=cfg.fit.module.lr)
     steps = args.warmup + args.steps
-    n_records = steps * args.batch_size * args.procs
+    n_records = steps * per_step * args.procs
     records = load_counterfact_easyedit("counterfact/counterfact-train.json", limit=n_records,
                                         data_dir=args.data_dir)
-    datamodule = EditDataModule(train=lambda: records, train_batch_size=args.batch_size)
+    datamodule = EditDataModule(train=lambda: records, train_batch_size=per_step)
     timer = StepTimer(args.warmup)
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=args.procs, strategy="ddp" if args.procs > 1 else "auto",
@@ -95,7 +108,7 @@ def run_worker(args: argparse.Namespace) -> None:
             "method": args.worker, "batch_edits": args.batch_edits, "procs": args.procs,
             "steps": args.steps, "seconds": seconds,
             "steps_per_s": args.steps / seconds,
-            "examples_per_s": args.steps * args.batch_size * args.procs / seconds,
+            "examples_per_s": args.steps * per_step * args.procs / seconds, "edits_per_step": per_step,
             "peak_gb": float(peaks.max()), "editor_params": sum(p.numel() for p in editor.parameters()),
             "device": timer.device, "threads": torch.get_num_threads(),
         }
@@ -142,6 +155,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
     parser.add_argument("--batch-size", type=int, default=1, help="edits per step and process")
+    parser.add_argument("--episode-steps", type=int, default=2,
+                        help="rledit: steps of --batch-size edits per episode (= per optimizer step)")
     parser.add_argument("--batch-edits", default="joint",
                         help="joint and/or independent (comma-separated): how a step's edits are applied")
     parser.add_argument("--accelerator", default="cpu", choices=("cpu", "gpu"))
@@ -169,6 +184,7 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method, "--out", str(out),
                    "--model", args.model, "--procs", str(procs), "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
+                   "--episode-steps", str(args.episode_steps),
                    "--batch-edits", batch_edits, "--accelerator", args.accelerator, "--threads", str(threads)]
             if args.data_dir:
                 cmd += ["--data-dir", args.data_dir]
@@ -180,14 +196,16 @@ def main() -> None:
                 raise SystemExit(f"{method} ({batch_edits}) with {procs} process(es) failed")
             rows.append(json.loads(out.read_text()))
     load_after = os.getloadavg()
-    header = (f"{'method':6} {'batch edits':>11} {'procs':>5} {'device':>6} {'threads':>7} {'steps':>5} "
+    header = (f"{'method':6} {'batch edits':>11} {'edits/step':>10} {'procs':>5} {'device':>6} {'threads':>7} "
+              f"{'steps':>5} "
               f"{'s/step':>7} "
               f"{'steps/s':>8} {'examples/s':>10} {'peak mem':>9} {'editor params':>13}")
-    lines = [f"model {args.model}, {args.batch_size} edit(s) per step and process", header, "-" * len(header)]
+    lines = [f"model {args.model}; edits/step: per optimizer step and process (rledit: an episode of "
+             f"{args.episode_steps} steps of {args.batch_size})", header, "-" * len(header)]
     for r in rows:
         lines.append(
-            f"{r['method']:6} {r['batch_edits']:>11} {r['procs']:>5} {r['device']:>6} {r['threads']:>7} "
-            f"{r['steps']:>5} "
+            f"{r['method']:6} {r['batch_edits']:>11} {r['edits_per_step']:>10} {r['procs']:>5} {r['device']:>6} "
+            f"{r['threads']:>7} {r['steps']:>5} "
             f"{r['seconds'] / r['steps']:>7.3f} {r['steps_per_s']:>8.3f} {r['examples_per_s']:>10.2f} "
             f"{r['peak_gb']:>7.2f}GB {r['editor_params']:>13,}"
         )

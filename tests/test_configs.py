@@ -33,7 +33,8 @@ FIT_PRESETS = [f for f in _options("fit") if "/" in f]
 EDITOR_CLASS = {"ft": "FTL", "rome": "ROME", "memit": "MEMIT", "kn": "KN", "mend": "MEND", "ke": "KE",
                 "serac": "SERAC", "ike": "IKE", "t_patcher": "TPatcher", "calinet": "CaliNet",
                 "grace": "GRACE", "alphaedit": "AlphaEdit", "emmet": "EMMET", "wise": "WISE",
-                "ultraedit": "UltraEdit", "malmen": "MALMEN"}
+                "ultraedit": "UltraEdit", "malmen": "MALMEN",
+                "rledit": "RLEdit"}
 
 
 def _compose(overrides):
@@ -142,7 +143,7 @@ def test_fit_preset_trains_its_method_preset(preset):
     """fit/<method>/<model>.yaml extends fit/editor.yaml for a method preset that exists; its
     training module and callbacks take the keys it sets."""
     assert preset in PRESETS, f"fit/{preset}.yaml has no method/{preset}.yaml"
-    assert EDITOR_CLASS[preset.split("/")[0]] in ("MEND", "KE", "SERAC", "MALMEN")  # the trainable editors
+    assert EDITOR_CLASS[preset.split("/")[0]] in ("MEND", "KE", "SERAC", "MALMEN", "RLEdit")  # the trainable editors
     fit = _compose([f"method={preset}", f"fit={preset}"]).fit
     generic = _compose(["fit=editor"]).fit
     assert set(generic) <= set(fit) and set(generic.trainer) <= set(fit.trainer)

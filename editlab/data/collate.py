@@ -221,6 +221,28 @@ class EditBatch:
         return EditBatch(self.records, self.edit.to(device), move(self.rephrase), move(self.locality),
                          move(self.rephrase_rows), move(self.locality_rows))
 
+    def select(self, indices: Sequence[int]) -> EditBatch:
+        """The records at ``indices`` (in that order) as a batch of their own: their edit rows and
+        the rephrase / locality rows that belong to them, with the row → record indices renumbered
+        (padding kept, so every row is computed exactly as in this batch)."""
+        index = [int(i) for i in indices]
+        where = {old: new for new, old in enumerate(index)}
+
+        def part(pairs: PairBatch | None, owners: torch.Tensor | None):
+            if pairs is None:
+                return None, None
+            owner = owners.tolist() if owners is not None else list(range(len(pairs)))
+            keep = [i for i, r in enumerate(owner) if r in where]
+            if not keep:
+                return None, None
+            rows = torch.tensor([where[owner[i]] for i in keep], dtype=torch.long, device=pairs.input_ids.device)
+            return pairs.select(keep), rows
+
+        rephrase, rephrase_rows = part(self.rephrase, self.rephrase_rows)
+        locality, locality_rows = part(self.locality, self.locality_rows)
+        return EditBatch([self.records[i] for i in index], self.edit.select(index), rephrase, locality,
+                         rephrase_rows, locality_rows)
+
     def rows_of(self, part: PairBatch) -> torch.Tensor:
         """The record index of every row of ``part`` (``edit``, ``rephrase`` or ``locality``)."""
         if part is self.rephrase and self.rephrase_rows is not None:

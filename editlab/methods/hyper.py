@@ -80,12 +80,14 @@ __all__ = [
     "EDIT_OUTER",
     "LOC_POSITIONS",
     "BATCH_EDITS",
+    "FACTOR_POSITIONS",
     "RowEdits",
 ]
 
 EDIT_OUTER = ("rephrase", "prompt", "both")
 LOC_POSITIONS = ("all", "answer")
 BATCH_EDITS = ("joint", "independent")
+FACTOR_POSITIONS = ("all", "answer")
 
 
 @dataclass
@@ -130,23 +132,29 @@ def edit_gradients(model: nn.Module, names: Sequence[str], batch: PairBatch) -> 
 
 
 def edit_gradient_factors(model: nn.Module, names: Sequence[str], batch: PairBatch, owner: str = "editor",
-                          positions: str = "all") -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+                          params: dict[str, torch.Tensor] | None = None, positions: str = "all"
+                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per weight in ``names`` (of linear-like modules), the rank-one factors ``(x [n, in],
     δ [n, out])`` of the gradient of the edit loss (:func:`target_nll` of ``batch`` on the
     unedited model) and, third, the batch row each factor comes from, over every position where
     ``x`` and ``δ`` are both non-zero (detached, float32).  ``Σ_t δ_t x_tᵀ`` is the exact gradient.
-    ``positions="answer"`` keeps only the positions whose logits predict a target token (MALMEN's
-    ``token: ans``; decoder-only models), and the sum is then the gradient restricted to them.
-    ``owner`` names the caller in errors."""
-    if positions not in LOC_POSITIONS:
-        raise ValueError(f"positions must be one of {LOC_POSITIONS}, got {positions!r}")
+    ``owner`` names the caller in errors.
+
+    ``params`` (name → tensor): values substituted for the model's own parameters of those names
+    (detached), so the factors are those of the model so edited (an edit stream's accumulated
+    updates) without writing it.  ``positions="answer"`` keeps only the positions whose logits
+    predict a target token (MALMEN's and RLEdit's ``token: ans``; decoder-only models), and the
+    sum is then the gradient restricted to them."""
+    if positions not in FACTOR_POSITIONS:
+        raise ValueError(f"positions must be one of {FACTOR_POSITIONS}, got {positions!r}")
     if positions == "answer" and is_encoder_decoder(model):
         raise EditError(f"{owner}: factors at answer positions need a decoder-only model")
     named = dict(model.named_parameters())
-    leaves = {n: named[n].detach().requires_grad_(True) for n in names}
+    given = {n: v.detach() for n, v in (params or {}).items()}
+    leaves = {n: given.get(n, named[n]).detach().requires_grad_(True) for n in names}
     paths = {n: n.rpartition(".")[0] for n in names}
     with torch.enable_grad(), GradientFactors(model, paths.values()) as capture:
-        nll, _ = target_nll(edited_forward(model, leaves, batch), batch)
+        nll, _ = target_nll(edited_forward(model, {**given, **leaves}, batch), batch)
         targets = capture.grad_targets()
         if not targets:
             raise EditError(f"{owner}: none of the modules {sorted(set(paths.values()))} ran in the forward")

@@ -67,9 +67,11 @@ ACTS = ("relu", "linear")
 class _LowRankLayer(nn.Module):
     """One IDMLP layer: ``h + act((u v h + b) · scale[mode] + shift[mode])`` (``init="id"``: u = 0,
     so the layer is the identity at init) or, with ``init="xavier"``, ``act(...)`` without the
-    residual (the reference's ``LRLinear``)."""
+    residual (the reference's ``LRLinear``).  ``mode_after_act``: ``h + act(u v h + b) ·
+    scale[mode] + shift[mode]`` instead (MALMEN's and RLEdit's block)."""
 
-    def __init__(self, dim: int, rank: int, init: str, act: str, n_modes: int | None) -> None:
+    def __init__(self, dim: int, rank: int, init: str, act: str, n_modes: int | None,
+                 mode_after_act: bool = False) -> None:
         super().__init__()
         mid = min(rank, dim)
         if init == "id":
@@ -87,21 +89,26 @@ class _LowRankLayer(nn.Module):
         self.n_modes = n_modes
         self.residual = init == "id"
         self.act = act
+        self.mode_after_act = mode_after_act
 
     def forward(self, h: torch.Tensor, mode: int | None) -> torch.Tensor:
         pre = (h @ self.v.t()) @ self.u.t() + self.bias
-        if mode is not None:
+        if mode is not None and not self.mode_after_act:
             pre = pre * self.mode_scale[mode] + self.mode_shift[mode]
         out = pre.clamp(min=0) if self.act == "relu" else pre
+        if mode is not None and self.mode_after_act:
+            out = out * self.mode_scale[mode] + self.mode_shift[mode]
         return h + out if self.residual else out
 
 
 class _IDMLP(nn.Module):
     """``n_hidden + 1`` low-rank layers of width ``dim`` (the reference's ``IDMLP``)."""
 
-    def __init__(self, dim: int, rank: int, n_hidden: int, init: str, act: str, n_modes: int | None) -> None:
+    def __init__(self, dim: int, rank: int, n_hidden: int, init: str, act: str, n_modes: int | None,
+                 mode_after_act: bool = False) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(_LowRankLayer(dim, rank, init, act, n_modes) for _ in range(n_hidden + 1))
+        self.layers = nn.ModuleList(_LowRankLayer(dim, rank, init, act, n_modes, mode_after_act)
+                                    for _ in range(n_hidden + 1))
 
     def forward(self, h: torch.Tensor, mode: int | None = None) -> torch.Tensor:
         for layer in self.layers:
@@ -111,12 +118,15 @@ class _IDMLP(nn.Module):
 
 class _GradientTransform(nn.Module):
     """Normalise ``(x, δ)`` with running statistics and transform them (the reference's
-    ``GradientTransform``).  ``n_modes``: number of parameters sharing this transform."""
+    ``GradientTransform``).  ``n_modes``: number of parameters sharing this transform;
+    ``mode_after_act``: where the layers apply the per-parameter scale/shift (:class:`_LowRankLayer`);
+    ``owner``: the editor named in errors."""
 
     def __init__(self, x_dim: int, delta_dim: int, *, rank: int, n_hidden: int, init: str, act: str,
                  norm: bool, combine: bool, one_sided: bool, x_only: bool, delta_only: bool,
-                 n_modes: int | None) -> None:
+                 n_modes: int | None, mode_after_act: bool = False, owner: str = "MEND") -> None:
         super().__init__()
+        self.owner = owner  # the editor named in errors
         self.x_dim, self.delta_dim = x_dim, delta_dim
         self.norm = norm
         self.combine = combine
@@ -126,7 +136,7 @@ class _GradientTransform(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
 
         def net(dim: int) -> _IDMLP:
-            return _IDMLP(dim, rank, n_hidden, init, act, n_modes)
+            return _IDMLP(dim, rank, n_hidden, init, act, n_modes, mode_after_act)
 
         self.mlp = self.x_mlp = self.delta_mlp = None
         if combine:
@@ -164,7 +174,7 @@ class _GradientTransform(nn.Module):
         count = int(self.count)
         if count < 2:
             raise EditError(
-                f"MEND: the normalisation statistics hold {count} sample(s); train the editor (or load "
+                f"{self.owner}: the normalisation statistics hold {count} sample(s); train the editor (or load "
                 "a trained one) before editing, or set norm=False"
             )
         std = (getattr(self, f"{side}_m2") / (count - 1)).sqrt()
@@ -183,6 +193,27 @@ class _GradientTransform(nn.Module):
         x_out = self.x_mlp(x, mode) if self.x_mlp is not None else x
         delta_out = self.delta_mlp(delta, mode) if self.delta_mlp is not None else delta
         return x_out, delta_out
+
+
+def weight_layout(model: nn.Module, spec, name: str, param: torch.Tensor, owner: str
+                  ) -> tuple[bool, tuple[int, int]]:
+    """Whether the 2-D weight ``name`` of a linear-like module is stored transposed (GPT-2's
+    ``Conv1D``: ``(in, out)``; architecture table ``spec``) and its ``(x_dim, delta_dim)``
+    (input, output widths).  Anything else raises :class:`EditError` naming ``owner``."""
+    path, _, leaf = name.rpartition(".")
+    module = get_module(model, path)
+    if isinstance(module, nn.Linear):
+        transposed = False
+    elif spec.transposed and isinstance(module, Conv1D):
+        transposed = True  # GPT-2's Conv1D stores (in, out)
+    else:
+        raise EditError(f"{owner} edits weights of linear layers; {name!r} belongs to a "
+                        f"{type(module).__name__}")
+    if leaf != "weight" or param.dim() != 2:
+        raise EditError(f"{owner} edits 2-D weights of linear layers; {name!r} is not one "
+                        f"(shape {tuple(param.shape)})")
+    rows, cols = param.shape
+    return transposed, ((rows, cols) if transposed else (cols, rows))
 
 
 class MEND(TrainableEditor):
@@ -267,21 +298,7 @@ class MEND(TrainableEditor):
             raise EditError(f"MEND: {err}") from err
         shapes: dict[str, tuple[int, int]] = {}
         for name, param in params.items():
-            path, _, leaf = name.rpartition(".")
-            module = get_module(model, path)
-            if isinstance(module, nn.Linear):
-                transposed = False
-            elif spec.transposed and isinstance(module, Conv1D):
-                transposed = True  # GPT-2's Conv1D stores (in, out)
-            else:
-                raise EditError(f"MEND edits weights of linear layers; {name!r} belongs to a "
-                                f"{type(module).__name__}")
-            if leaf != "weight" or param.dim() != 2:
-                raise EditError(f"MEND edits 2-D weights of linear layers; {name!r} is not one "
-                                f"(shape {tuple(param.shape)})")
-            rows, cols = param.shape
-            self._transposed[name] = transposed
-            shapes[name] = (rows, cols) if transposed else (cols, rows)  # (x_dim, delta_dim)
+            self._transposed[name], shapes[name] = weight_layout(model, spec, name, param, "MEND")
         groups: dict[str, list[str]] = {}
         for name, (x_dim, delta_dim) in shapes.items():
             key = f"{x_dim}x{delta_dim}" if self.shared else name.replace(".", "#")

@@ -1,6 +1,6 @@
-"""Training MEND, KE and MALMEN with DDP on 2 gloo CPU processes, in the default suite (seconds): the ranks
-train on disjoint shards of the training split, finish with the same editor (gradients all-reduced,
-buffers from rank 0), which training changed, and rank 0's checkpoint rebuilds that editor.
+"""Training MEND, KE, MALMEN and RLEdit with DDP on 2 gloo CPU processes, in the default suite (seconds):
+the ranks train on disjoint shards of the training split, finish with the same editor (gradients
+all-reduced, buffers from rank 0), which training changed, and rank 0's checkpoint rebuilds that editor.
 
 The processes are forked by Lightning (``strategy="ddp_fork"``: a real gloo process group and a
 ``DistributedDataParallel`` editor, without a fresh interpreter importing torch per rank: about a
@@ -27,6 +27,7 @@ from editlab.lit.editor_train import EditorTrainModule
 from editlab.methods.ke import KE
 from editlab.methods.malmen import MALMEN
 from editlab.methods.mend import MEND
+from editlab.methods.rledit import RLEdit
 
 from learned_step import write_easyedit
 
@@ -37,6 +38,11 @@ EDITORS = {
     # its gradient reaches the parameters in the backward of its own autograd function (step 3)
     "malmen": (lambda: MALMEN(rank=8, edit_lr=1e-2), {"_target_": "editlab.methods.malmen.MALMEN", "rank": 8,
                                                       "edit_lr": 1e-2}),
+    # a batch of 2 records is an episode of 2 steps of 1 edit (factors at every position: a
+    # one-token answer alone gives one row, too few for the normalisation statistics)
+    "rledit": (lambda: RLEdit(rank=8, edits_per_step=1, episode_steps=2, factor_positions="all"),
+               {"_target_": "editlab.methods.rledit.RLEdit", "rank": 8, "edits_per_step": 1, "episode_steps": 2,
+                "factor_positions": "all"}),
 }
 
 

@@ -36,6 +36,7 @@ from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing
 from editlab.methods.hyper import LearnedEditor
 from editlab.methods.ke import KE
 from editlab.methods.mend import MEND
+from editlab.methods.rledit import RLEdit
 from editlab.methods.serac import SERAC
 from editlab.models.encoder import SentenceEncoder
 from editlab.train import run
@@ -532,6 +533,9 @@ DDP_METHODS = {  # method -> (overrides, editor to load the ranks' state into)
            partial(KE, hidden_dim=8, condition_dim=16)),
     "serac": (["method=serac", f"method.encoder={{_target_:{TINY_ENCODER}}}", "fit.module.lr=1e-3"],
               lambda: SERAC(encoder=SentenceEncoder.tiny())),
+    "rledit": (["method=rledit", "method.rank=8", "method.edits_per_step=1", "method.episode_steps=2",
+                "method.factor_positions=all", "fit.module.lr=1e-3"],
+               partial(RLEdit, rank=8, edits_per_step=1, episode_steps=2, factor_positions="all")),
 }
 
 

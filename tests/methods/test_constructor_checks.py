@@ -30,6 +30,7 @@ from editlab.methods.kn import KN
 from editlab.methods.malmen import MALMEN
 from editlab.methods.memit import MEMIT
 from editlab.methods.mend import MEND
+from editlab.methods.rledit import RLEdit
 from editlab.methods.rome import ROME
 from editlab.methods.serac import SERAC
 from editlab.methods.t_patcher import TPatcher
@@ -191,6 +192,12 @@ TABLE: dict[type, list[tuple]] = {
         ("rank", 0), ("rank", 1920.0), ("n_blocks", -1), ("n_blocks", 1.5), ("edit_lr", 0), ("edit_lr", "1e-6"),
         ("edit_lr", NAN), ("token", "answer"), ("token", None), ("capture_batch_size", 0),
         ("capture_batch_size", 32.0), ("net_batch_size", 0), ("net_batch_size", True),
+    ],
+    RLEdit: [row for row in TRAINABLE if row[0] != "batch_edits"] + [
+        ("rank", 0), ("rank", 1024.0), ("n_blocks", 0), ("n_blocks", True), ("edit_lr", 0), ("edit_lr", "1e-6"),
+        ("factor_positions", "ans"), ("factor_positions", None), ("edits_per_step", 0), ("edits_per_step", 2.5),
+        ("episode_steps", 0), ("episode_steps", "400"), ("memory_depth", 0), ("memory_depth", 1.0),
+        ("memory_decay", -0.1), ("memory_decay", 1.5), ("memory_decay", NAN), ("c_reg", -1e-4), ("c_reg", None),
     ],
 }
 
