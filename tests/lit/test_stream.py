@@ -253,3 +253,35 @@ def test_eval_sample_scores_a_fixed_sample_at_each_point_and_every_record_at_the
         k: v for k, v in whole.summary.items() if k.startswith("final/")}
     with pytest.raises(ValueError, match="eval_sample"):
         EditEvalModule(bundle, eval_every=1, eval_sample=0)
+
+
+def test_lifelong_table_reads_a_stream_run(tiny, tmp_path, capsys):
+    """experiments/lifelong_table.py: one row per run, the final/ scores and general ability of the
+    run's summary.json, s/edit from the median batch time."""
+    import importlib.util
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "lifelong_table.py"
+    spec = importlib.util.spec_from_file_location("lifelong_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+
+    def general(model, tokenizer):  # the unedited model first, then the edited one
+        calls.append(1)
+        return {"perplexity": 30.0 if len(calls) == 1 else 33.0, "piqa_acc": 0.5}
+
+    _run(tiny("gpt2"), _ft(), tmp_path, eval_every=1, general_ability=general)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(
+        {"method": {"_target_": "editlab.methods.ft.FTL"}, "data": {"batch_size": 1}}))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    cells = script.row(tmp_path, "tf")
+    n = sum(1 for line in (tmp_path / "records.jsonl").read_text().splitlines() if line.strip())
+    assert cells[0] == "FTL" and cells[1] == f"{n} ({n} × 1)"
+    assert cells[2] == f"{summary['final/reliability']:.3f}"
+    assert cells[6] == "33.00 (1.100×)"
+    assert cells[8] == f"{summary['time/edit_seconds_median']:.3f}"
+    script.main([str(tmp_path), "--mode", "pc"])
+    assert capsys.readouterr().out.splitlines()[0].startswith("| method | edits (batches × size) | final efficacy (PC)")
