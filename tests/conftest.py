@@ -112,6 +112,21 @@ def assert_state_equal(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
         assert torch.equal(now[k], v), f"{k} changed"
 
 
+def assert_same_training_state(full, full_trainer, resumed, resumed_trainer) -> None:
+    """A resumed training run ended where the uninterrupted one did: the same step, the same editor
+    tensors (weights and buffers) and the same Adam state, bit for bit."""
+    assert resumed_trainer.global_step == full_trainer.global_step
+    resumed_state = resumed.editor.state_dict()
+    for k, v in full.editor.state_dict().items():
+        assert torch.equal(resumed_state[k], v), k
+    a = full_trainer.optimizers[0].state_dict()["state"]
+    b = resumed_trainer.optimizers[0].state_dict()["state"]
+    assert a.keys() == b.keys()
+    for i in a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(a[i][name], b[i][name]), (i, name)
+
+
 @contextmanager
 def scripted_next_tokens(model: torch.nn.Module, table: dict[int, int], default: int) -> Iterator[None]:
     """Make a tiny Llama predict ``table[token]`` (``default`` for other tokens) after every input
