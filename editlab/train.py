@@ -160,7 +160,7 @@ def finish_editor(cfg: DictConfig, editor, bundle, datamodule, loggers: list):
     return editor
 
 
-STREAM_KEYS = ("edits", "batch_size", "eval_every", "eval_sample", "checkpoint_every", "resume")
+STREAM_KEYS = ("edits", "batch_size", "eval_every", "eval_sample", "sample_only", "checkpoint_every", "resume")
 CHECKPOINT_EVERY = 10
 """Batches between stream checkpoints of a stream without ``eval_every`` (``stream.checkpoint_every=null``)."""
 
@@ -171,7 +171,9 @@ def apply_stream(cfg: DictConfig) -> None:
     ``edits`` → ``data.test.limit``, ``batch_size`` → ``data.batch_size`` (unset: the data config's
     own values), ``edit.sequential=true``, ``module.score_after_stream=true``, ``eval_every`` →
     ``module.eval_every`` (unset: no curves), ``eval_sample`` → ``module.eval_sample`` (unset: every
-    record edited so far at each curve point), ``checkpoint_every`` → ``module.checkpoint_every``
+    record edited so far at each curve point), ``sample_only`` → ``module.sample_only`` (true: only
+    the ``eval_sample`` records are ever scored, before, after their edit and after the stream),
+    ``checkpoint_every`` → ``module.checkpoint_every``
     (null: at every curve point, ``eval_every``, or every :data:`CHECKPOINT_EVERY` batches without
     curves; 0: no stream checkpoints) and ``resume`` (true: the latest stream checkpoint of this
     run folder, ``paths.output_dir``; a path: that checkpoint, or the latest in that folder) →
@@ -188,6 +190,11 @@ def apply_stream(cfg: DictConfig) -> None:
         value = stream.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise SettingError(f"stream.{key}", "must be a positive integer or null", value)
+    sample_only = stream.get("sample_only")
+    if sample_only is not None and not isinstance(sample_only, bool):
+        raise SettingError("stream.sample_only", "must be true or false", sample_only)
+    if sample_only and stream.get("eval_sample") is None:
+        raise SettingError("stream.sample_only", "scores the eval_sample records only: set stream.eval_sample too")
     every = stream.get("checkpoint_every")
     if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
         raise SettingError("stream.checkpoint_every", "must be an integer >= 0 (0: no stream checkpoints) or null",
@@ -211,6 +218,7 @@ def apply_stream(cfg: DictConfig) -> None:
         cfg.module.score_after_stream = True
         cfg.module.eval_every = stream.get("eval_every")
         cfg.module.eval_sample = stream.get("eval_sample")
+        cfg.module.sample_only = bool(sample_only)
         cfg.module.checkpoint_every = every
         cfg.module.resume_from = resume or None
     log.info("edit stream: %s edits in batches of %s, sequential, scored after the stream%s%s",

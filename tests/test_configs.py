@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
+from editlab.errors import SettingError
 from editlab.methods.base import Editor
 from editlab.train import run
 
@@ -400,6 +401,15 @@ def test_the_scale_stream_scores_a_fixed_sample_at_its_curve_points():
     cfg = _compose(["experiment=ultraedit_smollm2_counterfact_10k"])
     apply_stream(cfg)
     assert cfg.data.test.limit == 10000 and cfg.module.eval_every == 20 and cfg.module.eval_sample == 500
+    assert cfg.module.sample_only is True  # the 500 records are the only ones scored
+
+
+def test_sample_only_needs_a_sample():
+    from editlab.train import apply_stream
+
+    cfg = _compose(["experiment=ft_smollm2_stream", "stream.sample_only=true"])
+    with pytest.raises(SettingError, match="stream.sample_only.*eval_sample"):
+        apply_stream(cfg)
 
 
 def test_stream_experiment_expands_into_a_sequential_stream_with_curves():
@@ -407,7 +417,8 @@ def test_stream_experiment_expands_into_a_sequential_stream_with_curves():
 
     cfg = _compose(["experiment=ft_smollm2_stream"])
     assert OmegaConf.to_container(cfg.stream) == {"edits": 200, "batch_size": 10, "eval_every": 5,
-                                                  "eval_sample": None, "checkpoint_every": None, "resume": None}
+                                                  "eval_sample": None, "sample_only": None, "checkpoint_every": None,
+                                                  "resume": None}
     apply_stream(cfg)
     assert cfg.data.test.limit == 200 and cfg.data.batch_size == 10
     assert cfg.edit.sequential is True and cfg.module.score_after_stream is True and cfg.module.eval_every == 5

@@ -22,7 +22,8 @@ right after a record's own edit and ``final/…`` the score after all edits: the
 
 Edit streams (lifelong editing, ``eval_every``): with sequential editing (the editor callback's
 ``sequential=True``) and ``eval_every=K``, every K batches all records edited so far (or the
-stream's first ``eval_sample`` edited records, a fixed sample) are scored on
+stream's first ``eval_sample`` edited records, a fixed sample; with ``sample_only`` no other record
+is ever scored, for streams of thousands of edits) are scored on
 the model as the stream has left it so far (stage ``step``: same metrics, same pre-edit cache for
 locality), and, at every such checkpoint, general ability too; the last point of the curve is the
 ``final`` stage (``eval_every`` implies ``score_after_stream``).  Points are ``{"edits": records
@@ -122,7 +123,14 @@ class EditEvalModule(L.LightningModule):
         eval_sample: score only the stream's first this many edited records at each curve point
             (a fixed sample: the same records at every point once they are edited, so a long
             stream's points cost the same and show what is left of its early edits); ``None``:
-            every record edited so far.  The ``final`` stage scores every record either way.
+            every record edited so far.  The ``final`` stage scores every record either way,
+            unless ``sample_only``.
+        sample_only: score the sample only (needs ``eval_sample``): a record outside the stream's
+            first ``eval_sample`` edited records is edited but never scored (its row in
+            ``records.jsonl`` has no ``pre``/``post``/``final`` values), and ``pre/``, ``post/``,
+            ``final/`` are the sample's scores.  For streams of thousands of edits, where scoring
+            every record before, right after its edit and after the stream would cost more than
+            the edits themselves.
         checkpoint_every: write a stream checkpoint (:mod:`editlab.lit.stream`) into
             ``<output_dir>/stream/`` after every this many batches (not after the last one: what
             remains then is the scoring after the stream); ``None`` or 0: none.
@@ -144,6 +152,7 @@ class EditEvalModule(L.LightningModule):
         general_ability: GeneralEvaluator | None = None,
         eval_every: int | None = None,
         eval_sample: int | None = None,
+        sample_only: bool = False,
         checkpoint_every: int | None = None,
         resume_from: str | None = None,
         run_config: dict[str, Any] | None = None,
@@ -154,6 +163,8 @@ class EditEvalModule(L.LightningModule):
         if eval_sample is not None and (isinstance(eval_sample, bool) or not isinstance(eval_sample, int)
                                         or eval_sample < 1):
             raise ValueError(f"eval_sample must be a positive number of records or None, got {eval_sample}")
+        if sample_only and eval_sample is None:
+            raise ValueError("sample_only scores the eval_sample records only: set eval_sample too")
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 0):
             raise ValueError(f"checkpoint_every must be a number of batches >= 0 or None, got {checkpoint_every}")
         if (checkpoint_every or resume_from) and not output_dir:
@@ -168,6 +179,7 @@ class EditEvalModule(L.LightningModule):
         self.general_ability = general_ability
         self.eval_every = eval_every
         self.eval_sample = eval_sample
+        self.sample_only = bool(sample_only)
         self.score_after_stream = score_after_stream or eval_every is not None  # a curve ends at `final`
         self.stage_metrics = nn.ModuleDict({s: self.scorer.metrics(f"{s}/") for s in (*STAGES, STEP)})
         self.results = EvalResults()
@@ -293,6 +305,8 @@ class EditEvalModule(L.LightningModule):
         loaders = self.trainer.test_dataloaders
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         records = [rec for loader in loaders for batch in loader for rec in batch]
+        if self.sample_only:  # the sample is the first eval_sample edited records (a failed edit
+            records = records[:self.eval_sample]  # shifts it: those records are scored when reached)
         if not records:
             return
         start = time.perf_counter()
@@ -321,27 +335,32 @@ class EditEvalModule(L.LightningModule):
 
     def test_step(self, batch: list[EditRecord], batch_idx: int) -> list[dict[str, Any]]:
         """Score the batch before and after its edit; return its record rows (``records.jsonl`` lines)."""
-        probes = self.scorer.probes(batch)
         batch_idx += self._offset  # the batch's place in the whole stream
         failed = self._failed.get(batch_idx)
-        t0 = time.perf_counter()
-        with self.session.suspended():
-            pre = self.scorer.observe(self.session.forward_model, probes, self._pre)
-        t1 = time.perf_counter()
-        post = pre if failed else self.scorer.observe(self.session.forward_model, probes)
-        t2 = time.perf_counter()
-        if not self.precompute_pre:
-            self.timings["pre"].append((t1 - t0) / len(probes.records))
-        if not failed:
-            self.timings["post"].append((t2 - t1) / len(probes.records))
+        all_records = list(batch)
+        if self.sample_only:  # the batch's records that join the sample (none from a failed edit)
+            batch = [] if failed else all_records[:max(0, self.eval_sample - len(self._stream))]
+        probes = self.scorer.probes(batch)
         if batch_idx in self._edit_seconds:
             self.timings["edit"].append(self._edit_seconds[batch_idx])
-
-        observed = {"pre": pre} if failed else {"pre": pre, "post": post}
-        values = {stage: self._update(stage, probes, obs, pre) for stage, obs in observed.items()}
-        rows = self._rows(probes, batch_idx, failed, values, observed)
+        observed: dict[str, Observation] = {}
+        values: dict[str, dict[str, torch.Tensor]] = {}
+        if probes.records:
+            t0 = time.perf_counter()
+            with self.session.suspended():
+                pre = self.scorer.observe(self.session.forward_model, probes, self._pre)
+            t1 = time.perf_counter()
+            post = pre if failed else self.scorer.observe(self.session.forward_model, probes)
+            t2 = time.perf_counter()
+            if not self.precompute_pre:
+                self.timings["pre"].append((t1 - t0) / len(probes.records))
+            if not failed:
+                self.timings["post"].append((t2 - t1) / len(probes.records))
+            observed = {"pre": pre} if failed else {"pre": pre, "post": post}
+            values = {stage: self._update(stage, probes, obs, pre) for stage, obs in observed.items()}
+        rows = self._rows(all_records, probes, batch_idx, failed, values, observed)
         if not failed:
-            self._stream.extend(probes.records)
+            self._stream.extend(all_records)
             self._stream_rows.extend(range(len(self.results.records), len(self.results.records) + len(rows)))
         self.results.records.extend(rows)
 
@@ -398,11 +417,14 @@ class EditEvalModule(L.LightningModule):
         return self.scorer.update(self.stage_metrics[stage], probes, now, pre, compare_with_pre=stage != "pre",
                                   device=self.device)
 
-    def _rows(self, probes: Probes, batch_idx: int, failed: str | None, values: dict[str, dict[str, torch.Tensor]],
-              observed: dict[str, Observation]) -> list[dict[str, Any]]:
+    def _rows(self, records: list[EditRecord], probes: Probes, batch_idx: int, failed: str | None,
+              values: dict[str, dict[str, torch.Tensor]], observed: dict[str, Observation]) -> list[dict[str, Any]]:
+        """One row per record of the batch; scores for the first ``len(probes.records)`` of them
+        (all of them unless ``sample_only``)."""
         answers = {stage: answers_by_record(probes, obs.answers) for stage, obs in observed.items()}
+        scored = len(probes.records)
         rows = []
-        for i, rec in enumerate(probes.records):
+        for i, rec in enumerate(records):
             row: dict[str, Any] = {
                 "record_id": rec.record_id, "source": rec.source, "index": rec.index, "prompt": rec.prompt,
                 "target_new": rec.target_new, "target_true": rec.target_true, "batch": batch_idx,
@@ -410,6 +432,9 @@ class EditEvalModule(L.LightningModule):
             }
             if failed:
                 row["edit_error"] = failed
+            if i >= scored:
+                rows.append(row)
+                continue
             row.update({stage: _values(v, i) for stage, v in values.items()})
             if probes.generation is not None:
                 row["generations"] = {stage: per_record[i] for stage, per_record in answers.items()}
@@ -433,11 +458,13 @@ class EditEvalModule(L.LightningModule):
         return values, answers_by_record(probes, now.answers)
 
     def _score_after_stream(self) -> None:
-        """Score every edited record of the run on the model as it is now (stage ``final``)."""
+        """Score every edited record of the run (the sample's, with ``sample_only``) on the model as
+        it is now (stage ``final``)."""
         if not self._stream:
             return
-        values, answers = self._rescore("final")
-        for i, row in enumerate(self._stream_rows):
+        limit = self.eval_sample if self.sample_only else None
+        values, answers = self._rescore("final", limit)
+        for i, row in enumerate(self._stream_rows[:limit]):
             self.results.records[row]["final"] = _values(values, i)
             if answers:
                 self.results.records[row]["generations"]["final"] = answers[i]

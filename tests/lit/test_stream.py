@@ -255,6 +255,44 @@ def test_eval_sample_scores_a_fixed_sample_at_each_point_and_every_record_at_the
         EditEvalModule(bundle, eval_every=1, eval_sample=0)
 
 
+def test_sample_only_scores_the_sample_and_nothing_else(tiny, tmp_path, caplog):
+    """sample_only (scale streams): the first two edited records are scored before, after their edit,
+    at every point and after the stream, exactly as in a run scoring every record; the other records
+    are edited (the weights are those of the full run) but never scored, and their rows say so."""
+    import dataclasses
+
+    def five():
+        base = make_records()
+        extra = [dataclasses.replace(base[0], record_id=3 + i, prompt=p, subject=sub)
+                 for i, (p, sub) in enumerate([("The capital of Spain is", "Spain"), ("The capital of Peru is", "Peru")])]
+        return [*base, *extra]
+
+    bundle = tiny("gpt2")
+    whole_editor, sample_editor = _Recording(_ft()), _Recording(_ft())
+    whole, whole_rows = _run(bundle, whole_editor, tmp_path / "all", eval_every=2, eval_sample=2, records=five)
+    with caplog.at_level(logging.INFO, logger="editlab.lit.edit_eval"):
+        sampled, rows = _run(bundle, sample_editor, tmp_path / "sample", eval_every=2, eval_sample=2,
+                             sample_only=True, records=five)
+    assert "scoring the unedited model on 2 records" in caplog.text  # pre-edit scores of the sample only
+    scored = [r.getMessage().split(": scored ")[1].split(" ")[0] for r in caplog.records if ": scored " in r.getMessage()]
+    assert scored == ["2", "2", "2"]  # points after batches 2 and 4, then final: the sample each time
+    # the same edits were made: scoring the other records changes nothing in the stream
+    assert len(sample_editor.deltas) == len(whole_editor.deltas) == 5
+    for a, b in zip(sample_editor.deltas, whole_editor.deltas):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["record_id"] for r in rows] == [0, 1, 2, 3, 4] and all(r["edit_seconds"] is not None for r in rows)
+    for row, full in zip(rows[:2], whole_rows[:2]):
+        assert {s: row[s] for s in ("pre", "post")} == {s: full[s] for s in ("pre", "post")}
+    assert all(not {"pre", "post", "final"} & set(r) for r in rows[2:])  # edited, not scored
+    assert [r["final"] for r in rows[:2]] == [r["final"] for r in whole_rows[:2]]
+    assert sampled.curves[:-1] == whole.curves[:-1]  # the points before final score the sample either way
+    assert sampled.curves[-1]["edits"] == 5.0
+    assert sampled.curves[-1]["reliability"] == sampled.summary["final/reliability"]
+    assert sampled.summary["final/reliability"] != whole.summary["final/reliability"]  # 2 records, not 5
+    with pytest.raises(ValueError, match="eval_sample"):
+        EditEvalModule(bundle, eval_every=1, sample_only=True)
+
+
 def test_lifelong_table_reads_a_stream_run(tiny, tmp_path, capsys):
     """experiments/lifelong_table.py: one row per run, the final/ scores and general ability of the
     run's summary.json, s/edit from the median batch time."""
