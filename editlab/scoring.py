@@ -149,14 +149,17 @@ def broken_pairs(model: nn.Module, tokenizer, prompts: list[str], targets: list[
     stream) has a mean square that is not finite in float32.  That mean square is what the next
     RMSNorm / LayerNorm computes; once it overflows, the norm returns zeros or NaN and the output
     no longer depends on the input, even where the logits stay finite (FT-L with a learning rate
-    of 1e30 on a Llama).  One forward per chunk, the LM head only at the target positions."""
+    of 1e30 on a Llama).  One forward per chunk of pairs of similar length (less padding), the LM
+    head only at the target positions."""
     seq2seq = is_encoder_decoder(model)
     start = getattr(getattr(model, "config", None), "decoder_start_token_id", None)
     device = next(model.parameters()).device
     blocks = list(get_module(blocks_of, arch_for(blocks_of).layers)) if blocks_of is not None else []
     bad: list[int] = []
-    for lo in range(0, len(prompts), chunk_size):
-        batch = encode_pairs(tokenizer, prompts[lo: lo + chunk_size], targets[lo: lo + chunk_size],
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(targets[i]))
+    for lo in range(0, len(order), chunk_size):
+        group = order[lo: lo + chunk_size]
+        batch = encode_pairs(tokenizer, [prompts[i] for i in group], [targets[i] for i in group],
                              seq2seq=seq2seq, decoder_start_token_id=start).to(device)
         broken = torch.zeros(len(batch), dtype=torch.long, device=device)
 
@@ -178,5 +181,5 @@ def broken_pairs(model: nn.Module, tokenizer, prompts: list[str], targets: list[
                 handle.remove()
         rows, _ = batch.gather_index()
         broken.index_add_(0, rows.to(device), (~torch.isfinite(logits).all(dim=-1)).long().to(device))
-        bad.extend(lo + int(i) for i in broken.nonzero().flatten())
-    return bad
+        bad.extend(group[int(i)] for i in broken.nonzero().flatten())
+    return sorted(bad)

@@ -13,9 +13,9 @@ upper blocks, ``config/model/*.yaml`` ``edit_modules``):
    (``util.py`` ``Tracer`` l. 154/161 with the answer mask of ``TracerDict`` l. 193-194,
    ``token: ans`` in ``config/editor/ultraedit.yaml`` l. 4).  The loss is the mean cross-entropy
    over the target tokens of each chunk of ``chunk_size`` records (the reference runs one forward
-   and backward per chunk, ``editor/ultraedit.py`` l. 103-114, ``util.py`` l. 51-56); here all
-   chunks share one forward and backward whose loss is the sum of the chunk means, which gives
-   each chunk exactly its own gradient.
+   and backward per chunk, ``editor/ultraedit.py`` l. 103-114, ``util.py`` l. 51-56); here
+   records are grouped by length into micro-batches (less padding) and the loss of each is its
+   records' terms of the sum of the chunk means, which gives each chunk exactly its own gradient.
 2. **lifelong normalisation**: running count, mean and variance of ``z = [k, g]`` over every
    feature row of the stream so far, this batch included (the statistics are updated before they
    are used: ``editor/base.py`` l. 165-166, ``editor/ultraedit.py`` l. 120), shared by all edited
@@ -156,6 +156,8 @@ class UltraEdit(Editor):
             ``editor/ultraedit.py`` l. 92: λ = 1).
         chunk_size: records per forward/backward chunk whose mean target cross-entropy is the edit
             loss (``config/dataset/*.yaml`` ``batch_size: 10``); it sets the gradients' scale.
+        micro_batch: records per forward and backward, grouped by length (compute only: the
+            features are the same for any value).
     """
 
     stateful = True
@@ -168,6 +170,7 @@ class UltraEdit(Editor):
         lr: float = 1e-6,
         lam: float = 1.0,
         chunk_size: int = 10,
+        micro_batch: int = 32,
     ) -> None:
         self.mlp_gate_layers = sorted(require_ints(mlp_gate_layers, "mlp_gate_layers", ge=0, empty=True, unique=True))
         self.mlp_in_layers = sorted(require_ints(mlp_in_layers, "mlp_in_layers", ge=0, empty=True, unique=True))
@@ -178,6 +181,7 @@ class UltraEdit(Editor):
         self.lr = require_float(lr, "lr", gt=0)
         self.lam = require_float(lam, "lam", gt=0)
         self.chunk_size = require_int(chunk_size, "chunk_size", ge=1)
+        self.micro_batch = require_int(micro_batch, "micro_batch", ge=1)
 
     # ------------------------------------------------------------------ modules
     def module_paths(self, model: nn.Module) -> list[str]:
@@ -199,7 +203,12 @@ class UltraEdit(Editor):
     def features(self, model: nn.Module, tokenizer, records: Sequence[EditRecord]
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Per edited module, the keys ``[n, in]`` and output gradients ``[n, out]`` (float32) at
-        the ``n`` positions of ``records`` that predict a target token, row-major by record."""
+        the ``n`` positions of ``records`` that predict a target token, row-major by record.
+
+        The forward and backward run in micro-batches of :attr:`micro_batch` records of similar
+        length (padding is most of a CounterFact batch's tokens otherwise); every record's loss
+        term is its target cross-entropy over its chunk's target-token count, counted over the
+        whole batch first, so the features are those of one pass over all records."""
         records = list(records)
         if not records:
             raise EditError("UltraEdit got no records")
@@ -207,37 +216,49 @@ class UltraEdit(Editor):
         paths = self.module_paths(model)
         layers = self.mlp_gate_layers + self.mlp_in_layers + self.mlp_out_layers
         device = next(model.parameters()).device
-        batch = encode_pairs(tokenizer, [r.prompt for r in records], [r.target_new for r in records],
-                             seq2seq=is_encoder_decoder(model),
-                             decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None)).to(device)
-        rows, pos = batch.gather_index()
-        targets = batch.target_ids[batch.target_mask]
+        order = sorted(range(len(records)), key=lambda i: len(records[i].prompt) + len(records[i].target_new))
+        groups = [order[lo:lo + self.micro_batch] for lo in range(0, len(order), self.micro_batch)]
+        batches = [encode_pairs(tokenizer, [records[i].prompt for i in group], [records[i].target_new for i in group],
+                                seq2seq=is_encoder_decoder(model),
+                                decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None))
+                   for group in groups]
+        chunk_of = torch.tensor([i // self.chunk_size for i in range(len(records))])
+        tokens = torch.zeros(int(chunk_of[-1]) + 1, dtype=torch.float64)  # target tokens per chunk
+        for group, batch in zip(groups, batches):
+            tokens.index_add_(0, chunk_of[group], batch.target_mask.sum(1).to(torch.float64))
         first = get_module(model, arch.layer_path(min(layers)))
-        with torch.enable_grad(), _gradient_from(first), GradientFactors(model, paths) as capture:
-            with CallRecorder(model, [], stop_at=arch.lm_head) as head:
-                model(**batch.model_inputs(), use_cache=False)
-            if head.stopped_input is None:
-                raise EditError("UltraEdit: the forward never reached the LM head")
-            nll = head_nll(model, head.stopped_input[rows, pos], targets)
-            chunk = torch.div(rows, self.chunk_size, rounding_mode="floor")
-            tokens = torch.bincount(chunk).to(nll.dtype)  # target tokens per chunk
-            loss = (nll / tokens[chunk]).sum()  # Σ over chunks of each chunk's mean cross-entropy
-            if not torch.isfinite(loss):
-                raise EditError(f"UltraEdit: the edit loss is {loss.item()} on records "
-                                f"{[r.record_id for r in records][:5]}")
-            outputs = capture.grad_targets()
-            if not outputs:
-                raise EditError(f"UltraEdit: none of the modules {paths} ran in the forward")
-            torch.autograd.grad(loss, outputs, allow_unused=True)
-        found = {}
-        for path in paths:
-            xs, gs = capture.inputs[path], capture.grads[path]
-            if len(xs) != 1 or gs[0] is None:
-                raise EditError(f"UltraEdit: module {path!r} ran {len(xs)} times in the forward or got no "
-                                "gradient; it must run once, in the path to the LM head")
-            x, g = xs[0], gs[0]
-            found[path] = (x[rows, pos].float(), g[rows, pos].float())
-        return found
+        per_record: dict[str, list[tuple[torch.Tensor, torch.Tensor] | None]] = {p: [None] * len(records) for p in paths}
+        for group, batch in zip(groups, batches):
+            batch = batch.to(device)
+            rows, pos = batch.gather_index()
+            targets = batch.target_ids[batch.target_mask]
+            with torch.enable_grad(), _gradient_from(first), GradientFactors(model, paths) as capture:
+                with CallRecorder(model, [], stop_at=arch.lm_head) as head:
+                    model(**batch.model_inputs(), use_cache=False)
+                if head.stopped_input is None:
+                    raise EditError("UltraEdit: the forward never reached the LM head")
+                nll = head_nll(model, head.stopped_input[rows, pos], targets)
+                chunk = chunk_of[group].to(device)[rows]
+                # Σ over chunks of each chunk's mean cross-entropy, this micro-batch's terms of it
+                loss = (nll / tokens.to(device, nll.dtype)[chunk]).sum()
+                if not torch.isfinite(loss):
+                    raise EditError(f"UltraEdit: the edit loss is {loss.item()} on records "
+                                    f"{[records[i].record_id for i in group][:5]}")
+                outputs = capture.grad_targets()
+                if not outputs:
+                    raise EditError(f"UltraEdit: none of the modules {paths} ran in the forward")
+                torch.autograd.grad(loss, outputs, allow_unused=True)
+            for path in paths:
+                xs, gs = capture.inputs[path], capture.grads[path]
+                if len(xs) != 1 or gs[0] is None:
+                    raise EditError(f"UltraEdit: module {path!r} ran {len(xs)} times in the forward or got no "
+                                    "gradient; it must run once, in the path to the LM head")
+                x, g = xs[0][rows, pos].float(), gs[0][rows, pos].float()
+                for j, i in enumerate(group):
+                    mine = rows == j
+                    per_record[path][i] = (x[mine], g[mine])
+        return {path: (torch.cat([kg[0] for kg in found]), torch.cat([kg[1] for kg in found]))
+                for path, found in per_record.items()}
 
     # ------------------------------------------------------------------- edit
     def compute_edit(self, model: nn.Module, tokenizer, records: Sequence[EditRecord], state: Any = None) -> Edit:

@@ -218,6 +218,10 @@ def test_broken_pairs_names_the_broken_rows(tiny, records):
     token = next(t for t in bundle.tokenizer(records[1].prompt)["input_ids"] if t not in others)
     with applied(bundle.model, {"model.embed_tokens.weight": _row(emb, token, 1e30)}):
         assert broken_pairs(bundle.model, bundle.tokenizer, prompts, targets, blocks_of=bundle.model) == [1]
+        # chunks are grouped by length, not by position: the indices are still the caller's
+        many = [0, 2, 0, 2, 0, 2, 1, 0]
+        assert broken_pairs(bundle.model, bundle.tokenizer, [prompts[i] for i in many], [targets[i] for i in many],
+                            blocks_of=bundle.model, chunk_size=3) == [6]
 
 
 def _row(weight, row, value):

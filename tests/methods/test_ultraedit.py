@@ -72,6 +72,33 @@ def test_ridge_update_is_the_regularised_least_squares_solution(n):
     torch.testing.assert_close(w, torch.linalg.solve(k.T @ k + 0.5 * torch.eye(9, dtype=torch.float64), k.T @ v))
 
 
+@pytest.mark.parametrize("micro_batch", [1, 3, 64])
+def test_the_features_are_those_of_one_forward_and_backward_per_chunk(tiny_deep, records, micro_batch):
+    """The reference runs one forward and backward per chunk of chunk_size records, its loss the
+    chunk's mean target cross-entropy.  Length-sorted micro-batches of any size give those features,
+    in record order."""
+    import dataclasses
+
+    bundle = tiny_deep("llama")
+    words = ["Paris", "the river Seine in spring", "Rome", "a very long answer of many many tokens", "Oslo",
+             "blue", "an island of the north Atlantic"]
+    recs = [dataclasses.replace(records[i % len(records)], record_id=i, target_new=w) for i, w in enumerate(words)]
+    chunk = 3
+    reference: dict = {}
+    for lo in range(0, len(recs), chunk):  # one pass per chunk, its loss the chunk's own mean
+        part = UltraEdit(**{**FAST, "chunk_size": chunk, "micro_batch": 100}).features(
+            bundle.model, bundle.tokenizer, recs[lo:lo + chunk])
+        for path, (k, g) in part.items():
+            reference.setdefault(path, []).append((k, g))
+    got = UltraEdit(**{**FAST, "chunk_size": chunk, "micro_batch": micro_batch}).features(
+        bundle.model, bundle.tokenizer, recs)
+    assert got.keys() == reference.keys()
+    for path, parts in reference.items():
+        torch.testing.assert_close(got[path][0], torch.cat([k for k, _ in parts]), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[path][1], torch.cat([g for _, g in parts]), rtol=1e-4, atol=1e-6)
+    assert _no_hooks(bundle.model)
+
+
 # ------------------------------------------------------------------ one edit
 @pytest.mark.parametrize("model_type", CAUSAL_TYPES)
 def test_the_edit_takes_and_restore_is_bit_exact(tiny_deep, records, model_type):
