@@ -3,6 +3,7 @@ point runs end to end on a tiny model."""
 
 import inspect
 import json
+import math
 import subprocess
 from pathlib import Path
 
@@ -474,3 +475,28 @@ def test_entry_point_runs_a_stream(tmp_path, eval_every):
     assert lines[0].startswith("edits,batches,") and [x.split(",")[0] for x in lines[1:]] == ["2", "3"]
     assert (out / "curves.png").exists()
     assert "stream/reliability" in (out / "csv" / "metrics.csv").read_text()
+
+
+def _span(split) -> tuple[str, int, float]:
+    """(file, first record, end) of a data split; a split without a limit runs to the file's end."""
+    offset = int(split.get("offset") or 0)
+    limit = split.get("limit")
+    return str(split.path), offset, math.inf if limit is None else offset + int(limit)
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if "/" not in e])
+def test_a_trained_editor_is_never_validated_or_tested_on_its_training_records(experiment):
+    """Choose on validation, report on test: the records an editor trains on, those its checkpoint is
+    chosen on and those it is tested on (after stream.edits is applied) are disjoint slices."""
+    from editlab.train import apply_stream
+
+    cfg = _compose([f"experiment={experiment}"])
+    if cfg.get("fit") is None:
+        return
+    apply_stream(cfg)
+    spans = {name: _span(cfg.data[name]) for name in ("train", "val", "test") if cfg.data.get(name) is not None}
+    names = sorted(spans)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (fa, lo_a, hi_a), (fb, lo_b, hi_b) = spans[a], spans[b]
+            assert fa != fb or hi_a <= lo_b or hi_b <= lo_a, f"{experiment}: {a} {spans[a]} overlaps {b} {spans[b]}"
