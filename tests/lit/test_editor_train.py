@@ -35,6 +35,7 @@ from editlab.lit.checkpoint import editor_state, load_editor, read_editor_checkp
 from editlab.lit.editor_train import EditorTrainModule, MarginAnnealing
 from editlab.methods.hyper import LearnedEditor
 from editlab.methods.ke import KE
+from editlab.methods.malmen import MALMEN
 from editlab.methods.mend import MEND
 from editlab.methods.rledit import RLEdit
 from editlab.methods.serac import SERAC
@@ -527,6 +528,8 @@ DDP_METHODS = {  # method -> (overrides, editor to load the ranks' state into)
            partial(KE, hidden_dim=8, condition_dim=16)),
     "serac": (["method=serac", f"method.encoder={{_target_:{TINY_ENCODER}}}", "fit.module.lr=1e-3"],
               lambda: SERAC(encoder=SentenceEncoder.tiny())),
+    "malmen": (["method=malmen", "method.rank=8", "method.edit_lr=1e-2", "fit.module.lr=1e-3"],
+               partial(MALMEN, rank=8, edit_lr=1e-2)),
     "rledit": (["method=rledit", "method.rank=8", "method.edits_per_step=1", "method.episode_steps=2",
                 "method.factor_positions=all", "fit.module.lr=1e-3"],
                partial(RLEdit, rank=8, edits_per_step=1, episode_steps=2, factor_positions="all")),
@@ -553,23 +556,27 @@ def test_ddp_two_gloo_processes(tiny, tmp_path, method):
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes(tiny, tmp_path):
+@pytest.mark.parametrize("method", ["learned_step", "malmen", "rledit"])
+def test_torchrun_two_nodes(tiny, tmp_path, method):
     """Two "nodes" on localhost launched with torchrun (one process each, separate run dirs: only
-    rank 0 holds the checkpoints, the best editor is broadcast to the other node for the test)."""
+    rank 0 holds the checkpoints, the best editor is broadcast to the other node for the test);
+    MALMEN (its gradient reaches the parameters inside its own autograd function) and RLEdit (an
+    episode of sequential edits per batch) as well as the plain learned editor."""
     dump, port = tmp_path / "dump", _free_port()
+    choice, make_editor = DDP_METHODS[method]
     procs = []
     for node in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
                "-m", "editlab.train",
                *_cli(tmp_path, tmp_path / f"node{node}", dump,
-                     ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=cpu"])]
+                     ["trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", "trainer.accelerator=cpu"], choice)]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, text in zip(procs, outputs):
         assert p.returncode == 0, text[-4000:]
-    _check_ranks(dump, tiny, tmp_path, world=2)
+    _check_ranks(dump, tiny, tmp_path, world=2, make_editor=make_editor)
     assert list((tmp_path / "node0" / "checkpoints").glob("*.ckpt"))
     # each test record scored once, on one node; the summary (node 0's) averages both nodes' records
     files = sorted(tmp_path.glob("node*/records*.jsonl"))
