@@ -15,7 +15,9 @@ Scoring modes: ``pc`` = CounterFact probability comparison (efficacy / paraphras
 score: the share of prompts where the new target is likelier than the true one, and for neighbours
 the true one likelier than the new one); ``tf`` = teacher-forced token accuracy (reliability,
 generalization; locality = argmax agreement with the unedited model); ``generation`` = greedy
-generation, exact match with the target (``…@generation_em``; the run must have scored that mode).
+generation, exact match with the target (``…@generation_em``, or ``…@generation_chat_em`` /
+``…@generation_qa_em`` for a run that framed its prompts as a chat or a question; the run must have
+scored that mode).
 """
 
 from __future__ import annotations
@@ -32,10 +34,17 @@ MODES = {
     "pc": (("efficacy", "efficacy_score"), ("paraphrase", "paraphrase_score"),
            ("neighbourhood", "neighborhood_score")),
     "tf": (("reliability", "reliability"), ("generalization", "generalization"), ("locality", "locality")),
-    "generation": (("reliability", "reliability@generation_em"),
-                   ("generalization", "generalization@generation_em"),
-                   ("locality", "locality@generation_em")),
+    "generation": (("reliability", "reliability@{label}_em"),
+                   ("generalization", "generalization@{label}_em"),
+                   ("locality", "locality@{label}_em")),
 }
+GENERATION_LABELS = ("generation", "generation_qa", "generation_chat")  # plain, question-answer, chat framing
+
+
+def generation_label(summary: dict) -> str:
+    """The generation framing a run scored (its metric keys' label); the plain one if none."""
+    found = [label for label in GENERATION_LABELS if f"final/reliability@{label}_em" in summary]
+    return found[-1] if found else "generation"
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -55,10 +64,11 @@ def row(run: Path, mode: str) -> list[str]:
         method = "r-ROME"
     batch = int(config["data"].get("batch_size") or 1)
     edits = sum(1 for line in (run / "records.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+    keys = [key.format(label=generation_label(summary)) for _, key in MODES[mode]]
     cells = [method, f"{edits} ({edits // batch} × {batch})"]
-    for _, key in MODES[mode]:
+    for key in keys:
         cells.append(_fmt(summary.get(f"final/{key}")))
-    cells.append(_fmt(summary.get(f"pre/{MODES[mode][2][1]}")))
+    cells.append(_fmt(summary.get(f"pre/{keys[2]}")))
     ppl_pre, ppl = summary.get("pre/general_perplexity"), summary.get("final/general_perplexity")
     cells.append(f"{_fmt(ppl, 2)} ({_fmt(ppl / ppl_pre if ppl and ppl_pre else None, 3)}×)")
     cells.append(f"{_fmt(summary.get('final/general_piqa_acc'))} / {_fmt(summary.get('pre/general_piqa_acc'))}")

@@ -323,3 +323,9 @@ def test_lifelong_table_reads_a_stream_run(tiny, tmp_path, capsys):
     assert cells[8] == f"{summary['time/edit_seconds_median']:.3f}"
     script.main([str(tmp_path), "--mode", "pc"])
     assert capsys.readouterr().out.splitlines()[0].startswith("| method | edits (batches × size) | final efficacy (PC)")
+    # generation columns follow the framing the run scored (chat-framed zsRE streams)
+    assert script.row(tmp_path, "generation")[2:6] == ["–"] * 4
+    chat = {"final/reliability@generation_chat_em": 0.25, "final/generalization@generation_chat_em": 0.5,
+            "final/locality@generation_chat_em": 0.75, "pre/locality@generation_chat_em": 1.0}
+    (tmp_path / "summary.json").write_text(json.dumps({**summary, **chat}))
+    assert script.row(tmp_path, "generation")[2:6] == ["0.250", "0.500", "0.750", "1.000"]
