@@ -66,6 +66,10 @@ class Edit:
         patches: dotted module path → module added beside it; the host's output becomes
             ``output + patch(first positional input)``.  Registered as a submodule of the host
             while applied (so it moves, saves and counts with the model) and removed on restore.
+            A patch whose ``uses_attention_mask`` is true is called as ``patch(input,
+            attention_mask=mask)``: the ``attention_mask`` the (decoder-only) model was called
+            with, ``[B, past + T]`` (None when it was called without one, or called through a
+            submodule): a patch that decides per row can leave padded positions out.
         memory: records a memory-based editor keeps; they accumulate over a sequential stream.
         wrap: builds the edited model from the base model and the memory so far (required with
             ``memory``).
@@ -173,6 +177,8 @@ class WeightEditSession:
         self._wrapped: nn.Module | None = None
         self._state: Any = None
         self._active = True
+        self._mask: torch.Tensor | None = None  # the attention mask of the model call under way
+        self._mask_hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     @property
     def edited(self) -> bool:
@@ -259,22 +265,50 @@ class WeightEditSession:
         while hasattr(host, name):
             name += "_"
         host.add_module(name, patch)
+        masked = bool(getattr(patch, "uses_attention_mask", False))
 
         def hook(module: nn.Module, args: tuple, output: Any) -> Any:
             if not self._active:
                 return output
-            extra = patch(args[0])
+            extra = patch(args[0], attention_mask=self._mask) if masked else patch(args[0])
             if isinstance(output, tuple):
                 return (output[0] + extra, *output[1:])
             return output + extra
 
         self._patches.append((host, name, host.register_forward_hook(hook)))
+        if masked:
+            self._watch_mask()
+
+    def _watch_mask(self) -> None:
+        """Keep the attention mask of each call of the model while it runs (for patches that use
+        it; a seq2seq model's mask is the encoder's, of other positions: none is kept)."""
+        if self._mask_hooks or getattr(getattr(self.model, "config", None), "is_encoder_decoder", False):
+            return
+
+        def start(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask")
+            self._mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+
+        def end(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            self._mask = None
+
+        self._mask_hooks = [self.model.register_forward_pre_hook(start, with_kwargs=True),
+                            self.model.register_forward_hook(end, with_kwargs=True, always_call=True)]
+
+    def _unwatch_mask(self) -> None:
+        """Drop the mask hooks once no attached patch uses the mask."""
+        if self._mask_hooks and not any(getattr(host.get_submodule(name), "uses_attention_mask", False)
+                                        for host, name, _ in self._patches):
+            for handle in self._mask_hooks:
+                handle.remove()
+            self._mask_hooks, self._mask = [], None
 
     def _detach_from(self, count: int) -> None:
         while len(self._patches) > count:
             host, name, handle = self._patches.pop()
             handle.remove()
             delattr(host, name)
+        self._unwatch_mask()
 
     def _retire(self, hosts: list[nn.Module]) -> list[tuple[nn.Module, nn.Module]]:
         """Detach every patch at ``hosts``; ``(host, patch)`` in the order they were attached."""
@@ -287,6 +321,7 @@ class WeightEditSession:
             else:
                 kept.append((host, name, handle))
         self._patches = kept
+        self._unwatch_mask()
         return retired
 
     @torch.no_grad()

@@ -66,11 +66,11 @@ routes to a side memory and exact zeros for the others.
 Differences from the reference, and why:
 
 * Routing is decided per sequence (row) of a batch; the reference decides once per forward call
-  of one input.  The adapter sees only the projection's input, not the attention mask, so the
-  padded positions of a padded batch enter the mean (teacher-forced scoring pads on the right,
-  generation on the left; in cached generation each new token is scored alone, as in the
-  reference).  In training, where the mask is known, pads are left out of the scores (the
-  reference averages over them).
+  of one input.  Padded positions do not enter a row's score: the session passes the adapter the
+  attention mask the model was called with (``uses_attention_mask``), so a record is routed the
+  same way alone or in a padded batch (teacher-forced scoring pads on the right, generation on
+  the left; in cached generation each new token is scored alone, as in the reference).  The same
+  holds in training (the reference averages over pads there).
 * Masks are drawn from a generator seeded by ``seed`` and the shard's index (the reference:
   unseeded ``np.random``), so they are reproducible and need not be stored in the state.
 * Evaluation never changes the stream: in WISE-Merge mode the reference merges pending shards into
@@ -139,16 +139,16 @@ def activation_score(out: torch.Tensor, base: torch.Tensor, activation: str,
                      real: torch.Tensor | None = None, infer: bool = False) -> torch.Tensor:
     """Per-row activation score ``[B]`` of outputs ``out`` against the main memory's ``base``
     (both ``[B, T, d]``): the mean over positions (``real``: ``[B, T]`` bool, the positions that
-    count) of ``‖act(out) − act(base)‖₂``; with ``infer``, the maximum over positions for rows of
-    more than 100 positions (the reference's ``euc``)."""
+    count; None: all) of ``‖act(out) − act(base)‖₂``; with ``infer``, the maximum over them for
+    rows of more than 100 such positions (the reference's ``euc``)."""
     act = ACT2FN[activation]
     dist = torch.linalg.vector_norm(act(out) - act(base), dim=-1)
-    if infer and dist.shape[-1] > LONG_INPUT:
-        return dist.max(dim=-1).values
-    if real is None:
-        return dist.mean(dim=-1)
-    real = real.to(dist.dtype)
-    return (dist * real).sum(-1) / real.sum(-1).clamp(min=1)
+    real = torch.ones_like(dist, dtype=torch.bool) if real is None else real.bool()
+    count = real.sum(-1)
+    mean = (dist * real.to(dist.dtype)).sum(-1) / count.clamp(min=1).to(dist.dtype)
+    if not infer:
+        return mean
+    return torch.where(count > LONG_INPUT, dist.masked_fill(~real, float("-inf")).max(dim=-1).values, mean)
 
 
 def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], weights: Sequence[float],
@@ -241,9 +241,13 @@ class WiseAdapter(nn.Module):
         bias = getattr(host, "bias", None)
         return w, bias
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    uses_attention_mask = True  # the session passes the model call's mask: pads do not vote
+
+    def route(self, x: torch.Tensor, real: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """(choice ``[B]``: -1 = main memory, i = memory i; the memories' outputs; the main output)
-        for inputs ``x`` ``[B, T, d_in]`` (float32)."""
+        for inputs ``x`` ``[B, T, d_in]`` (float32); ``real`` ``[B, T]``: the positions that are not
+        padding (None: all)."""
         w, bias = self._main()
         base = F.linear(x, w.float(), None if bias is None else bias.float())
         outs, scores = [], []
@@ -254,7 +258,7 @@ class WiseAdapter(nn.Module):
                 continue
             out = F.linear(x, weight, None if bias is None else bias.float())
             outs.append(out)
-            scores.append(activation_score(out, base, self.activation, infer=True))
+            scores.append(activation_score(out, base, self.activation, real=real, infer=True))
         main = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
         if not scores:
             return main, outs, base
@@ -271,13 +275,18 @@ class WiseAdapter(nn.Module):
             choice = torch.where(quiet, main, torch.where(d1 > d2, torch.zeros_like(main), torch.ones_like(main)))
         return choice, outs, base
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``attention_mask``: the model call's mask ``[B, past + T]`` (the session passes it); its
+        last ``T`` columns mark this call's real positions, which alone are scored for routing."""
         w, _ = self._main()
         flat = x.dim() == 2
         h = (x.unsqueeze(0) if flat else x).float()
         lead = h.shape[:-2]
         h = h.reshape(-1, *h.shape[-2:])
-        choice, outs, base = self.route(h)
+        real = None
+        if attention_mask is not None and attention_mask.shape[0] == h.shape[0] and attention_mask.shape[1] >= h.shape[1]:
+            real = attention_mask[:, attention_mask.shape[1] - h.shape[1]:].to(h.device).bool()
+        choice, outs, base = self.route(h, real)
         extra = torch.zeros_like(base)
         for i, out in enumerate(outs):
             rows = choice == i

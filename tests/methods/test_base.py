@@ -292,3 +292,39 @@ def test_a_stateful_editor_replaces_its_patch_and_keeps_its_state_in_the_session
     with editor.apply(model, tok, records[:1]) as fresh:  # a new session starts a new stream
         assert fresh.stream_state == {"values": [0.01]}
     assert_state_equal(model, before)
+
+
+class _MaskSeen(torch.nn.Module):
+    """A patch that asks for the attention mask and keeps what it got; adds nothing."""
+
+    uses_attention_mask = True
+
+    def __init__(self, width):
+        super().__init__()
+        self.width, self.seen = width, []
+
+    def forward(self, x, attention_mask=None):
+        self.seen.append(attention_mask)
+        return x.new_zeros(*x.shape[:-1], self.width)
+
+
+def test_a_patch_that_asks_gets_the_attention_mask_of_the_model_call(tiny):
+    bundle = tiny("llama")
+    model = bundle.model
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    patch = _MaskSeen(model.config.hidden_size)
+    session = WeightEditSession(model)
+    session.apply(Edit(patches={"model.layers.0.mlp.down_proj": patch}))
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids)
+    assert torch.equal(patch.seen[0], mask) and patch.seen[1] is None
+    assert session._mask is None  # not kept between calls
+    with torch.no_grad():  # called through a submodule: no model call, no mask
+        model.model.layers[0].mlp(torch.zeros(1, 2, model.config.hidden_size))
+    assert len(patch.seen) == 3
+    assert patch.seen[-1] is None
+    session.restore()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == hooks

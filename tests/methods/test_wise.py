@@ -14,6 +14,7 @@ from editlab.evaluation.teacher_forced import score_pairs
 from editlab.lit.callbacks import EditorCallback
 from editlab.lit.edit_eval import EditEvalModule
 from editlab.methods.base import EditError, WeightEditSession
+from editlab.methods import wise as wise_module
 from editlab.methods.wise import NO_ACTIVATION, WISE, WiseAdapter, merge_task_vectors
 from editlab.tracing import Trace
 
@@ -183,3 +184,44 @@ def test_sequential_edit_loop_keeps_earlier_edits(tiny_deep, records, tmp_path):
     # one shard per edit (WISE-Retrieve): the first edit's memory, stored and routed by its own
     # threshold, still answers at the end of the stream
     assert rows[0]["post"]["reliability"] == 1.0 and rows[0]["final"]["reliability"] == 1.0
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_record_is_routed_alike_alone_and_in_a_padded_batch(tiny_deep, records, side):
+    """The session passes the adapter the model call's attention mask: padded positions do not vote
+    in a row's routing score, so a record's logits in a padded batch (right: teacher forcing, left:
+    generation) are those it has alone.  Without the mask the pads would change its score."""
+    bundle = tiny_deep("llama")
+    model, tok = bundle.model, bundle.tokenizer
+    edited = records[0].prompt + " " + records[0].target_new
+    longer = UNRELATED + " " + " ".join(["He also scored many goals for his club and for his country."] * 3)
+    padding = tok.padding_side
+    with WISE(**FAST).apply(model, tok, records[:1]) as session:
+        (adapter,) = session.patches
+        alone = tok([edited], return_tensors="pt")
+        try:
+            tok.padding_side = side
+            both = tok([edited, longer], return_tensors="pt", padding=True)
+        finally:
+            tok.padding_side = padding
+        real = both["attention_mask"][0].bool()
+        assert not real.all()  # the edited text is padded
+        with torch.no_grad():
+            one = model(**alone).logits[0]
+            batched = model(**both).logits[0][real]
+        torch.testing.assert_close(batched, one, rtol=1e-4, atol=1e-4)
+        assert session._mask is None  # kept only while the model runs
+        # the routing scores themselves: row 0's in the padded batch is its score alone
+        seen = []
+        score = wise_module.activation_score
+
+        def recording(*args, **kwargs):
+            seen.append(score(*args, **kwargs))
+            return seen[-1]
+
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            mp.setattr(wise_module, "activation_score", recording)
+            model(**alone)
+            model(**both)
+        assert len(seen) == 2
+        torch.testing.assert_close(seen[1][0], seen[0][0], rtol=1e-4, atol=1e-4)
