@@ -268,11 +268,20 @@ def check_resume(cfg: DictConfig) -> None:
     if stored is None:
         return
     old, new = _flat(stored), _flat(run_fingerprint(cfg))
-    differ = [k for k in sorted(set(old) | set(new)) if old.get(k, "<unset>") != new.get(k, "<unset>")]
+    differ = differing_settings(old, new)
     if differ:
         shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} here" for k in differ[:5])
         raise SettingError("stream.resume", f"{path} was written by a run with other settings ({shown}"
                            f"{' ...' if len(differ) > 5 else ''}): resume a stream with its own settings")
+
+
+def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The flat keys whose values differ between a stream checkpoint's settings (``old``) and this
+    run's.  A key the checkpoint lacks and this run has off (None or false) is not a difference:
+    a setting added to editlab after the checkpoint was written, left at the value that does what
+    the older version did."""
+    return [k for k in sorted(set(old) | set(new))
+            if old.get(k, "<unset>") != new.get(k, "<unset>") and not (k not in old and new[k] in (None, False))]
 
 
 def trainer_processes(trainer: DictConfig | None) -> int | None:

@@ -500,3 +500,13 @@ def test_a_trained_editor_is_never_validated_or_tested_on_its_training_records(e
         for b in names[i + 1:]:
             (fa, lo_a, hi_a), (fb, lo_b, hi_b) = spans[a], spans[b]
             assert fa != fb or hi_a <= lo_b or hi_b <= lo_a, f"{experiment}: {a} {spans[a]} overlaps {b} {spans[b]}"
+
+
+def test_a_setting_added_later_and_left_off_does_not_stop_a_resume():
+    from editlab.train import differing_settings
+
+    old = {"module.eval_every": 250, "method.lr": 1.0}
+    assert differing_settings(old, {**old, "module.sample_only": False, "module.x": None}) == []
+    assert differing_settings(old, {**old, "module.sample_only": True}) == ["module.sample_only"]
+    assert differing_settings(old, {"module.eval_every": 100, "method.lr": 1.0}) == ["module.eval_every"]
+    assert differing_settings({**old, "module.gone": False}, old) == ["module.gone"]
