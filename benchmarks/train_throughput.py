@@ -52,7 +52,11 @@ def _compose(method: str, model: str):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "editlab" / "configs"), version_base="1.3"):
-        overrides = [f"experiment={method}_smollm2_counterfact", f"model={model}"]
+        # the experiment's training settings; the method preset of this (method, model) pairing
+        # where there is one, else the method's own defaults (a preset is per model)
+        preset = f"{method}/{model}" if (ROOT / "editlab" / "configs" / "method" / method / f"{model}.yaml").is_file() \
+            else method
+        overrides = [f"experiment={method}_smollm2_counterfact", f"model={model}", f"method={preset}"]
         return compose(config_name="train", overrides=overrides)
 
 
@@ -73,8 +77,6 @@ def run_worker(args: argparse.Namespace) -> None:
         if args.batch_edits != "joint":
             raise SystemExit("rledit trains joint batch edits only (--batch-edits joint)")
         kwargs = {"edits_per_step": args.batch_size, "episode_steps": args.episode_steps}
-        if args.model != "smollm2_135m":
-            kwargs["edit_params"] = None
         per_step = args.batch_size * args.episode_steps
     elif "batch_edits" in cfg.method:
         kwargs = {"batch_edits": args.batch_edits}
