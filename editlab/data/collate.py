@@ -13,7 +13,7 @@ every real token's position id the same as in an unpadded forward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -303,7 +303,7 @@ def _scored_texts(record: EditRecord) -> list[tuple[str, str, str | None]]:
 
 def check_lengths(records: Sequence[EditRecord], tokenizer, max_positions: int | None, *,
                   generation_tokens: int = 0, answer_tokens: int = 0, max_prompt_tokens: int | None = None,
-                  model_name: str = "the model") -> None:
+                  frame: Callable[[str], str] | None = None, model_name: str = "the model") -> None:
     """Refuse, with a :class:`RecordError` naming the record, the field and the lengths, a record
     with a text longer than the ``max_positions`` tokens the model takes.  Beyond its positions a
     model fails with an opaque indexing error (learned position tables, GPT-2) or silently runs
@@ -313,8 +313,10 @@ def check_lengths(records: Sequence[EditRecord], tokenizer, max_positions: int |
     answers are also generated), and every generation prompt with the ``generation_tokens``
     generated after it.  ``max_prompt_tokens``: teacher-forced scoring truncates probe prompts to
     that many tokens (the user's choice), so only their truncated length counts when no answer is
-    generated; the edit prompt must fit whole, since editors read it whole.  ``max_positions``
-    None: no limit.
+    generated; the edit prompt must fit whole, since editors read it whole.  ``frame``: how
+    answers are asked for when they are generated (a chat template, a question-answer template:
+    :meth:`~editlab.evaluation.generation.GenerationScoring.frame`); the framed prompt with
+    ``answer_tokens`` after it must fit too.  ``max_positions`` None: no limit.
 
     Only texts that could be too long are tokenized: no tokenizer makes more tokens than a text has
     UTF-8 bytes plus a few (a leading word-boundary piece, special tokens)."""
@@ -322,7 +324,11 @@ def check_lengths(records: Sequence[EditRecord], tokenizer, max_positions: int |
         return
     slack = 8
     for record in records:
-        for field, prompt, answer in _scored_texts(record):
+        texts = _scored_texts(record)
+        if frame is not None and answer_tokens:  # answers generated for the framed prompts
+            texts += [(f"{field} (framed for generation)", frame(prompt), "")
+                      for field, prompt, answer in texts if answer is not None]
+        for field, prompt, answer in texts:
             after = generation_tokens if answer is None else answer_tokens
             joined = prompt + (target_text(answer) if answer else "")
             if len(joined.encode("utf-8", "surrogatepass")) + slack + after <= max_positions:

@@ -302,11 +302,15 @@ class ScoringSettings:
                       model_name: str = "the model") -> None:
         """Refuse records with a text longer than the model's ``max_positions`` as these settings
         score them (:func:`editlab.data.collate.check_lengths`: answers generated in generation
-        mode, fluency's generations, prompts truncated to ``max_prompt_tokens``)."""
+        mode, in their framing, fluency's generations, prompts truncated to ``max_prompt_tokens``)."""
+        generating = "generation" in self.modes
+        frame = None
+        if generating and self.generation_framing != "plain":  # the chat / question-answer text generated from
+            frame = GenerationScoring(tokenizer, self.generation_framing, self.qa_template).frame
         check_lengths(records, tokenizer, max_positions,
                       generation_tokens=self.fluency_max_new_tokens if self.fluency else 0,
-                      answer_tokens=self.generation_max_new_tokens if "generation" in self.modes else 0,
-                      max_prompt_tokens=self.max_prompt_tokens, model_name=model_name)
+                      answer_tokens=self.generation_max_new_tokens if generating else 0,
+                      max_prompt_tokens=self.max_prompt_tokens, frame=frame, model_name=model_name)
 
     @property
     def modes(self) -> tuple[str, ...]:

@@ -139,3 +139,33 @@ def test_editor_apply_refuses_a_long_prompt_before_computing(tiny):
         with Counting().apply(bundle.model, bundle.tokenizer, [_long_record(prompt=LONG)]):
             pass
     assert Counting.calls == 0
+
+
+def test_lengths_count_the_framing_of_generated_answers(tiny):
+    """A chat or question-answer framing adds tokens to every prompt whose answer is generated: a
+    prompt that fits as it is can be too long framed."""
+    from editlab.data.collate import check_lengths
+    from editlab.data.records import RecordError
+
+    tok = tiny("gpt2").tokenizer
+    record = _long_record(rephrase_prompts=("word " * 25,))  # ~100 tokens
+    frame = "Please answer the question below in a few words. " * 3 + "Question: {} Answer:"
+    check_lengths([record], tok, 128, answer_tokens=10)
+    with pytest.raises(RecordError, match=r"field 'rephrase_prompts\[0\] \(framed for generation\)'.*generated tokens"):
+        check_lengths([record], tok, 128, answer_tokens=10, frame=frame.format)
+    check_lengths([record], tok, 128, frame=frame.format)  # no answers generated: nothing framed
+
+
+def test_the_scoring_settings_check_the_chat_framed_prompts(tiny):
+    from editlab.data.records import RecordError
+    from editlab.evaluation.scorer import ScoringSettings
+
+    tok = tiny("gpt2").tokenizer
+    record = _long_record(rephrase_prompts=("word " * 25,))
+    qa = ScoringSettings(scoring_modes=("teacher_forced", "generation"), generation_framing="question_answer",
+                         qa_template="Please answer the question below in a few words. " * 3 + "Q: {prompt} A:",
+                         generation_max_new_tokens=10)
+    with pytest.raises(RecordError, match="framed for generation"):
+        qa.check_lengths([record], tok, 128)
+    ScoringSettings(scoring_modes=("teacher_forced", "generation"), generation_max_new_tokens=10).check_lengths(
+        [record], tok, 128)
