@@ -187,6 +187,7 @@ TABLE: dict[type, list[tuple]] = {
         ("mlp_gate_layers", [-1]), ("mlp_gate_layers", 3), ("mlp_in_layers", [1.5]), ("mlp_in_layers", [2, 2]),
         ("mlp_out_layers", "20"), ("mlp_out_layers", [], {"mlp_gate_layers": [], "mlp_in_layers": []}),
         ("lr", 0), ("lr", NAN), ("lam", 0.0), ("lam", INF), ("lam", "1"), ("chunk_size", 0), ("chunk_size", 2.5),
+        ("micro_batch", 0), ("micro_batch", 8.0),
     ],
     MALMEN: [row for row in TRAINABLE if row[0] != "batch_edits"] + [
         ("rank", 0), ("rank", 1920.0), ("n_blocks", -1), ("n_blocks", 1.5), ("edit_lr", 0), ("edit_lr", "1e-6"),
