@@ -225,3 +225,34 @@ def test_a_record_is_routed_alike_alone_and_in_a_padded_batch(tiny_deep, records
             model(**both)
         assert len(seen) == 2
         torch.testing.assert_close(seen[1][0], seen[0][0], rtol=1e-4, atol=1e-4)
+
+
+def test_routing_diagnostic_script(tiny_deep, records):
+    """experiments/wise_routing.py: an input the adapter routes to the side memory is scored with
+    it (routed and forced agree); with the threshold out of reach the same input goes to the main
+    memory and only the forced side memory gives the edited answer."""
+    import importlib.util
+    from pathlib import Path
+
+    from editlab.models.arch import get_module
+
+    path = Path(__file__).resolve().parents[2] / "experiments" / "wise_routing.py"
+    spec = importlib.util.spec_from_file_location("wise_routing", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    bundle = tiny_deep("llama")
+    model, tok = bundle.model, bundle.tokenizer
+    before = state_copy(model)
+    with WISE(**FAST).apply(model, tok, records[:1]) as session:
+        (learned,) = session.patches
+        side, threshold = learned.weights()[0].clone(), learned.thresholds[0]
+    host = get_module(model, HOST)
+    pairs = [(records[0].prompt, records[0].target_new)]
+    open_ = WiseAdapter(host, False, "silu", True, [(side, threshold)])
+    routed = script.measure(model, tok, host, open_, pairs)
+    assert routed["n"] == 1 and routed["routed"] == 1.0 and routed["score_median"] >= threshold
+    assert routed["tf_routed"] == routed["tf_side_forced"] > 0.0
+    closed = script.measure(model, tok, host, WiseAdapter(host, False, "silu", True, [(side, float("inf"))]), pairs)
+    assert closed["routed"] == 0.0 and closed["tf_side_forced"] == routed["tf_side_forced"]
+    assert closed["tf_routed"] < closed["tf_side_forced"]
+    assert_state_equal(model, before)
