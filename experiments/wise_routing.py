@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torch.nn import functional as F
 
 from editlab.data.collate import encode_pairs
 from editlab.methods.wise import WiseAdapter, activation_score
@@ -40,7 +39,7 @@ from editlab.models.arch import get_module
 
 def _inputs(records, kind, irrelevant=()):
     if kind == "irrelevant":  # the training corpus' rows: scored for routing only
-        return [tuple(t.rsplit(" ", 1)) for t in irrelevant if " " in t.strip()][: len(records)]
+        return [tuple(t.rsplit(" ", 1)) for t in irrelevant if " " in t.strip()]
     if kind == "reliability":
         return [(r.prompt, r.target_new) for r in records]
     if kind == "generalization":
@@ -51,43 +50,27 @@ def _inputs(records, kind, irrelevant=()):
 @torch.no_grad()
 def measure(model, tokenizer, host, adapter: WiseAdapter, pairs, chunk: int = 16) -> dict:
     routed, scores, acc_routed, acc_forced = [], [], [], []
-    side = adapter.weights()[0]
     for start in range(0, len(pairs), chunk):
         part = pairs[start:start + chunk]
         batch = encode_pairs(tokenizer, [p for p, _ in part], [t for _, t in part])
         real = batch.attention_mask.bool()
-        captured = {}
-        mode = {"force": False}
+        force = False
 
         def hook(module, args, output):
-            x = args[0].float()
-            captured["x"] = x
-            choice, outs, base = adapter.route(x, real)
-            if mode["force"]:
-                return F.linear(x, side).to(output.dtype)
-            extra = torch.zeros_like(base)
-            for i, out in enumerate(outs):
-                if out is not None:
-                    extra = torch.where((choice == i).view(-1, 1, 1), out - base, extra)
-            captured["choice"] = choice
-            return output + extra.to(output.dtype)
+            choice, outs, base = adapter.route(args[0].float(), real)
+            if force:  # the current side memory (the first of a Retrieve adapter) for every row
+                return outs[0].to(output.dtype)
+            routed.extend((choice >= 0).float().tolist())
+            scores.extend(activation_score(outs[0], base, adapter.activation, real=real, infer=True).tolist())
+            return output + adapter.combine(choice, outs, base).to(output.dtype)
 
         handle = host.register_forward_hook(hook)
         try:
             for force in (False, True):
-                mode["force"] = force
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 pred = logits.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, logits.shape[-1])).argmax(-1)
                 hit = ((pred == batch.target_ids) & batch.target_mask.bool()).sum(-1).float()
-                acc = (hit / batch.target_mask.sum(-1).clamp(min=1)).tolist()
-                (acc_forced if force else acc_routed).extend(acc)
-                if not force:
-                    w, bias = adapter._main()
-                    x = captured["x"]
-                    base = F.linear(x, w.float(), None if bias is None else bias.float())
-                    s = activation_score(F.linear(x, side), base, adapter.activation, real=real, infer=True)
-                    scores.extend(s.tolist())
-                    routed.extend((captured["choice"] >= 0).float().tolist())
+                (acc_forced if force else acc_routed).extend((hit / batch.target_mask.sum(-1).clamp(min=1)).tolist())
         finally:
             handle.remove()
     return {"n": len(pairs), "routed": sum(routed) / len(routed), "score_median": statistics.median(scores),

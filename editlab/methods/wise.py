@@ -286,14 +286,20 @@ class WiseAdapter(nn.Module):
         real = None
         if attention_mask is not None and attention_mask.shape[0] == h.shape[0] and attention_mask.shape[1] >= h.shape[1]:
             real = attention_mask[:, attention_mask.shape[1] - h.shape[1]:].to(h.device).bool()
-        choice, outs, base = self.route(h, real)
+        extra = self.combine(*self.route(h, real))
+        extra = extra.reshape(*lead, *extra.shape[-2:]).to(w.dtype)
+        return extra.squeeze(0) if flat else extra
+
+    @staticmethod
+    def combine(choice: torch.Tensor, outs: list[torch.Tensor | None], base: torch.Tensor) -> torch.Tensor:
+        """What :meth:`forward` adds to the host's output, from :meth:`route`'s result: per row, the
+        chosen memory's output minus the main one, exact zeros for rows left to the main memory."""
         extra = torch.zeros_like(base)
         for i, out in enumerate(outs):
             rows = choice == i
             if out is not None and bool(rows.any()):
                 extra = torch.where(rows.view(-1, 1, 1), out - base, extra)
-        extra = extra.reshape(*lead, *extra.shape[-2:]).to(w.dtype)
-        return extra.squeeze(0) if flat else extra
+        return extra
 
     def extra_repr(self) -> str:
         kind = "retrieve" if self.retrieve else "merge"
