@@ -510,3 +510,50 @@ def test_a_setting_added_later_and_left_off_does_not_stop_a_resume():
     assert differing_settings(old, {**old, "module.sample_only": True}) == ["module.sample_only"]
     assert differing_settings(old, {"module.eval_every": 100, "method.lr": 1.0}) == ["module.eval_every"]
     assert differing_settings({**old, "module.gone": False}, old) == ["module.gone"]
+
+
+def test_trained_editors_gpu_script_composes_and_tests_disjoint_records(tmp_path):
+    """Every command of experiments/trained_editors_gpu.sh composes, and each trained editor's two
+    test sets are disjoint from each other and from the validation records it was chosen on."""
+    from editlab.train import apply_stream
+
+    script = REPO / "experiments" / "trained_editors_gpu.sh"
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": "echo", "LOG_DIR": str(tmp_path / "logs"),
+           "ONLY": "malmen100 malmen500 malmen1000 rledit alphaedit"}
+    lines = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    runs = {p.stem: p.read_text().split() for p in (tmp_path / "logs").glob("*.log")}
+    assert sorted(runs) == sorted(["malmen100", "malmen500", "malmen1000", "rledit", "alphaedit",
+                                   "malmen100_second", "malmen500_second", "rledit_second"])
+    assert len(lines) == len(runs)
+
+    def records(cfg):
+        return set(range(cfg.data.test.offset, cfg.data.test.offset + cfg.data.test.limit))
+
+    tested = {}
+    for name, words in runs.items():
+        assert words[:2] == ["-m", "editlab.train"], words
+        overrides = [w.replace('"', "") if w.startswith("+fit.trainer.max_time") else w for w in words[2:]]
+        cfg = _compose(overrides)
+        apply_stream(cfg)
+        assert cfg.experiment_name.endswith(f"_gpu_{name}")
+        assert cfg.trainer.accelerator == "gpu" and cfg.model.device == "cuda"
+        trained = name in ("malmen100", "malmen500", "malmen1000", "rledit")
+        assert any(w.startswith("+fit.trainer.max_time=") for w in words) == trained
+        assert (cfg.get("ckpt_path") == "CKPT") == name.endswith("_second")
+        tested[name] = records(cfg)
+        if trained:
+            val = set(range(cfg.data.val.offset, cfg.data.val.offset + cfg.data.val.limit))
+            assert not tested[name] & val and cfg.data.train.path != cfg.data.test.path
+        if name.startswith("malmen"):  # one batch edit of all the test records, the size it trained at
+            assert cfg.data.batch_size == cfg.data.test.limit == int(name.removeprefix("malmen").split("_")[0])
+            if not name.endswith("_second"):
+                assert cfg.data.train_batch_size == cfg.data.batch_size
+    assert tested["malmen100"] == set(range(300, 400)) and tested["malmen1000"] == set(range(300, 1300))
+    assert tested["rledit"] == tested["alphaedit"] == set(range(300, 1300))  # the same stream
+    for name in ("malmen100", "malmen500", "rledit"):
+        assert tested[f"{name}_second"] and not tested[f"{name}_second"] & tested[name]
+        assert not tested[f"{name}_second"] & set(range(200, 300))
+    bad = subprocess.run(["bash", str(script)], env={**env, "ONLY": "malmen2000"}, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown setting 'malmen2000'" in bad.stderr
