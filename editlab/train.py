@@ -257,22 +257,55 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 def check_resume(cfg: DictConfig) -> None:
     """Refuse a stream resume that cannot give the stream's results: a checkpoint that cannot be
     read, or one written under other settings (the differing keys are named), or a run that would
-    train its editor again (``fit`` without ``ckpt_path``)."""
+    train its editor again (``fit`` without ``ckpt_path``).
+
+    A stream whose run trained its editor first (``fit``, no ``ckpt_path``) resumes with
+    ``ckpt_path`` = the checkpoint that run tested: the one editor checkpoint its monitored
+    checkpoint callback kept in ``<run folder>/checkpoints/`` (``fit.test_weights=best``)."""
     path = OmegaConf.select(cfg, "module.resume_from")
     if not path:
         return
     if cfg.get("fit") is not None and not cfg.get("ckpt_path"):
         raise SettingError("stream.resume", "would train the editor again (fit): resume a stream of a trained "
-                           "editor with ckpt_path=<its checkpoint>")
+                           "editor with ckpt_path=<its checkpoint>"
+                           + _trained_here_hint(cfg))
     stored = read_stream_checkpoint(path, mmap=True).get("config")
     if stored is None:
         return
     old, new = _flat(stored), _flat(run_fingerprint(cfg))
+    if old.get("ckpt_path", "<unset>") is None and new.get("ckpt_path") and cfg.get("fit") is not None:
+        _check_trained_here(cfg)  # the editor this run trained, so the setting is the same
+        new["ckpt_path"] = None
     differ = differing_settings(old, new)
     if differ:
         shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} there, {new.get(k, '<unset>')!r} here" for k in differ[:5])
         raise SettingError("stream.resume", f"{path} was written by a run with other settings ({shown}"
                            f"{' ...' if len(differ) > 5 else ''}): resume a stream with its own settings")
+
+
+def _trained_editor_checkpoints(cfg: DictConfig) -> list[Path]:
+    """The editor checkpoints a run that trained its editor kept in ``<run folder>/checkpoints/``
+    (``last.ckpt``, the resume point of training, left out)."""
+    folder = Path(str(cfg.paths.output_dir)) / "checkpoints"
+    return sorted(p for p in folder.glob("*.ckpt") if p.name != "last.ckpt") if folder.is_dir() else []
+
+
+def _trained_here_hint(cfg: DictConfig) -> str:
+    kept = _trained_editor_checkpoints(cfg)
+    return f" (the editor this run trained and tested: ckpt_path={kept[0]})" if len(kept) == 1 else ""
+
+
+def _check_trained_here(cfg: DictConfig) -> None:
+    """``ckpt_path`` must name the editor the resumed run trained and tested; else a SettingError."""
+    if str(OmegaConf.select(cfg, "fit.test_weights", default="best")) != "best":
+        raise SettingError("stream.resume", "this stream tested the weights its training ended with "
+                           "(fit.test_weights=last), which no checkpoint holds exactly: it cannot be resumed")
+    kept = _trained_editor_checkpoints(cfg)
+    given = Path(str(cfg.ckpt_path)).expanduser().resolve()
+    if len(kept) != 1 or given != kept[0].resolve():
+        found = ", ".join(str(p) for p in kept) or "none"
+        raise SettingError("ckpt_path", "must be the editor checkpoint the resumed run trained and tested "
+                           f"(its run folder keeps: {found})", cfg.ckpt_path)
 
 
 def differing_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

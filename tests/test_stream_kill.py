@@ -81,3 +81,52 @@ def test_a_killed_stream_resumes_to_the_results_of_an_uninterrupted_one(tmp_path
     # a resume under other settings is refused before the model loads, naming what differs
     proc = _train(tmp_path, f"hydra.run.dir={killed}", "stream.resume=true", "method.lr=0.5")
     assert proc.returncode == 1 and "error: stream.resume" in proc.stderr and "method.lr" in proc.stderr, proc.stderr
+
+
+def test_a_stream_whose_run_trained_its_editor_resumes_with_the_checkpoint_it_tested(tmp_path):
+    """A run that trains its editor and then streams (``fit``, no ``ckpt_path``) resumes its stream
+    with ``ckpt_path`` = the editor checkpoint it trained and tested; another checkpoint, or none,
+    is refused before the model loads, naming the one to pass."""
+    from omegaconf import open_dict
+    from test_configs import _compose
+
+    from editlab.errors import SettingError
+    from editlab.lit.stream import FORMAT, write_stream_checkpoint
+    from editlab.train import apply_stream, check_resume, run_fingerprint
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    best, last = run_dir / "checkpoints" / "editor-step132.ckpt", run_dir / "checkpoints" / "last.ckpt"
+    best.write_bytes(b"")
+    last.write_bytes(b"")
+
+    def config(*overrides):
+        cfg = _compose(["experiment=serac_smollm2_zsre_stream", f"paths.output_dir={run_dir}", *overrides])
+        apply_stream(cfg)
+        return cfg
+
+    trained = config()  # the run as it was started: it trains, then streams
+    write_stream_checkpoint({"format": FORMAT, "batches": 500, "rows": 500, "session": {}, "loop": {}, "rng": {},
+                             "config": run_fingerprint(trained)}, run_dir / "stream")
+
+    def resume(*overrides):
+        cfg = config("stream.resume=true", *overrides)
+        check_resume(cfg)
+        return cfg
+
+    with pytest.raises(SettingError, match=f"ckpt_path={best}"):
+        resume()  # would train again: the error names the checkpoint to pass
+    assert resume(f"ckpt_path={best}").module.resume_from == str(run_dir / "stream" / "batch_000500.pt")
+    for wrong in (last, tmp_path / "other.ckpt"):
+        with pytest.raises(SettingError, match="the resumed run trained and tested"):
+            resume(f"ckpt_path={wrong}")
+    with pytest.raises(SettingError, match="test_weights=last"):
+        resume(f"ckpt_path={best}", "fit.test_weights=last")
+    # a run started from a saved editor keeps comparing its ckpt_path as any setting
+    given = config(f"ckpt_path={best}")
+    with open_dict(given):
+        given.ckpt_path = str(tmp_path / "other.ckpt")
+    write_stream_checkpoint({"format": FORMAT, "batches": 600, "rows": 600, "session": {}, "loop": {}, "rng": {},
+                             "config": run_fingerprint(given)}, run_dir / "stream")
+    with pytest.raises(SettingError, match="other settings"):
+        resume(f"ckpt_path={best}")
