@@ -114,6 +114,10 @@ ModelSource = str | ModelBundle | nn.Module | Callable[[], ModelBundle | nn.Modu
 # --------------------------------------------------------------------------------------------
 
 
+_EMBED_MEMO_SIZE = 100_000
+"""Edit embeddings an :class:`EmbeddingScope` keeps for routing (about 1.5 kB each at d = 384)."""
+
+
 class EmbeddingScope(nn.Module):
     """``log p(in scope | edit, query) = −scale · d(e(edit), e(query))`` (the reference's
     ``embedding_logsim_matrix``): ``d`` is the squared (``square``) or plain Euclidean distance of
@@ -127,13 +131,30 @@ class EmbeddingScope(nn.Module):
         self.cos = cos
         self.square = square
         self.register_buffer("scale", torch.tensor(float(scale)))
+        self._memo: dict[str, torch.Tensor] = {}  # edit text -> its embedding (prepare, eval mode)
+        self._memo_version: tuple[int, ...] = ()
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder(**self.encoder.tokenize(list(texts))).float()
 
     def prepare(self, edits: Sequence[str]) -> torch.Tensor:
-        """What :meth:`score` compares queries with: the edits' embeddings."""
-        return self.embed(edits)
+        """What :meth:`score` compares queries with: the edits' embeddings.
+
+        In eval mode without gradients (routing) each edit is embedded alone, once, and kept until
+        the classifier's weights change: a memory that grows by one edit per step embeds only the
+        new one (the whole memory at every step made a stream's routing quadratic in its length,
+        and the ever-larger encoder batches grew the process by tens of MB per edit), and an
+        edit's embedding does not depend on which edits it is embedded with, so a resumed stream
+        routes exactly as an uninterrupted one.  Training embeds the batch as given."""
+        if self.training or torch.is_grad_enabled():
+            return self.embed(edits)
+        version = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        if version != self._memo_version or len(self._memo) > _EMBED_MEMO_SIZE:
+            self._memo, self._memo_version = {}, version
+        for text in dict.fromkeys(edits):
+            if text not in self._memo:
+                self._memo[text] = self.embed([text])[0]
+        return torch.stack([self._memo[text] for text in edits]) if edits else self.embed(edits)
 
     def score(self, prepared: torch.Tensor, queries: Sequence[str],
               pairs: torch.Tensor | None = None) -> torch.Tensor:

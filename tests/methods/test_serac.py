@@ -478,3 +478,38 @@ def test_t5_fit_and_edit_loop(tiny, tmp_path):
     for key in ("post/reliability", "post/locality", "post/reliability@generation_em"):
         assert key in evaluation.summary, key
     assert_state_equal(bundle.model, base)
+
+
+def test_routing_embeds_each_edit_once_alone_until_the_classifier_changes(tiny, records, monkeypatch):
+    """Eval-mode ``prepare`` (routing) embeds each new edit alone and reuses it as the memory
+    grows; training, or any change of the classifier's weights, embeds afresh."""
+    bundle = tiny("llama")
+    editor = _serac(bundle)
+    scope = editor.classifier
+    assert isinstance(scope, EmbeddingScope)
+    texts = [editor.edit_text(r) for r in records[:3]]
+    calls = []
+    embed = scope.embed
+    monkeypatch.setattr(scope, "embed", lambda batch: calls.append(list(batch)) or embed(batch))
+    scope.eval()
+    with torch.no_grad():
+        first = scope.prepare(texts[:2])
+        grown = scope.prepare(texts)  # one edit more: only it is embedded
+        assert calls == [[texts[0]], [texts[1]], [texts[2]]]
+        assert torch.equal(grown[:2], first)
+        alone = torch.cat([embed([t]) for t in texts])
+        assert torch.equal(grown, alone)
+        torch.testing.assert_close(grown, embed(texts), rtol=0, atol=1e-5)  # as one padded batch
+        calls.clear()
+        scope.prepare(texts[::-1] + texts[:1])  # order and repeats: no new embedding
+        assert calls == []
+        next(scope.parameters()).add_(0.01)  # new weights: embedded again
+        again = scope.prepare(texts[:1])
+        assert calls == [[texts[0]]] and not torch.equal(again[0], grown[0])
+    calls.clear()
+    scope.train()
+    with torch.no_grad():
+        scope.prepare(texts)
+    scope.eval()
+    scope.prepare(texts)  # gradients on: the batch as given
+    assert calls == [texts, texts]
