@@ -132,7 +132,7 @@ class EmbeddingScope(nn.Module):
         self.square = square
         self.register_buffer("scale", torch.tensor(float(scale)))
         self._memo: dict[str, torch.Tensor] = {}  # edit text -> its embedding (prepare, eval mode)
-        self._memo_version: tuple[int, ...] = ()
+        self._memo_version: tuple = ()  # (storage, version) of every parameter and buffer when filled
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         return self.encoder(**self.encoder.tokenize(list(texts))).float()
